@@ -1,0 +1,109 @@
+//! dbopt, the PostgreSQL 15 extension.
+//!
+//! # Layout
+//! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
+//! - [`sampler`]: the background worker that samples host CPU from `/proc/stat` into shared memory,
+//!   and `dbopt.host_cpu_percent()` that reads it.
+//! - `sql/node_status.sql` (repository root): `dbopt.node_status()` and
+//!   `dbopt.replication_status()`, plain SQL over PostgreSQL's own functions and views.
+//!
+//! The extension works only when preloaded (`shared_preload_libraries = 'dbopt'`): it needs shared
+//! memory and a background worker, which PostgreSQL only grants at postmaster start.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+
+pub mod sampler;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!(
+    "../../sql/node_status.sql",
+    name = "node_status",
+    requires = [sampler::host_cpu_percent]
+);
+
+/// Called by PostgreSQL when it loads `dbopt.so`.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a postmaster-owned flag; PostgreSQL sets it before loading libraries.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        ErrorReport::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "dbopt must be loaded via shared_preload_libraries",
+            function_name!(),
+        )
+        .set_hint(
+            "Add 'dbopt' to shared_preload_libraries in postgresql.conf and restart PostgreSQL, \
+             then run CREATE EXTENSION dbopt.",
+        )
+        .report(PgLogLevel::ERROR);
+        return;
+    }
+    sampler::init();
+}
+
+/// The version of the dbopt extension library that is loaded (not the SQL objects' version).
+#[pg_extern(immutable, parallel_safe)]
+fn version() -> &'static str {
+    env!("CARGO_PKG_VERSION")
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn version_matches_the_crate() {
+        let v = Spi::get_one::<String>("SELECT dbopt.version()").expect("spi");
+        assert_eq!(v.as_deref(), Some(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[pg_test]
+    fn node_status_on_a_primary() {
+        let row = Spi::get_two::<String, bool>("SELECT role, in_recovery FROM dbopt.node_status()")
+            .expect("spi");
+        assert_eq!(row, (Some("primary".to_string()), Some(false)));
+        let lag = Spi::get_one::<f64>("SELECT replay_lag_s FROM dbopt.node_status()").expect("spi");
+        assert_eq!(lag, Some(0.0));
+        let has_lsn =
+            Spi::get_one::<bool>("SELECT current_lsn IS NOT NULL AND received_lsn IS NULL FROM dbopt.node_status()")
+                .expect("spi");
+        assert_eq!(has_lsn, Some(true));
+        let up = Spi::get_one::<bool>("SELECT uptime_s > 0 FROM dbopt.node_status()").expect("spi");
+        assert_eq!(up, Some(true));
+    }
+
+    #[pg_test]
+    fn cpu_is_sampled_by_the_worker() {
+        // The worker samples once a second; give it a few seconds after server start.
+        let mut got = None;
+        for _ in 0..50 {
+            got = Spi::get_one::<f64>("SELECT dbopt.host_cpu_percent()").expect("spi");
+            if got.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let pct = got.expect("the sampler published a CPU figure within 5 s");
+        assert!((0.0..=100.0).contains(&pct), "cpu {pct}");
+    }
+
+    #[pg_test]
+    fn replication_status_is_empty_without_replicas() {
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM dbopt.replication_status()").expect("spi");
+        assert_eq!(n, Some(0));
+    }
+}
+
+/// Used by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'dbopt'"]
+    }
+}

@@ -1,0 +1,500 @@
+//! Router configuration: TOML → typed structs → [`Config::validate`].
+//!
+//! Unknown keys are errors (a typo must not silently fall back to a default). Every default below is
+//! the documented one; `dbopt-router --check-config` prints the effective configuration.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect, and the admin HTTP endpoint.
+    pub listen: Listen,
+    /// Pool sizes and timeouts, for every pool unless a user overrides the mode.
+    #[serde(default)]
+    pub pool: PoolSettings,
+    /// How nodes are checked.
+    #[serde(default)]
+    pub health: HealthSettings,
+    /// Per-node circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    /// How the router logs in to PostgreSQL nodes.
+    pub server: ServerLogin,
+    /// The PostgreSQL nodes (roles are discovered, not configured).
+    pub nodes: Vec<Node>,
+    /// Optional Patroni REST endpoint(s) for topology discovery.
+    #[serde(default)]
+    pub patroni: Option<Patroni>,
+    /// Client users the router accepts.
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// PostgreSQL protocol listener, e.g. `"127.0.0.1:6432"`.
+    pub address: String,
+    /// HTTP listener for `/metrics` and `/status`; none when absent.
+    #[serde(default)]
+    pub admin_address: Option<String>,
+    /// Most client connections accepted at once.
+    #[serde(default = "defaults::max_clients")]
+    pub max_clients: u32,
+}
+
+/// Pooling mode: a server connection per transaction (default) or per client session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    pub mode: PoolMode,
+    /// Connections opened at start and kept open, per pool.
+    pub min_size: u32,
+    /// Most connections per pool.
+    pub max_size: u32,
+    /// Primary connections reserved for statements flagged `/* dbopt:critical */`.
+    pub critical_reserve: u32,
+    /// Idle connections above `min_size` are closed after this many seconds.
+    pub idle_timeout_s: u64,
+    /// A client waits at most this long for a connection, then gets SQLSTATE 53300.
+    pub wait_timeout_ms: u64,
+    /// Most clients waiting per pool; more are refused at once with 53300.
+    pub max_waiting: u32,
+    /// A warning is logged (rate-limited) when a pool is busier than this.
+    pub warn_utilisation_percent: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSettings {
+    pub interval_s: u64,
+    pub timeout_ms: u64,
+    /// Replicas further behind than this get no reads.
+    pub max_replica_lag_s: f64,
+    /// A replica at or above this CPU % gets a reduced weight.
+    pub cpu_high_percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Open when more than this share of attempts failed in the window (0 < ratio < 1).
+    pub failure_ratio: f64,
+    pub window_s: u64,
+    /// Fewer attempts than this in the window never open the breaker.
+    pub min_attempts: u32,
+    /// After this long open, one trial connection is let through.
+    pub open_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLogin {
+    pub user: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "defaults::database")]
+    pub database: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// Relative read capacity for weighted balancing.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patroni {
+    /// Base URLs of Patroni REST APIs, e.g. `["http://127.0.0.1:8008"]`; the first that answers wins.
+    pub urls: Vec<String>,
+}
+
+/// How a client user proves who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMethod {
+    #[default]
+    ScramSha256,
+    Md5,
+    /// No password at all; only when the config says so, never by default.
+    Trust,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    #[serde(default)]
+    pub auth: AuthMethod,
+    /// Clear-text password (required unless `auth = "trust"`).
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Overrides `pool.mode` for this user.
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// Every statement of this user uses the critical pool.
+    #[serde(default)]
+    pub critical: bool,
+}
+
+mod defaults {
+    pub fn max_clients() -> u32 {
+        1000
+    }
+    pub fn database() -> String {
+        "postgres".into()
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            mode: PoolMode::Transaction,
+            min_size: 10,
+            max_size: 50,
+            critical_reserve: 5,
+            idle_timeout_s: 300,
+            wait_timeout_ms: 5000,
+            max_waiting: 1000,
+            warn_utilisation_percent: 80,
+        }
+    }
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings { interval_s: 10, timeout_ms: 2000, max_replica_lag_s: 5.0, cpu_high_percent: 80.0 }
+    }
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings { failure_ratio: 0.5, window_s: 60, min_attempts: 20, open_s: 30 }
+    }
+}
+
+/// A configuration that could not be read, parsed or validated. `field` is the dotted path
+/// (`nodes[1].port`) of the value at fault when there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: Some(field.into()), message: message.into() }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            field: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            field: None,
+            // toml's message names the key and shows the line, e.g. "unknown field `sise`".
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value a type cannot express; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_addr("listen.address", &self.listen.address)?;
+        if let Some(a) = &self.listen.admin_address {
+            check_addr("listen.admin_address", a)?;
+            if *a == self.listen.address {
+                return Err(bad("listen.admin_address", "must differ from listen.address"));
+            }
+        }
+        if self.listen.max_clients == 0 {
+            return Err(bad("listen.max_clients", "must be at least 1"));
+        }
+
+        let p = &self.pool;
+        if p.max_size == 0 {
+            return Err(bad("pool.max_size", "must be at least 1"));
+        }
+        if p.min_size > p.max_size {
+            return Err(bad("pool.min_size", format!("{} exceeds pool.max_size {}", p.min_size, p.max_size)));
+        }
+        if p.critical_reserve >= p.max_size {
+            return Err(bad(
+                "pool.critical_reserve",
+                format!("{} leaves no connection of pool.max_size {} for other traffic", p.critical_reserve, p.max_size),
+            ));
+        }
+        if p.wait_timeout_ms == 0 {
+            return Err(bad("pool.wait_timeout_ms", "must be at least 1"));
+        }
+        if !(1..=100).contains(&p.warn_utilisation_percent) {
+            return Err(bad("pool.warn_utilisation_percent", "must be in 1..=100"));
+        }
+
+        let h = &self.health;
+        if h.interval_s == 0 {
+            return Err(bad("health.interval_s", "must be at least 1"));
+        }
+        if h.timeout_ms == 0 || h.timeout_ms > h.interval_s.saturating_mul(1000) {
+            return Err(bad("health.timeout_ms", "must be between 1 and health.interval_s * 1000"));
+        }
+        if !(h.max_replica_lag_s.is_finite() && h.max_replica_lag_s >= 0.0) {
+            return Err(bad("health.max_replica_lag_s", "must be a finite number >= 0"));
+        }
+        if !(h.cpu_high_percent > 0.0 && h.cpu_high_percent <= 100.0) {
+            return Err(bad("health.cpu_high_percent", "must be in (0, 100]"));
+        }
+
+        let b = &self.breaker;
+        if !(b.failure_ratio > 0.0 && b.failure_ratio < 1.0) {
+            return Err(bad("breaker.failure_ratio", "must be strictly between 0 and 1"));
+        }
+        if b.window_s == 0 {
+            return Err(bad("breaker.window_s", "must be at least 1"));
+        }
+        if b.min_attempts == 0 {
+            return Err(bad("breaker.min_attempts", "must be at least 1"));
+        }
+        if b.open_s == 0 {
+            return Err(bad("breaker.open_s", "must be at least 1"));
+        }
+
+        if self.server.user.is_empty() {
+            return Err(bad("server.user", "must not be empty"));
+        }
+        if self.server.database.is_empty() {
+            return Err(bad("server.database", "must not be empty"));
+        }
+
+        if self.nodes.is_empty() {
+            return Err(bad("nodes", "at least one [[nodes]] entry is required"));
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = HashSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.name.is_empty() {
+                return Err(bad(format!("nodes[{i}].name"), "must not be empty"));
+            }
+            if !names.insert(n.name.as_str()) {
+                return Err(bad(format!("nodes[{i}].name"), format!("duplicate node name {:?}", n.name)));
+            }
+            if n.host.is_empty() {
+                return Err(bad(format!("nodes[{i}].host"), "must not be empty"));
+            }
+            if n.port == 0 {
+                return Err(bad(format!("nodes[{i}].port"), "must be in 1..=65535"));
+            }
+            if !endpoints.insert((n.host.as_str(), n.port)) {
+                return Err(bad(format!("nodes[{i}]"), format!("{}:{} is listed twice", n.host, n.port)));
+            }
+            if n.weight == 0 {
+                return Err(bad(format!("nodes[{i}].weight"), "must be at least 1 (remove the node instead)"));
+            }
+        }
+
+        if let Some(pat) = &self.patroni {
+            if pat.urls.is_empty() {
+                return Err(bad("patroni.urls", "must list at least one URL"));
+            }
+            for (i, u) in pat.urls.iter().enumerate() {
+                if !u.starts_with("http://") {
+                    return Err(bad(format!("patroni.urls[{i}]"), format!("{u:?} must start with http://")));
+                }
+            }
+        }
+
+        if self.users.is_empty() {
+            return Err(bad("users", "at least one [[users]] entry is required"));
+        }
+        let mut user_names = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                return Err(bad(format!("users[{i}].name"), "must not be empty"));
+            }
+            if !user_names.insert(u.name.as_str()) {
+                return Err(bad(format!("users[{i}].name"), format!("duplicate user {:?}", u.name)));
+            }
+            match (u.auth, &u.password) {
+                (AuthMethod::Trust, Some(_)) => {
+                    return Err(bad(format!("users[{i}].password"), "is not used with auth = \"trust\"; remove it"))
+                }
+                (AuthMethod::ScramSha256 | AuthMethod::Md5, None) => {
+                    return Err(bad(format!("users[{i}].password"), "is required unless auth = \"trust\""))
+                }
+                (_, Some(p)) if p.is_empty() => {
+                    return Err(bad(format!("users[{i}].password"), "must not be empty"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_addr(field: &str, value: &str) -> Result<(), ConfigError> {
+    value
+        .parse::<SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| bad(field, format!("{value:?} is not an IP:port address such as \"127.0.0.1:6432\"")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [listen]
+        address = "127.0.0.1:6432"
+        admin_address = "127.0.0.1:9930"
+
+        [server]
+        user = "postgres"
+        password = "secret"
+
+        [[nodes]]
+        name = "node0"
+        host = "127.0.0.1"
+        port = 25400
+
+        [[nodes]]
+        name = "node1"
+        host = "127.0.0.1"
+        port = 25401
+        weight = 2
+
+        [[users]]
+        name = "app"
+        password = "app-secret"
+    "#;
+
+    fn with(extra: &str) -> String {
+        format!("{GOOD}\n{extra}")
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.pool, PoolSettings::default());
+        assert_eq!((c.pool.min_size, c.pool.max_size, c.pool.idle_timeout_s), (10, 50, 300));
+        assert_eq!(c.health.interval_s, 10);
+        assert_eq!(c.health.max_replica_lag_s, 5.0);
+        assert_eq!((c.breaker.failure_ratio, c.breaker.window_s, c.breaker.open_s), (0.5, 60, 30));
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.nodes[0].weight, 1);
+        assert_eq!(c.server.database, "postgres");
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = Config::parse(&with("[pool]\nmax_sise = 3")).expect_err("typo");
+        assert!(e.message.contains("max_sise"), "{e}");
+        let e = Config::parse(&GOOD.replace("weight = 2", "wieght = 2")).expect_err("typo");
+        assert!(e.message.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        let cases: &[(&str, &str)] = &[
+            ("[pool]\nmin_size = 60", "pool.min_size"),
+            ("[pool]\nmax_size = 0", "pool.max_size"),
+            ("[pool]\ncritical_reserve = 50", "pool.critical_reserve"),
+            ("[pool]\nwarn_utilisation_percent = 0", "pool.warn_utilisation_percent"),
+            ("[health]\ninterval_s = 0", "health.interval_s"),
+            ("[health]\ntimeout_ms = 20000", "health.timeout_ms"),
+            ("[health]\nmax_replica_lag_s = -1.0", "health.max_replica_lag_s"),
+            ("[health]\ncpu_high_percent = 120.0", "health.cpu_high_percent"),
+            ("[breaker]\nfailure_ratio = 1.0", "breaker.failure_ratio"),
+            ("[breaker]\nmin_attempts = 0", "breaker.min_attempts"),
+            ("[patroni]\nurls = []", "patroni.urls"),
+            ("[patroni]\nurls = [\"ftp://x\"]", "patroni.urls[0]"),
+            ("[[users]]\nname = \"app\"\npassword = \"x\"", "users[1].name"),
+            ("[[users]]\nname = \"b\"", "users[1].password"),
+            ("[[users]]\nname = \"t\"\nauth = \"trust\"\npassword = \"x\"", "users[1].password"),
+            ("[[nodes]]\nname = \"node0\"\nhost = \"h\"\nport = 1", "nodes[2].name"),
+            ("[[nodes]]\nname = \"n\"\nhost = \"127.0.0.1\"\nport = 25400", "nodes[2]"),
+            ("[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 0", "nodes[2].port"),
+            ("[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 5\nweight = 0", "nodes[2].weight"),
+        ];
+        for (extra, field) in cases {
+            let e = Config::parse(&with(extra)).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(*field), "{extra}: {e}");
+        }
+        let e = Config::parse(&GOOD.replace("127.0.0.1:6432", "localhost")).expect_err("addr");
+        assert_eq!(e.field.as_deref(), Some("listen.address"));
+        let e = Config::parse(&GOOD.replace("127.0.0.1:9930", "127.0.0.1:6432")).expect_err("same");
+        assert_eq!(e.field.as_deref(), Some("listen.admin_address"));
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_parse_errors() {
+        let e = Config::parse(&GOOD.replace("port = 25400", "port = 70000")).expect_err("port");
+        assert!(e.to_string().contains("port"), "{e}");
+        let e = Config::parse(&with("[pool]\nmax_size = -1")).expect_err("negative");
+        assert!(e.to_string().contains("max_size"), "{e}");
+    }
+
+    #[test]
+    fn trust_is_only_explicit() {
+        let c = Config::parse(&with("[[users]]\nname = \"t\"\nauth = \"trust\"")).expect("trust");
+        assert_eq!(c.users[1].auth, AuthMethod::Trust);
+        let e = Config::parse(&with("[[users]]\nname = \"t\"\nauth = \"none\"")).expect_err("unknown auth");
+        assert!(e.message.contains("none"), "{e}");
+    }
+
+    #[test]
+    fn missing_sections_are_reported() {
+        let e = Config::parse("[listen]\naddress = \"127.0.0.1:1\"").expect_err("no server");
+        assert!(e.message.contains("server"), "{e}");
+        let text = GOOD.split("[[nodes]]").next().unwrap_or_default().to_string() + "nodes = []\n[[users]]\nname=\"a\"\npassword=\"b\"";
+        let e = Config::parse(&text).expect_err("no nodes");
+        assert_eq!(e.field.as_deref(), Some("nodes"), "{e}");
+    }
+
+    #[test]
+    fn unreadable_file_names_the_path() {
+        let e = Config::load(Path::new("/nonexistent/dbopt-router.toml")).expect_err("missing");
+        assert!(e.message.contains("/nonexistent/dbopt-router.toml"), "{e}");
+    }
+}

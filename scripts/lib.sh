@@ -1,0 +1,58 @@
+# Shared settings and helpers for dbopt's scripts. Source it; do not run it.
+# Every port and directory can be overridden from the environment, so a second stack (the tests')
+# never collides with a running one.
+
+PGRX_VERSION=0.18.0
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG_BIN=/usr/lib/postgresql/15/bin
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '[dbopt %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { printf '[dbopt] error: %s\n' "$*" >&2; exit 1; }
+
+# --- the stack's layout: one base port, everything else derived from it ---------------------------
+DBOPT_DIR=${DBOPT_DIR:-/var/tmp/dbopt-stack}       # all data, logs, pidfiles and configs
+DBOPT_PORT_BASE=${DBOPT_PORT_BASE:-25400}           # PostgreSQL nodes: base+0..3
+DBOPT_REST_BASE=${DBOPT_REST_BASE:-$((DBOPT_PORT_BASE + 10))}   # Patroni REST: +10..13
+DBOPT_ETCD_PORT=${DBOPT_ETCD_PORT:-$((DBOPT_PORT_BASE + 20))}   # etcd client (peer: +1)
+DBOPT_REDIS_PORT=${DBOPT_REDIS_PORT:-$((DBOPT_PORT_BASE + 30))}
+DBOPT_PG_PASSWORD=${DBOPT_PG_PASSWORD:-dbopt-postgres}      # superuser 'postgres'
+DBOPT_REPL_PASSWORD=${DBOPT_REPL_PASSWORD:-dbopt-replicator}
+DBOPT_REWIND_PASSWORD=${DBOPT_REWIND_PASSWORD:-dbopt-rewind}
+NODES=(node0 node1 node2 node3)
+# node3 streams from node1, not from the primary: the cascade.
+declare -A REPLICATE_FROM=([node3]=node1)
+PG_OS_USER=postgres
+PG_OS_HOME=$(getent passwd postgres 2>/dev/null | cut -d: -f6)
+
+node_index() { echo "${1#node}"; }
+pg_port() { echo $((DBOPT_PORT_BASE + $(node_index "$1"))); }
+rest_port() { echo $((DBOPT_REST_BASE + $(node_index "$1"))); }
+
+# Runs a command as the postgres OS user, keeping its PID (no forking wrapper): PostgreSQL and
+# Patroni refuse to run as root.
+as_postgres() {
+  setpriv --reuid="$PG_OS_USER" --regid="$PG_OS_USER" --init-groups env HOME="$PG_OS_HOME" "$@"
+}
+
+# psql against one node over TCP as the superuser; extra arguments go to psql.
+pg_sql() {
+  local port=$1; shift
+  PGPASSWORD=$DBOPT_PG_PASSWORD PGCONNECT_TIMEOUT=3 "$PG_BIN/psql" -X -A -t -q -v ON_ERROR_STOP=1 \
+    -h 127.0.0.1 -p "$port" -U postgres -d postgres "$@"
+}
+
+pid_alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+pidfile_pid() { if [ -f "$1" ]; then head -n1 "$1"; fi; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+http_code() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || true; }
+
+# wait_until SECONDS DESCRIPTION COMMAND...: polls every 0.5 s; fails with DESCRIPTION on timeout.
+wait_until() {
+  local limit=$1 what=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@"; do
+    ((SECONDS < deadline)) || { log "timed out after ${limit}s waiting for $what"; return 1; }
+    sleep 0.5
+  done
+}

@@ -1,0 +1,64 @@
+//! A bare PostgreSQL 15 instance (no Patroni, no preload) for one test, stopped and removed on drop.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+pub struct PlainPostgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+/// Runs a PostgreSQL binary as the `postgres` OS user (PostgreSQL refuses root).
+fn as_postgres(bin: &str, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        .arg(format!("{PG_BIN}/{bin}"))
+        .args(args)
+        .output()
+        .expect("setpriv runs")
+}
+
+impl PlainPostgres {
+    /// initdb + start on `port` with trust auth on loopback; `conf` lines go to postgresql.conf.
+    pub fn start(port: u16, conf: &[&str]) -> PlainPostgres {
+        let dir = std::env::temp_dir().join(format!("dbopt-plain-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let chown = Command::new("chown").args(["postgres:", &dir.to_string_lossy()]).status();
+        assert!(chown.map(|s| s.success()).unwrap_or(false), "chown {}", dir.display());
+        let pg = PlainPostgres { dir, port };
+        let data = pg.data();
+        let out = as_postgres("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let mut settings = vec![
+            format!("port = {port}"),
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{}'", pg.dir.display()),
+        ];
+        settings.extend(conf.iter().map(|s| s.to_string()));
+        let conf_path = pg.dir.join("data/postgresql.auto.conf");
+        std::fs::write(&conf_path, settings.join("\n") + "\n").expect("write conf");
+        let log = pg.dir.join("log").to_string_lossy().into_owned();
+        let out = as_postgres("pg_ctl", &["start", "-D", &data, "-l", &log, "-w", "-t", "60"]);
+        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_string_lossy().into_owned()
+    }
+
+    pub fn connect(&self) -> postgres::Client {
+        let dsn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port);
+        postgres::Client::connect(&dsn, postgres::NoTls).expect("connect to plain PostgreSQL")
+    }
+}
+
+impl Drop for PlainPostgres {
+    fn drop(&mut self) {
+        let _ = as_postgres("pg_ctl", &["stop", "-D", &self.data(), "-m", "immediate", "-w"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
