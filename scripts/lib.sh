@@ -56,3 +56,10 @@ wait_until() {
     sleep 0.5
   done
 }
+
+# Removes the installed dbopt.so before a new one is copied in. Copying over the file in place
+# changes pages that running postmasters have mapped and crashes every backend (seen here: SIGSEGV
+# in all nodes of a running stack); after an unlink they keep the old inode and the copy is a new one.
+unlink_installed_extension() {
+  rm -f "$("$PG_CONFIG" --pkglibdir)/dbopt.so"
+}

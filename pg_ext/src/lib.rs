@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
-//! - [`sampler`]: the background worker that samples host CPU from `/proc/stat` into shared memory,
+//! - [`sampler`] — the background worker that samples host CPU from `/proc/stat` into shared memory,
 //!   and `dbopt.host_cpu_percent()` that reads it.
 //! - `sql/node_status.sql` (repository root): `dbopt.node_status()` and
 //!   `dbopt.replication_status()`, plain SQL over PostgreSQL's own functions and views.
@@ -68,9 +68,10 @@ mod tests {
         assert_eq!(row, (Some("primary".to_string()), Some(false)));
         let lag = Spi::get_one::<f64>("SELECT replay_lag_s FROM dbopt.node_status()").expect("spi");
         assert_eq!(lag, Some(0.0));
-        let has_lsn =
-            Spi::get_one::<bool>("SELECT current_lsn IS NOT NULL AND received_lsn IS NULL FROM dbopt.node_status()")
-                .expect("spi");
+        let has_lsn = Spi::get_one::<bool>(
+            "SELECT current_lsn IS NOT NULL AND received_lsn IS NULL FROM dbopt.node_status()",
+        )
+        .expect("spi");
         assert_eq!(has_lsn, Some(true));
         let up = Spi::get_one::<bool>("SELECT uptime_s > 0 FROM dbopt.node_status()").expect("spi");
         assert_eq!(up, Some(true));
@@ -93,7 +94,8 @@ mod tests {
 
     #[pg_test]
     fn replication_status_is_empty_without_replicas() {
-        let n = Spi::get_one::<i64>("SELECT count(*) FROM dbopt.replication_status()").expect("spi");
+        let n =
+            Spi::get_one::<i64>("SELECT count(*) FROM dbopt.replication_status()").expect("spi");
         assert_eq!(n, Some(0));
     }
 }

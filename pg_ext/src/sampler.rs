@@ -64,7 +64,9 @@ pub extern "C-unwind" fn dbopt_sampler_main(_arg: pg_sys::Datum) {
         let current = read_sample();
         if let (Some(before), Some(after)) = (previous, current) {
             if let Some(pct) = utilisation_percent(before, after) {
-                CPU_PERCENT_BITS.get().store(pct.to_bits(), Ordering::Relaxed);
+                CPU_PERCENT_BITS
+                    .get()
+                    .store(pct.to_bits(), Ordering::Relaxed);
                 CPU_SAMPLED_AT.get().store(unix_now(), Ordering::Release);
             }
         }

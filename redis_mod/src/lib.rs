@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - `lib.rs` (this file): the command table and module registration only.
-//! - [`version`]: `DBOPT.VERSION`.
+//! - [`version`] — `DBOPT.VERSION`.
 //!
 //! Command table rows have the redis-module 2.0.8 shape `[name, handler, flags, first_key,
 //! last_key, key_step, acl_categories]`. The ACL-categories field stays `""`: a non-empty value

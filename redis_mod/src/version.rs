@@ -32,7 +32,9 @@ pub fn version_command(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if args.len() != 1 {
         return Err(RedisError::WrongArity);
     }
-    Ok(RedisValue::SimpleString(env!("CARGO_PKG_VERSION").to_string()))
+    Ok(RedisValue::SimpleString(
+        env!("CARGO_PKG_VERSION").to_string(),
+    ))
 }
 
 #[cfg(test)]

@@ -186,13 +186,23 @@ impl Default for PoolSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        HealthSettings { interval_s: 10, timeout_ms: 2000, max_replica_lag_s: 5.0, cpu_high_percent: 80.0 }
+        HealthSettings {
+            interval_s: 10,
+            timeout_ms: 2000,
+            max_replica_lag_s: 5.0,
+            cpu_high_percent: 80.0,
+        }
     }
 }
 
 impl Default for BreakerSettings {
     fn default() -> Self {
-        BreakerSettings { failure_ratio: 0.5, window_s: 60, min_attempts: 20, open_s: 30 }
+        BreakerSettings {
+            failure_ratio: 0.5,
+            window_s: 60,
+            min_attempts: 20,
+            open_s: 30,
+        }
     }
 }
 
@@ -216,7 +226,10 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 fn bad(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: Some(field.into()), message: message.into() }
+    ConfigError {
+        field: Some(field.into()),
+        message: message.into(),
+    }
 }
 
 impl Config {
@@ -246,7 +259,10 @@ impl Config {
         if let Some(a) = &self.listen.admin_address {
             check_addr("listen.admin_address", a)?;
             if *a == self.listen.address {
-                return Err(bad("listen.admin_address", "must differ from listen.address"));
+                return Err(bad(
+                    "listen.admin_address",
+                    "must differ from listen.address",
+                ));
             }
         }
         if self.listen.max_clients == 0 {
@@ -258,12 +274,18 @@ impl Config {
             return Err(bad("pool.max_size", "must be at least 1"));
         }
         if p.min_size > p.max_size {
-            return Err(bad("pool.min_size", format!("{} exceeds pool.max_size {}", p.min_size, p.max_size)));
+            return Err(bad(
+                "pool.min_size",
+                format!("{} exceeds pool.max_size {}", p.min_size, p.max_size),
+            ));
         }
         if p.critical_reserve >= p.max_size {
             return Err(bad(
                 "pool.critical_reserve",
-                format!("{} leaves no connection of pool.max_size {} for other traffic", p.critical_reserve, p.max_size),
+                format!(
+                    "{} leaves no connection of pool.max_size {} for other traffic",
+                    p.critical_reserve, p.max_size
+                ),
             ));
         }
         if p.wait_timeout_ms == 0 {
@@ -278,10 +300,16 @@ impl Config {
             return Err(bad("health.interval_s", "must be at least 1"));
         }
         if h.timeout_ms == 0 || h.timeout_ms > h.interval_s.saturating_mul(1000) {
-            return Err(bad("health.timeout_ms", "must be between 1 and health.interval_s * 1000"));
+            return Err(bad(
+                "health.timeout_ms",
+                "must be between 1 and health.interval_s * 1000",
+            ));
         }
         if !(h.max_replica_lag_s.is_finite() && h.max_replica_lag_s >= 0.0) {
-            return Err(bad("health.max_replica_lag_s", "must be a finite number >= 0"));
+            return Err(bad(
+                "health.max_replica_lag_s",
+                "must be a finite number >= 0",
+            ));
         }
         if !(h.cpu_high_percent > 0.0 && h.cpu_high_percent <= 100.0) {
             return Err(bad("health.cpu_high_percent", "must be in (0, 100]"));
@@ -289,7 +317,10 @@ impl Config {
 
         let b = &self.breaker;
         if !(b.failure_ratio > 0.0 && b.failure_ratio < 1.0) {
-            return Err(bad("breaker.failure_ratio", "must be strictly between 0 and 1"));
+            return Err(bad(
+                "breaker.failure_ratio",
+                "must be strictly between 0 and 1",
+            ));
         }
         if b.window_s == 0 {
             return Err(bad("breaker.window_s", "must be at least 1"));
@@ -318,7 +349,10 @@ impl Config {
                 return Err(bad(format!("nodes[{i}].name"), "must not be empty"));
             }
             if !names.insert(n.name.as_str()) {
-                return Err(bad(format!("nodes[{i}].name"), format!("duplicate node name {:?}", n.name)));
+                return Err(bad(
+                    format!("nodes[{i}].name"),
+                    format!("duplicate node name {:?}", n.name),
+                ));
             }
             if n.host.is_empty() {
                 return Err(bad(format!("nodes[{i}].host"), "must not be empty"));
@@ -327,10 +361,16 @@ impl Config {
                 return Err(bad(format!("nodes[{i}].port"), "must be in 1..=65535"));
             }
             if !endpoints.insert((n.host.as_str(), n.port)) {
-                return Err(bad(format!("nodes[{i}]"), format!("{}:{} is listed twice", n.host, n.port)));
+                return Err(bad(
+                    format!("nodes[{i}]"),
+                    format!("{}:{} is listed twice", n.host, n.port),
+                ));
             }
             if n.weight == 0 {
-                return Err(bad(format!("nodes[{i}].weight"), "must be at least 1 (remove the node instead)"));
+                return Err(bad(
+                    format!("nodes[{i}].weight"),
+                    "must be at least 1 (remove the node instead)",
+                ));
             }
         }
 
@@ -340,7 +380,10 @@ impl Config {
             }
             for (i, u) in pat.urls.iter().enumerate() {
                 if !u.starts_with("http://") {
-                    return Err(bad(format!("patroni.urls[{i}]"), format!("{u:?} must start with http://")));
+                    return Err(bad(
+                        format!("patroni.urls[{i}]"),
+                        format!("{u:?} must start with http://"),
+                    ));
                 }
             }
         }
@@ -354,14 +397,23 @@ impl Config {
                 return Err(bad(format!("users[{i}].name"), "must not be empty"));
             }
             if !user_names.insert(u.name.as_str()) {
-                return Err(bad(format!("users[{i}].name"), format!("duplicate user {:?}", u.name)));
+                return Err(bad(
+                    format!("users[{i}].name"),
+                    format!("duplicate user {:?}", u.name),
+                ));
             }
             match (u.auth, &u.password) {
                 (AuthMethod::Trust, Some(_)) => {
-                    return Err(bad(format!("users[{i}].password"), "is not used with auth = \"trust\"; remove it"))
+                    return Err(bad(
+                        format!("users[{i}].password"),
+                        "is not used with auth = \"trust\"; remove it",
+                    ))
                 }
                 (AuthMethod::ScramSha256 | AuthMethod::Md5, None) => {
-                    return Err(bad(format!("users[{i}].password"), "is required unless auth = \"trust\""))
+                    return Err(bad(
+                        format!("users[{i}].password"),
+                        "is required unless auth = \"trust\"",
+                    ))
                 }
                 (_, Some(p)) if p.is_empty() => {
                     return Err(bad(format!("users[{i}].password"), "must not be empty"))
@@ -374,10 +426,12 @@ impl Config {
 }
 
 fn check_addr(field: &str, value: &str) -> Result<(), ConfigError> {
-    value
-        .parse::<SocketAddr>()
-        .map(|_| ())
-        .map_err(|_| bad(field, format!("{value:?} is not an IP:port address such as \"127.0.0.1:6432\"")))
+    value.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
+        bad(
+            field,
+            format!("{value:?} is not an IP:port address such as \"127.0.0.1:6432\""),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -417,10 +471,20 @@ mod tests {
     fn minimal_config_gets_documented_defaults() {
         let c = Config::parse(GOOD).expect("valid");
         assert_eq!(c.pool, PoolSettings::default());
-        assert_eq!((c.pool.min_size, c.pool.max_size, c.pool.idle_timeout_s), (10, 50, 300));
+        assert_eq!(
+            (c.pool.min_size, c.pool.max_size, c.pool.idle_timeout_s),
+            (10, 50, 300)
+        );
         assert_eq!(c.health.interval_s, 10);
         assert_eq!(c.health.max_replica_lag_s, 5.0);
-        assert_eq!((c.breaker.failure_ratio, c.breaker.window_s, c.breaker.open_s), (0.5, 60, 30));
+        assert_eq!(
+            (
+                c.breaker.failure_ratio,
+                c.breaker.window_s,
+                c.breaker.open_s
+            ),
+            (0.5, 60, 30)
+        );
         assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
         assert_eq!(c.nodes[0].weight, 1);
         assert_eq!(c.server.database, "postgres");
@@ -440,22 +504,49 @@ mod tests {
             ("[pool]\nmin_size = 60", "pool.min_size"),
             ("[pool]\nmax_size = 0", "pool.max_size"),
             ("[pool]\ncritical_reserve = 50", "pool.critical_reserve"),
-            ("[pool]\nwarn_utilisation_percent = 0", "pool.warn_utilisation_percent"),
+            (
+                "[pool]\nwarn_utilisation_percent = 0",
+                "pool.warn_utilisation_percent",
+            ),
             ("[health]\ninterval_s = 0", "health.interval_s"),
             ("[health]\ntimeout_ms = 20000", "health.timeout_ms"),
-            ("[health]\nmax_replica_lag_s = -1.0", "health.max_replica_lag_s"),
-            ("[health]\ncpu_high_percent = 120.0", "health.cpu_high_percent"),
+            (
+                "[health]\nmax_replica_lag_s = -1.0",
+                "health.max_replica_lag_s",
+            ),
+            (
+                "[health]\ncpu_high_percent = 120.0",
+                "health.cpu_high_percent",
+            ),
             ("[breaker]\nfailure_ratio = 1.0", "breaker.failure_ratio"),
             ("[breaker]\nmin_attempts = 0", "breaker.min_attempts"),
             ("[patroni]\nurls = []", "patroni.urls"),
             ("[patroni]\nurls = [\"ftp://x\"]", "patroni.urls[0]"),
-            ("[[users]]\nname = \"app\"\npassword = \"x\"", "users[1].name"),
+            (
+                "[[users]]\nname = \"app\"\npassword = \"x\"",
+                "users[1].name",
+            ),
             ("[[users]]\nname = \"b\"", "users[1].password"),
-            ("[[users]]\nname = \"t\"\nauth = \"trust\"\npassword = \"x\"", "users[1].password"),
-            ("[[nodes]]\nname = \"node0\"\nhost = \"h\"\nport = 1", "nodes[2].name"),
-            ("[[nodes]]\nname = \"n\"\nhost = \"127.0.0.1\"\nport = 25400", "nodes[2]"),
-            ("[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 0", "nodes[2].port"),
-            ("[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 5\nweight = 0", "nodes[2].weight"),
+            (
+                "[[users]]\nname = \"t\"\nauth = \"trust\"\npassword = \"x\"",
+                "users[1].password",
+            ),
+            (
+                "[[nodes]]\nname = \"node0\"\nhost = \"h\"\nport = 1",
+                "nodes[2].name",
+            ),
+            (
+                "[[nodes]]\nname = \"n\"\nhost = \"127.0.0.1\"\nport = 25400",
+                "nodes[2]",
+            ),
+            (
+                "[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 0",
+                "nodes[2].port",
+            ),
+            (
+                "[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 5\nweight = 0",
+                "nodes[2].weight",
+            ),
         ];
         for (extra, field) in cases {
             let e = Config::parse(&with(extra)).expect_err(extra);
@@ -479,7 +570,8 @@ mod tests {
     fn trust_is_only_explicit() {
         let c = Config::parse(&with("[[users]]\nname = \"t\"\nauth = \"trust\"")).expect("trust");
         assert_eq!(c.users[1].auth, AuthMethod::Trust);
-        let e = Config::parse(&with("[[users]]\nname = \"t\"\nauth = \"none\"")).expect_err("unknown auth");
+        let e = Config::parse(&with("[[users]]\nname = \"t\"\nauth = \"none\""))
+            .expect_err("unknown auth");
         assert!(e.message.contains("none"), "{e}");
     }
 
@@ -487,7 +579,9 @@ mod tests {
     fn missing_sections_are_reported() {
         let e = Config::parse("[listen]\naddress = \"127.0.0.1:1\"").expect_err("no server");
         assert!(e.message.contains("server"), "{e}");
-        let text = GOOD.split("[[nodes]]").next().unwrap_or_default().to_string() + "nodes = []\n[[users]]\nname=\"a\"\npassword=\"b\"";
+        // Top-level keys must come before the first table header.
+        let head = GOOD.split("[[nodes]]").next().unwrap_or_default();
+        let text = format!("nodes = []\n{head}\n[[users]]\nname = \"a\"\npassword = \"b\"");
         let e = Config::parse(&text).expect_err("no nodes");
         assert_eq!(e.field.as_deref(), Some("nodes"), "{e}");
     }

@@ -1,7 +1,7 @@
 //! dbopt-router: a PostgreSQL wire-protocol router.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration, typed, with `deny_unknown_fields` and a `validate()` whose
+//! - [`config`] — the TOML configuration, typed, with `deny_unknown_fields` and a `validate()` whose
 //!   messages name the offending field. Everything else receives a validated [`config::Config`].
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 

@@ -31,14 +31,20 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("dbopt-router: invalid configuration {}: {e}", cli.config.display());
+            eprintln!(
+                "dbopt-router: invalid configuration {}: {e}",
+                cli.config.display()
+            );
             return ExitCode::FAILURE;
         }
     };
     if cli.check_config {
         match toml::to_string_pretty(&config) {
             Ok(text) => {
-                println!("# {}: valid; effective configuration:\n{text}", cli.config.display());
+                println!(
+                    "# {}: valid; effective configuration:\n{text}",
+                    cli.config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,12 +1,12 @@
 //! End-to-end harness for dbopt: throwaway stacks on ports and in directories of their own.
 //!
 //! # Layout
-//! - [`stack`]: [`stack::Stack`] starts the full local stack (etcd, Patroni + 4 PostgreSQL nodes,
+//! - [`stack`] — [`stack::Stack`] starts the full local stack (etcd, Patroni + 4 PostgreSQL nodes,
 //!   Redis with the module) through `scripts/stack` — the same script users run, so the tests exercise
 //!   the real set-up — hands out connections, and tears everything down on drop, panics included.
-//! - [`plain`]: [`plain::PlainPostgres`], a bare PostgreSQL 15 instance for cases the HA stack cannot
+//! - [`plain`] — [`plain::PlainPostgres`], a bare PostgreSQL 15 instance for cases the HA stack cannot
 //!   show (e.g. loading dbopt *without* `shared_preload_libraries`).
-//! - [`http`]: a minimal HTTP/1.0 GET for Patroni's REST API (no client library needed).
+//! - [`http`] — a minimal HTTP/1.0 GET for Patroni's REST API (no client library needed).
 //!
 //! The harness never builds anything: `scripts/test` builds and installs the extension and the
 //! module first (a build from inside `cargo test` would wait forever on cargo's own lock).
@@ -24,7 +24,10 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
         if let Some(v) = f() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }

@@ -26,12 +26,25 @@ impl PlainPostgres {
         let dir = std::env::temp_dir().join(format!("dbopt-plain-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let chown = Command::new("chown").args(["postgres:", &dir.to_string_lossy()]).status();
-        assert!(chown.map(|s| s.success()).unwrap_or(false), "chown {}", dir.display());
+        let chown = Command::new("chown")
+            .args(["postgres:", &dir.to_string_lossy()])
+            .status();
+        assert!(
+            chown.map(|s| s.success()).unwrap_or(false),
+            "chown {}",
+            dir.display()
+        );
         let pg = PlainPostgres { dir, port };
         let data = pg.data();
-        let out = as_postgres("initdb", &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"]);
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let out = as_postgres(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let mut settings = vec![
             format!("port = {port}"),
             "listen_addresses = '127.0.0.1'".to_string(),
@@ -41,8 +54,15 @@ impl PlainPostgres {
         let conf_path = pg.dir.join("data/postgresql.auto.conf");
         std::fs::write(&conf_path, settings.join("\n") + "\n").expect("write conf");
         let log = pg.dir.join("log").to_string_lossy().into_owned();
-        let out = as_postgres("pg_ctl", &["start", "-D", &data, "-l", &log, "-w", "-t", "60"]);
-        assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
+        let out = as_postgres(
+            "pg_ctl",
+            &["start", "-D", &data, "-l", &log, "-w", "-t", "60"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         pg
     }
 
@@ -51,14 +71,20 @@ impl PlainPostgres {
     }
 
     pub fn connect(&self) -> postgres::Client {
-        let dsn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port);
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        );
         postgres::Client::connect(&dsn, postgres::NoTls).expect("connect to plain PostgreSQL")
     }
 }
 
 impl Drop for PlainPostgres {
     fn drop(&mut self) {
-        let _ = as_postgres("pg_ctl", &["stop", "-D", &self.data(), "-m", "immediate", "-w"]);
+        let _ = as_postgres(
+            "pg_ctl",
+            &["stop", "-D", &self.data(), "-m", "immediate", "-w"],
+        );
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -61,8 +61,13 @@ impl Stack {
             },
         };
         let out = stack.script(&["up"]);
-        assert!(out.status.success(), "scripts/stack up failed:\n{}", describe(&out));
-        let text = std::fs::read_to_string(dir.join("stack.json")).expect("stack.json written by up");
+        assert!(
+            out.status.success(),
+            "scripts/stack up failed:\n{}",
+            describe(&out)
+        );
+        let text =
+            std::fs::read_to_string(dir.join("stack.json")).expect("stack.json written by up");
         stack.info = serde_json::from_str(&text).expect("stack.json parses");
         eprintln!("{}", String::from_utf8_lossy(&out.stdout));
         stack
@@ -80,7 +85,11 @@ impl Stack {
     }
 
     pub fn node(&self, name: &str) -> &NodeInfo {
-        self.info.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.info
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// libpq-style connection string for a node, as the superuser.
@@ -111,7 +120,11 @@ impl Stack {
     /// Waits until `scripts/stack wait-healthy` succeeds (one primary, all running nodes streaming).
     pub fn wait_healthy(&self, limit: Duration) {
         let out = self.script(&["wait-healthy", &limit.as_secs().to_string()]);
-        assert!(out.status.success(), "stack not healthy:\n{}", describe(&out));
+        assert!(
+            out.status.success(),
+            "stack not healthy:\n{}",
+            describe(&out)
+        );
     }
 
     /// `scripts/stack status` output.
@@ -123,14 +136,19 @@ impl Stack {
     pub fn redis(&self) -> redis::Connection {
         let client = redis::Client::open(format!("redis://127.0.0.1:{}/", self.info.redis_port))
             .expect("redis url");
-        wait_for(Duration::from_secs(10), "a Redis connection", || client.get_connection().ok())
+        wait_for(Duration::from_secs(10), "a Redis connection", || {
+            client.get_connection().ok()
+        })
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
         if std::env::var("DBOPT_E2E_KEEP").as_deref() == Ok("1") {
-            eprintln!("DBOPT_E2E_KEEP=1: leaving the stack in {} running", self.dir.display());
+            eprintln!(
+                "DBOPT_E2E_KEEP=1: leaving the stack in {} running",
+                self.dir.display()
+            );
             return;
         }
         let out = self.script(&["down", "--wipe"]);

@@ -34,7 +34,10 @@ impl fmt::Display for ParseError {
         match self {
             ParseError::NoAggregateLine => write!(f, "no aggregate \"cpu\" line in /proc/stat"),
             ParseError::BadField { index, text } => {
-                write!(f, "field {index} of the \"cpu\" line is not a number: {text:?}")
+                write!(
+                    f,
+                    "field {index} of the \"cpu\" line is not a number: {text:?}"
+                )
             }
             ParseError::TooFewFields(n) => {
                 write!(f, "the \"cpu\" line has {n} fields, at least 4 expected")
@@ -116,15 +119,27 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        assert_eq!(CpuTimes::parse("intr 1\n"), Err(ParseError::NoAggregateLine));
-        assert_eq!(CpuTimes::parse("cpu 1 2 3\n"), Err(ParseError::TooFewFields(3)));
+        assert_eq!(
+            CpuTimes::parse("intr 1\n"),
+            Err(ParseError::NoAggregateLine)
+        );
+        assert_eq!(
+            CpuTimes::parse("cpu 1 2 3\n"),
+            Err(ParseError::TooFewFields(3))
+        );
         assert_eq!(
             CpuTimes::parse("cpu 1 x 3 4\n"),
-            Err(ParseError::BadField { index: 1, text: "x".into() })
+            Err(ParseError::BadField {
+                index: 1,
+                text: "x".into()
+            })
         );
         assert_eq!(
             CpuTimes::parse("cpu 1 -2 3 4\n"),
-            Err(ParseError::BadField { index: 1, text: "-2".into() })
+            Err(ParseError::BadField {
+                index: 1,
+                text: "-2".into()
+            })
         );
     }
 
@@ -135,13 +150,17 @@ mod tests {
             (s(0, 0), s(50, 100), Some(50.0)),
             (s(0, 0), s(100, 100), Some(0.0)),
             (s(0, 0), s(0, 100), Some(100.0)),
-            (s(10, 100), s(10, 100), None),   // no time passed
-            (s(10, 100), s(5, 200), None),    // idle went backwards
-            (s(10, 200), s(20, 100), None),   // total went backwards
-            (s(0, 0), s(150, 100), None),     // impossible: more idle than total
+            (s(10, 100), s(10, 100), None), // no time passed
+            (s(10, 100), s(5, 200), None),  // idle went backwards
+            (s(10, 200), s(20, 100), None), // total went backwards
+            (s(0, 0), s(150, 100), None),   // impossible: more idle than total
         ];
         for (before, after, want) in cases {
-            assert_eq!(utilisation_percent(before, after), want, "{before:?} -> {after:?}");
+            assert_eq!(
+                utilisation_percent(before, after),
+                want,
+                "{before:?} -> {after:?}"
+            );
         }
     }
 

@@ -1,0 +1,251 @@
+//! End-to-end: the local HA stack as `scripts/stack up` builds it — replication through the cascade,
+//! dbopt's node and replication status on every node, the Redis module, and a Patroni failover.
+//!
+//! One stack for the whole file (starting one costs ~15 s), checked in named steps in order; the
+//! failover comes last because it changes the topology.
+
+use std::time::{Duration, Instant};
+
+use dbopt_e2e::stack::Stack;
+use dbopt_e2e::wait_for;
+
+/// The replicas and whom each streams from, as `scripts/stack` lays the cluster out.
+const TOPOLOGY: &[(&str, &str)] = &[("node1", "node0"), ("node2", "node0"), ("node3", "node1")];
+
+#[test]
+fn ha_stack_end_to_end() {
+    let stack = Stack::start(0);
+    assert_eq!(
+        stack.primary().as_deref(),
+        Some("node0"),
+        "node0 bootstraps as the primary"
+    );
+
+    node_status_reports_roles_and_upstreams(&stack);
+    replication_status_shows_the_cascade(&stack);
+    rows_written_on_the_primary_reach_every_replica(&stack);
+    bad_calls_get_clear_errors(&stack);
+    redis_module_answers(&stack);
+    failover_promotes_a_replica_and_the_old_primary_rejoins(&stack);
+}
+
+fn node_status_reports_roles_and_upstreams(stack: &Stack) {
+    let mut c = stack.connect("node0").expect("connect node0");
+    let row = c
+        .query_one(
+            "SELECT role, in_recovery, current_lsn IS NOT NULL, replay_lag_s, cpu_percent, uptime_s
+             FROM dbopt.node_status()",
+            &[],
+        )
+        .expect("node_status on node0");
+    assert_eq!(row.get::<_, String>(0), "primary");
+    assert!(!row.get::<_, bool>(1));
+    assert!(row.get::<_, bool>(2), "a primary reports its current LSN");
+    assert_eq!(row.get::<_, f64>(3), 0.0);
+    let cpu: Option<f64> = row.get(4);
+    let cpu = cpu.expect("the CPU sampler has published a figure (up waits for it)");
+    assert!((0.0..=100.0).contains(&cpu), "cpu {cpu}");
+    assert!(row.get::<_, f64>(5) > 0.0);
+
+    for (replica, upstream) in TOPOLOGY {
+        let mut c = stack.connect(replica).expect("connect replica");
+        let row = c
+            .query_one(
+                "SELECT role, in_recovery, current_lsn IS NULL, received_lsn IS NOT NULL,
+                        replayed_lsn IS NOT NULL, receiver_state, upstream_port, replay_lag_bytes >= 0
+                 FROM dbopt.node_status()",
+                &[],
+            )
+            .expect("node_status on a replica");
+        assert_eq!(row.get::<_, String>(0), "replica", "{replica}");
+        assert!(row.get::<_, bool>(1), "{replica} is in recovery");
+        assert!(
+            row.get::<_, bool>(2),
+            "{replica}: no current_lsn on a replica"
+        );
+        assert!(
+            row.get::<_, bool>(3) && row.get::<_, bool>(4),
+            "{replica}: WAL positions"
+        );
+        assert_eq!(
+            row.get::<_, Option<String>>(5).as_deref(),
+            Some("streaming"),
+            "{replica}"
+        );
+        let port: i32 = row.get(6);
+        assert_eq!(
+            port,
+            i32::from(stack.node(upstream).port),
+            "{replica} streams from {upstream}"
+        );
+        assert!(row.get::<_, bool>(7));
+    }
+}
+
+fn replication_status_shows_the_cascade(stack: &Stack) {
+    for parent in ["node0", "node1", "node2", "node3"] {
+        let mut want: Vec<&str> = TOPOLOGY
+            .iter()
+            .filter(|(_, up)| *up == parent)
+            .map(|(child, _)| *child)
+            .collect();
+        want.sort();
+        let mut c = stack.connect(parent).expect("connect");
+        let rows = c
+            .query(
+                "SELECT application_name, state, sync_state, replay_lsn IS NOT NULL, replay_lag_bytes >= 0
+                 FROM dbopt.replication_status()",
+                &[],
+            )
+            .expect("replication_status");
+        let got: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(got, want, "children of {parent}");
+        for r in &rows {
+            assert_eq!(r.get::<_, String>(1), "streaming");
+            assert_eq!(r.get::<_, String>(2), "async");
+            assert!(r.get::<_, bool>(3) && r.get::<_, bool>(4));
+        }
+    }
+}
+
+fn rows_written_on_the_primary_reach_every_replica(stack: &Stack) {
+    let mut p = stack.connect("node0").expect("connect primary");
+    p.batch_execute("CREATE TABLE e2e_rows (id int PRIMARY KEY, note text)")
+        .expect("create");
+    p.execute("INSERT INTO e2e_rows VALUES (1, 'written on node0')", &[])
+        .expect("insert");
+    for (replica, _) in TOPOLOGY {
+        let mut c = stack.connect(replica).expect("connect replica");
+        let note = wait_for(
+            Duration::from_secs(30),
+            &format!("the row on {replica}"),
+            || {
+                c.query_opt("SELECT note FROM e2e_rows WHERE id = 1", &[])
+                    .ok()
+                    .flatten()
+                    .map(|r| r.get::<_, String>(0))
+            },
+        );
+        assert_eq!(note, "written on node0", "{replica}");
+        let err = c
+            .execute("INSERT INTO e2e_rows VALUES (2, 'x')", &[])
+            .expect_err("replicas are read-only");
+        assert_eq!(
+            err.code(),
+            Some(&postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION)
+        );
+    }
+}
+
+fn bad_calls_get_clear_errors(stack: &Stack) {
+    let mut c = stack.connect("node0").expect("connect");
+    let err = c
+        .query("SELECT * FROM dbopt.node_status(1)", &[])
+        .expect_err("no such signature");
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::UNDEFINED_FUNCTION)
+    );
+    let v: String = c
+        .query_one("SELECT dbopt.version()", &[])
+        .expect("version")
+        .get(0);
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+}
+
+fn redis_module_answers(stack: &Stack) {
+    let mut r = stack.redis();
+    let v: String = redis::cmd("DBOPT.VERSION")
+        .query(&mut r)
+        .expect("DBOPT.VERSION");
+    assert_eq!(v, env!("CARGO_PKG_VERSION"));
+    let err = redis::cmd("DBOPT.VERSION")
+        .arg("extra")
+        .query::<String>(&mut r)
+        .expect_err("arity");
+    assert!(
+        err.to_string().contains("wrong number of arguments"),
+        "{err}"
+    );
+    let modules: redis::Value = redis::cmd("MODULE")
+        .arg("LIST")
+        .query(&mut r)
+        .expect("MODULE LIST");
+    assert!(format!("{modules:?}").contains("dbopt"), "{modules:?}");
+}
+
+fn failover_promotes_a_replica_and_the_old_primary_rejoins(stack: &Stack) {
+    let started = Instant::now();
+    let out = stack.script(&["kill", "node0"]);
+    assert!(out.status.success(), "kill node0");
+
+    // Writes are accepted on a new primary. The issue's bound is 25 s; the test allows more
+    // (timing is measured, not asserted: the machine is shared) and prints what it took.
+    let (new_primary, took) = wait_for(Duration::from_secs(90), "writes on a new primary", || {
+        ["node1", "node2", "node3"].into_iter().find_map(|n| {
+            let mut c = stack.connect(n).ok()?;
+            c.execute("INSERT INTO e2e_rows VALUES (3, 'after failover')", &[])
+                .ok()?;
+            Some((n.to_string(), started.elapsed()))
+        })
+    });
+    eprintln!(
+        "failover: writes accepted on {new_primary} {:.1} s after node0 was killed",
+        took.as_secs_f64()
+    );
+    let mut c = stack.connect(&new_primary).expect("connect new primary");
+    let role: String = c
+        .query_one("SELECT role FROM dbopt.node_status()", &[])
+        .expect("status")
+        .get(0);
+    assert_eq!(role, "primary");
+    wait_for(
+        Duration::from_secs(30),
+        "Patroni to report the new leader",
+        || (stack.primary().as_deref() == Some(new_primary.as_str())).then_some(()),
+    );
+
+    // The old primary comes back as a replica of the new one and catches up.
+    let out = stack.script(&["start", "node0"]);
+    assert!(out.status.success(), "start node0");
+    stack.wait_healthy(Duration::from_secs(120));
+    let mut old = wait_for(
+        Duration::from_secs(30),
+        "node0 to accept connections",
+        || stack.connect("node0").ok(),
+    );
+    let row = old
+        .query_one("SELECT role, receiver_state FROM dbopt.node_status()", &[])
+        .expect("status on node0");
+    assert_eq!(row.get::<_, String>(0), "replica");
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("streaming")
+    );
+    let note = wait_for(
+        Duration::from_secs(30),
+        "the post-failover row on node0",
+        || {
+            old.query_opt("SELECT note FROM e2e_rows WHERE id = 3", &[])
+                .ok()
+                .flatten()
+                .map(|r| r.get::<_, String>(0))
+        },
+    );
+    assert_eq!(note, "after failover");
+
+    let status = stack.status();
+    eprintln!("{status}");
+    let line = |n: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(n))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        line(&new_primary).contains("leader") && line(&new_primary).contains("primary"),
+        "{status}"
+    );
+    assert!(line("node0").contains("replica"), "{status}");
+}
