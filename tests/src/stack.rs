@@ -60,6 +60,8 @@ impl Stack {
                 redis_port: 0,
             },
         };
+        // A previous run that was killed (no Drop) may have left processes or data behind.
+        let _ = stack.script(&["down", "--wipe"]);
         let out = stack.script(&["up"]);
         assert!(
             out.status.success(),
