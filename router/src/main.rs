@@ -11,7 +11,7 @@ use dbopt_router::config::Config;
 ///
 /// This build validates configuration files; the proxy itself is not part of it yet.
 #[derive(Parser, Debug)]
-#[command(name = "dbopt-router", version, about, long_about = None, after_help = EXAMPLES)]
+#[command(name = "dbopt-router", version, after_help = EXAMPLES)]
 struct Cli {
     /// Path of the TOML configuration file.
     #[arg(short, long, value_name = "FILE", default_value = "dbopt-router.toml")]
