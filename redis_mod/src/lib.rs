@@ -12,32 +12,21 @@ use redis_module::redis_module;
 
 pub mod version;
 
+/// Inside Redis every allocation goes through Redis (so `INFO memory` and `maxmemory` see it);
+/// unit tests run outside Redis, where `RedisAlloc` has nothing behind it, so they use the system one.
 #[cfg(not(test))]
-macro_rules! dbopt_module {
-    ($($body:tt)*) => {
-        redis_module! {
-            name: "dbopt",
-            version: version::MODULE_VERSION,
-            allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
-            $($body)*
-        }
-    };
-}
-
-// Unit tests run outside Redis, where RedisAlloc has no allocator behind it: use the system one.
+type ModuleAlloc = redis_module::alloc::RedisAlloc;
 #[cfg(test)]
-macro_rules! dbopt_module {
-    ($($body:tt)*) => {
-        redis_module! {
-            name: "dbopt",
-            version: version::MODULE_VERSION,
-            allocator: (std::alloc::System, std::alloc::System),
-            $($body)*
-        }
-    };
-}
+type ModuleAlloc = std::alloc::System;
+#[cfg(not(test))]
+const MODULE_ALLOC: ModuleAlloc = redis_module::alloc::RedisAlloc;
+#[cfg(test)]
+const MODULE_ALLOC: ModuleAlloc = std::alloc::System;
 
-dbopt_module! {
+redis_module! {
+    name: "dbopt",
+    version: version::MODULE_VERSION,
+    allocator: (ModuleAlloc, MODULE_ALLOC),
     data_types: [],
     commands: [
         ["dbopt.version", version::version_command, "readonly fast", 0, 0, 0, ""],

@@ -32,6 +32,15 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>
     }
 }
 
+/// A port for this run's end-to-end servers: `DBOPT_E2E_PORT_BASE` (default 26400) + `offset`.
+pub fn e2e_port(offset: u16) -> u16 {
+    std::env::var("DBOPT_E2E_PORT_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(26400)
+        + offset
+}
+
 /// The repository root (this crate lives in `tests/`).
 pub fn repo_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

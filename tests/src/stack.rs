@@ -41,11 +41,7 @@ impl Stack {
     /// test binaries running at the same time use different slots. Panics (after tearing down) when
     /// the stack does not come up healthy.
     pub fn start(slot: u16) -> Stack {
-        let base: u16 = std::env::var("DBOPT_E2E_PORT_BASE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(26400)
-            + slot * 100;
+        let base = crate::e2e_port(slot * 100);
         let dir = std::env::temp_dir().join(format!("dbopt-e2e-{base}"));
         // The guard exists before `up` runs: a failed start is still torn down.
         let mut stack = Stack {

@@ -1,14 +1,11 @@
 //! End-to-end: dbopt refuses to work unless it is preloaded, and says how to fix it.
 
+use dbopt_e2e::e2e_port;
 use dbopt_e2e::plain::PlainPostgres;
 
 #[test]
 fn create_extension_without_preload_fails_with_a_hint() {
-    let port: u16 = std::env::var("DBOPT_E2E_PORT_BASE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(26400)
-        + 90;
+    let port = e2e_port(90);
     let pg = PlainPostgres::start(port, &[]);
     let mut c = pg.connect();
     let err = c
@@ -44,11 +41,7 @@ fn create_extension_without_preload_fails_with_a_hint() {
 
 #[test]
 fn preloaded_extension_creates_and_answers() {
-    let port: u16 = std::env::var("DBOPT_E2E_PORT_BASE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(26400)
-        + 91;
+    let port = e2e_port(91);
     let pg = PlainPostgres::start(port, &["shared_preload_libraries = 'dbopt'"]);
     let mut c = pg.connect();
     c.batch_execute("CREATE EXTENSION dbopt").expect("create");
