@@ -6,6 +6,8 @@
 //!   the real set-up — hands out connections, and tears everything down on drop, panics included.
 //! - [`plain`] — [`plain::PlainPostgres`], a bare PostgreSQL 15 instance for cases the HA stack cannot
 //!   show (e.g. loading dbopt *without* `shared_preload_libraries`).
+//! - [`redis_server`] — [`redis_server::RedisServer`], a bare `redis-server` with the module (for
+//!   replication, persistence, eviction and fuzz tests of the module alone).
 //! - [`http`] — a minimal HTTP/1.0 GET for Patroni's REST API (no client library needed).
 //!
 //! The harness never builds anything: `scripts/test` builds and installs the extension and the
@@ -13,6 +15,7 @@
 
 pub mod http;
 pub mod plain;
+pub mod redis_server;
 pub mod stack;
 
 use std::time::{Duration, Instant};

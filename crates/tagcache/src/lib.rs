@@ -22,8 +22,8 @@ use std::fmt;
 pub const ENTRY_MAGIC: &[u8; 4] = b"DCE1";
 /// Magic prefix of a tag key's value (format version 1).
 pub const TAG_MAGIC: &[u8; 4] = b"DCT1";
-/// Length of a tag key's value: magic + generation.
-pub const TAG_VALUE_LEN: usize = 12;
+/// Length of a tag key's value: magic + generation + the key's expiry (unix ms).
+pub const TAG_VALUE_LEN: usize = 20;
 /// Most tags one entry may carry.
 pub const MAX_TAGS: usize = 1024;
 /// Longest tag name, in bytes.
@@ -44,7 +44,7 @@ impl Generations {
     }
 
     /// The next generation; never 0 (0 is not a valid generation anywhere).
-    pub fn next(&mut self) -> u64 {
+    pub fn next_generation(&mut self) -> u64 {
         loop {
             self.counter = self.counter.wrapping_add(1);
             let mut z = self.seed.wrapping_add(self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -79,7 +79,7 @@ pub struct Entry<'a> {
 }
 
 /// Sorts and de-duplicates tags: the canonical order entries and tokens use.
-pub fn canonical_tags<'a>(mut tags: Vec<&'a [u8]>) -> Vec<&'a [u8]> {
+pub fn canonical_tags(mut tags: Vec<&[u8]>) -> Vec<&[u8]> {
     tags.sort_unstable();
     tags.dedup();
     tags
@@ -132,25 +132,44 @@ fn take_u16(b: &[u8]) -> Result<(u16, &[u8]), Foreign> {
     Ok((u16::from_le_bytes([b[0], b[1]]), &b[2..]))
 }
 
+/// A tag key's value: its generation, and the unix-ms expiry the module gave the key (kept in the
+/// value so extending it needs no extra lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagState {
+    pub generation: u64,
+    pub expires_at_ms: u64,
+}
+
 /// The value stored in a tag key.
-pub fn encode_generation(generation: u64) -> [u8; TAG_VALUE_LEN] {
+pub fn encode_generation(tag: TagState) -> [u8; TAG_VALUE_LEN] {
     let mut out = [0u8; TAG_VALUE_LEN];
     out[..4].copy_from_slice(TAG_MAGIC);
-    out[4..].copy_from_slice(&generation.to_le_bytes());
+    out[4..12].copy_from_slice(&tag.generation.to_le_bytes());
+    out[12..].copy_from_slice(&tag.expires_at_ms.to_le_bytes());
     out
 }
 
 /// Reads a tag key's value; `Err(Foreign)` when the key holds something else.
-pub fn decode_generation(bytes: &[u8]) -> Result<u64, Foreign> {
+pub fn decode_generation(bytes: &[u8]) -> Result<TagState, Foreign> {
     if bytes.len() != TAG_VALUE_LEN || &bytes[..4] != TAG_MAGIC {
         return Err(Foreign);
     }
     let mut g = [0u8; 8];
-    g.copy_from_slice(&bytes[4..]);
-    match u64::from_le_bytes(g) {
-        0 => Err(Foreign),
-        v => Ok(v),
+    g.copy_from_slice(&bytes[4..12]);
+    let generation = u64::from_le_bytes(g);
+    g.copy_from_slice(&bytes[12..]);
+    if generation == 0 {
+        return Err(Foreign);
     }
+    Ok(TagState { generation, expires_at_ms: u64::from_le_bytes(g) })
+}
+
+/// The expiry a tag key needs so it outlives an entry expiring at `entry_expires_at_ms`: `None`
+/// when its current expiry already suffices; otherwise twice the entry's TTL from now, so a stream
+/// of fills with one TTL rewrites the tag at most once per TTL instead of on every fill.
+pub fn extended_expiry(current: u64, now_ms: u64, entry_expires_at_ms: u64) -> Option<u64> {
+    (entry_expires_at_ms > current)
+        .then(|| entry_expires_at_ms.saturating_add(entry_expires_at_ms.saturating_sub(now_ms)))
 }
 
 /// The fill token for tags' generations (in canonical tag order): `1` then `:` and 16 hex digits
@@ -183,13 +202,13 @@ mod tests {
         let mut a = Generations::new(42);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..100_000 {
-            let g = a.next();
+            let g = a.next_generation();
             assert_ne!(g, 0);
             assert!(seen.insert(g), "duplicate generation {g}");
         }
         let (mut x, mut y) = (Generations::new(1), Generations::new(2));
-        assert_ne!(x.next(), y.next());
-        assert_eq!(Generations::new(7).next(), Generations::new(7).next(), "deterministic per seed");
+        assert_ne!(x.next_generation(), y.next_generation());
+        assert_eq!(Generations::new(7).next_generation(), Generations::new(7).next_generation(), "deterministic per seed");
     }
 
     #[test]
@@ -221,10 +240,22 @@ mod tests {
 
     #[test]
     fn generation_values() {
-        assert_eq!(decode_generation(&encode_generation(99)), Ok(99));
-        assert_eq!(decode_generation(&encode_generation(0)), Err(Foreign));
+        let t = TagState { generation: 99, expires_at_ms: 1_700_000_000_000 };
+        assert_eq!(decode_generation(&encode_generation(t)), Ok(t));
+        let zero = TagState { generation: 0, expires_at_ms: 1 };
+        assert_eq!(decode_generation(&encode_generation(zero)), Err(Foreign));
         assert_eq!(decode_generation(b"DCT1short"), Err(Foreign));
-        assert_eq!(decode_generation(b"XXXX12345678"), Err(Foreign));
+        assert_eq!(decode_generation(b"XXXX1234567812345678"), Err(Foreign));
+    }
+
+    #[test]
+    fn tag_expiry_is_extended_rarely() {
+        // Current expiry covers the entry: nothing to do.
+        assert_eq!(extended_expiry(5000, 1000, 4000), None);
+        assert_eq!(extended_expiry(5000, 1000, 5000), None);
+        // Otherwise: twice the entry's TTL from now.
+        assert_eq!(extended_expiry(5000, 1000, 6000), Some(11_000));
+        assert_eq!(extended_expiry(0, 1000, u64::MAX), Some(u64::MAX));
     }
 
     #[test]

@@ -1,0 +1,65 @@
+//! Argument parsing with precise errors. Pure functions over bytes so they are unit-tested without
+//! Redis; the command handlers pass `RedisString::as_slice()`.
+
+use redis_module::RedisError;
+
+/// An `ERR …` reply.
+pub fn err(message: impl Into<String>) -> RedisError {
+    RedisError::String(format!("ERR {}", message.into()))
+}
+
+/// A `WRONGTYPE …` reply for a key that holds something other than what the command works on.
+pub fn wrong_type(what: &str) -> RedisError {
+    RedisError::String(format!("WRONGTYPE Operation against a key holding a value that is not a {what}"))
+}
+
+/// An unsigned decimal integer within `min..=max`; anything else (sign, spaces, overflow, empty)
+/// is `ERR <name> must be an integer between <min> and <max>`.
+pub fn uint(bytes: &[u8], name: &str, min: u64, max: u64) -> Result<u64, RedisError> {
+    let parsed = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|v| (min..=max).contains(v));
+    parsed.ok_or_else(|| err(format!("{name} must be an integer between {min} and {max}")))
+}
+
+/// Case-insensitive keyword match (Redis options are case-insensitive).
+pub fn is_keyword(bytes: &[u8], keyword: &str) -> bool {
+    bytes.eq_ignore_ascii_case(keyword.as_bytes())
+}
+
+/// Lossy text of an argument for error messages, cut to 64 bytes.
+pub fn shown(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(64)];
+    String::from_utf8_lossy(cut).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(e: RedisError) -> String {
+        e.to_string()
+    }
+
+    #[test]
+    fn integers_in_range() {
+        assert_eq!(uint(b"0", "n", 0, 10).ok(), Some(0));
+        assert_eq!(uint(b"10", "n", 0, 10).ok(), Some(10));
+        assert_eq!(uint(b"007", "n", 0, 10).ok(), Some(7));
+        for bad in [&b""[..], b"-1", b"+1", b" 1", b"1 ", b"11", b"1.5", b"x", b"99999999999999999999999"] {
+            let e = uint(bad, "limit", 1, 10).expect_err("rejected");
+            assert_eq!(msg(e), "ERR limit must be an integer between 1 and 10", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn keywords_and_display() {
+        assert!(is_keyword(b"cost", "COST"));
+        assert!(is_keyword(b"CoSt", "COST"));
+        assert!(!is_keyword(b"costs", "COST"));
+        assert_eq!(shown(&[b'a'; 100]).len(), 64);
+        assert_eq!(shown(b"\xff"), "\u{fffd}");
+    }
+}

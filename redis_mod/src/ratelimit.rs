@@ -1,0 +1,111 @@
+//! `DBOPT.RL.HIT`, `DBOPT.RL.PEEK`, `DBOPT.RL.RESET` — sliding-window rate limits.
+//!
+//! ```text
+//! DBOPT.RL.HIT  key limit window_ms [COST n]   → [allowed, limit, remaining, retry_after_ms, reset_after_ms]
+//! DBOPT.RL.PEEK key limit window_ms [COST n]   → the same, without admitting anything (read-only)
+//! DBOPT.RL.RESET key                           → 1 if a limiter was deleted, 0 if there was none
+//! ```
+//! `allowed` is 1 or 0; `retry_after_ms` is -1 when allowed. Limits: `limit` 1..=4294967295,
+//! `window_ms` 1..=31536000000 (a year), `COST` 1..=limit (default 1). The semantics (never more than
+//! `limit` units in any `window_ms`, early denial bounded by window/32) are documented in
+//! `dbopt-ratelimit`. Calling a key with another `window_ms` starts it afresh. The key expires by
+//! itself once nothing is counted any more.
+
+use dbopt_ratelimit::{validate, Decision, Window, MAX_LIMIT, MAX_WINDOW_MS};
+use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+
+use crate::args::{err, is_keyword, shown, uint, wrong_type};
+use crate::stats::{RL_ALLOWED, RL_DENIED};
+use crate::store::{self, Held};
+
+const WHAT: &str = "dbopt rate limiter";
+
+struct Request {
+    limit: u64,
+    window_ms: u64,
+    cost: u64,
+}
+
+fn parse(args: &[RedisString]) -> Result<Request, RedisError> {
+    if args.len() != 4 && args.len() != 6 {
+        return Err(RedisError::WrongArity);
+    }
+    let limit = uint(args[2].as_slice(), "limit", 1, MAX_LIMIT)?;
+    let window_ms = uint(args[3].as_slice(), "window_ms", 1, MAX_WINDOW_MS)?;
+    let mut cost = 1;
+    if args.len() == 6 {
+        if !is_keyword(args[4].as_slice(), "COST") {
+            return Err(err(format!("unknown option '{}' (expected COST)", shown(args[4].as_slice()))));
+        }
+        cost = uint(args[5].as_slice(), "COST", 1, limit)?;
+    }
+    validate(limit, window_ms, cost).map_err(|e| err(e.to_string()))?;
+    Ok(Request { limit, window_ms, cost })
+}
+
+fn reply(d: Decision) -> RedisValue {
+    let int = |v: u64| RedisValue::Integer(i64::try_from(v).unwrap_or(i64::MAX));
+    RedisValue::Array(vec![
+        RedisValue::Integer(i64::from(d.allowed)),
+        int(d.limit),
+        int(d.remaining),
+        RedisValue::Integer(d.retry_after_ms),
+        int(d.reset_after_ms),
+    ])
+}
+
+/// A stored state for `window_ms`, a fresh one when the key is empty or was made for another window.
+fn state(bytes: Option<&[u8]>, window_ms: u64, now: u64) -> Result<Window, RedisError> {
+    match bytes {
+        None => Ok(Window::new(window_ms, now)),
+        Some(b) => match Window::decode(b) {
+            Ok(w) if w.window_ms() == window_ms => Ok(w),
+            Ok(_) => Ok(Window::new(window_ms, now)),
+            Err(_) => Err(wrong_type(WHAT)),
+        },
+    }
+}
+
+pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let req = parse(&args)?;
+    let now = store::now_ms();
+    let key = ctx.open_key_writable(&args[1]);
+    let stored = store::read_writable(&key).map_err(|_| wrong_type(WHAT))?;
+    let mut window = state(stored.as_deref(), req.window_ms, now)?;
+    let decision = window.hit(now, req.limit, req.cost);
+    if decision.allowed {
+        RL_ALLOWED.incr();
+        // Only an admission changes what is counted; a denial leaves the key as it was.
+        store::put(ctx, &args[1], &key, &window.encode(), now, now + decision.reset_after_ms)?;
+    } else {
+        RL_DENIED.incr();
+    }
+    Ok(reply(decision))
+}
+
+pub fn peek(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let req = parse(&args)?;
+    let now = store::now_ms();
+    let key = ctx.open_key(&args[1]);
+    let window = match store::read(&key)? {
+        Held::Nothing => state(None, req.window_ms, now)?,
+        Held::Bytes(b) => state(Some(b), req.window_ms, now)?,
+        Held::OtherType => return Err(wrong_type(WHAT)),
+    };
+    Ok(reply(window.peek(now, req.limit, req.cost)))
+}
+
+pub fn reset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 2 {
+        return Err(RedisError::WrongArity);
+    }
+    let key = ctx.open_key_writable(&args[1]);
+    match store::read_writable(&key).map_err(|_| wrong_type(WHAT))? {
+        None => Ok(RedisValue::Integer(0)),
+        Some(b) => {
+            Window::decode(&b).map_err(|_| wrong_type(WHAT))?;
+            store::delete(ctx, &[(args[1].as_slice(), key)])?;
+            Ok(RedisValue::Integer(1))
+        }
+    }
+}
