@@ -10,7 +10,9 @@ pub fn err(message: impl Into<String>) -> RedisError {
 
 /// A `WRONGTYPE …` reply for a key that holds something other than what the command works on.
 pub fn wrong_type(what: &str) -> RedisError {
-    RedisError::String(format!("WRONGTYPE Operation against a key holding a value that is not a {what}"))
+    RedisError::String(format!(
+        "WRONGTYPE Operation against a key holding a value that is not a {what}"
+    ))
 }
 
 /// An unsigned decimal integer within `min..=max`; anything else (sign, spaces, overflow, empty)
@@ -29,10 +31,22 @@ pub fn is_keyword(bytes: &[u8], keyword: &str) -> bool {
     bytes.eq_ignore_ascii_case(keyword.as_bytes())
 }
 
-/// Lossy text of an argument for error messages, cut to 64 bytes.
+/// An argument as printable ASCII for error messages (other bytes as `\xNN`, like redis-cli
+/// shows them), cut to 64 input bytes. ASCII only: redis-module writes error text byte per char,
+/// so anything else would put invalid UTF-8 on the wire.
 pub fn shown(bytes: &[u8]) -> String {
-    let cut = &bytes[..bytes.len().min(64)];
-    String::from_utf8_lossy(cut).into_owned()
+    let mut out = String::new();
+    for &b in &bytes[..bytes.len().min(64)] {
+        if b.is_ascii_graphic() || b == b' ' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    if bytes.len() > 64 {
+        out.push_str("...");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -48,9 +62,23 @@ mod tests {
         assert_eq!(uint(b"0", "n", 0, 10).ok(), Some(0));
         assert_eq!(uint(b"10", "n", 0, 10).ok(), Some(10));
         assert_eq!(uint(b"007", "n", 0, 10).ok(), Some(7));
-        for bad in [&b""[..], b"-1", b"+1", b" 1", b"1 ", b"11", b"1.5", b"x", b"99999999999999999999999"] {
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b" 1",
+            b"1 ",
+            b"11",
+            b"1.5",
+            b"x",
+            b"99999999999999999999999",
+        ] {
             let e = uint(bad, "limit", 1, 10).expect_err("rejected");
-            assert_eq!(msg(e), "ERR limit must be an integer between 1 and 10", "{bad:?}");
+            assert_eq!(
+                msg(e),
+                "ERR limit must be an integer between 1 and 10",
+                "{bad:?}"
+            );
         }
     }
 
@@ -59,7 +87,8 @@ mod tests {
         assert!(is_keyword(b"cost", "COST"));
         assert!(is_keyword(b"CoSt", "COST"));
         assert!(!is_keyword(b"costs", "COST"));
-        assert_eq!(shown(&[b'a'; 100]).len(), 64);
-        assert_eq!(shown(b"\xff"), "\u{fffd}");
+        assert_eq!(shown(&[b'a'; 100]), format!("{}...", "a".repeat(64)));
+        assert_eq!(shown(b"a\xff\r\n\0b"), "a\\xff\\x0d\\x0a\\x00b");
+        assert!(shown(&(0..=255u8).collect::<Vec<_>>()).is_ascii());
     }
 }

@@ -13,12 +13,17 @@
 //! keyspace with SCAN, `COUNT` keys per call (default 1000), so no call blocks the server for long;
 //! call it until the cursor is 0 (on every primary of a cluster).
 
-use dbopt_tagcache::{decode_entry, decode_generation, encode_entry, is_token, token, ENTRY_MAGIC, MAX_TAGS};
+use dbopt_tagcache::{
+    decode_entry, decode_generation, encode_entry, is_token, token, ENTRY_MAGIC, MAX_TAGS,
+};
 use redis_module::key::RedisKeyWritable;
 use redis_module::{raw, Context, KeyType, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::args::{err, is_keyword, shown, uint, wrong_type};
-use crate::stats::{CACHE_ENTRIES_DELETED, CACHE_FILLS_REFUSED, CACHE_HITS, CACHE_MISSES, CACHE_SETS, CACHE_STALE_SKIPPED};
+use crate::stats::{
+    CACHE_ENTRIES_DELETED, CACHE_FILLS_REFUSED, CACHE_HITS, CACHE_MISSES, CACHE_SETS,
+    CACHE_STALE_SKIPPED,
+};
 use crate::store::{self, Held};
 use crate::tags::{check_tag_args, ensure, open_tags};
 
@@ -40,7 +45,11 @@ fn parse_set(args: &[RedisString]) -> Result<SetRequest<'_>, RedisError> {
         return Err(RedisError::WrongArity);
     }
     let ttl_ms = uint(args[2].as_slice(), "ttl_ms", 1, MAX_TTL_MS)?;
-    let mut req = SetRequest { ttl_ms, tags: Vec::new(), token: None };
+    let mut req = SetRequest {
+        ttl_ms,
+        tags: Vec::new(),
+        token: None,
+    };
     let (mut i, mut saw_tags) = (4, false);
     while i < args.len() {
         let opt = args[i].as_slice();
@@ -49,26 +58,38 @@ fn parse_set(args: &[RedisString]) -> Result<SetRequest<'_>, RedisError> {
                 return Err(err("TAGS given twice"));
             }
             saw_tags = true;
-            let n = args.get(i + 1).ok_or_else(|| err("TAGS needs a count and that many tags"))?;
+            let n = args
+                .get(i + 1)
+                .ok_or_else(|| err("TAGS needs a count and that many tags"))?;
             let n = uint(n.as_slice(), "the TAGS count", 1, MAX_TAGS as u64)? as usize;
             let available = args.len() - (i + 2);
             if available < n {
-                return Err(err(format!("TAGS says {n} tags but {available} arguments follow")));
+                return Err(err(format!(
+                    "TAGS says {n} tags but {available} arguments follow"
+                )));
             }
-            req.tags = (i + 2..i + 2 + n).map(|p| (p, args[p].as_slice())).collect();
+            req.tags = (i + 2..i + 2 + n)
+                .map(|p| (p, args[p].as_slice()))
+                .collect();
             i += 2 + n;
         } else if is_keyword(opt, "TOKEN") {
             if req.token.is_some() {
                 return Err(err("TOKEN given twice"));
             }
-            let t = args.get(i + 1).ok_or_else(|| err("TOKEN needs a value"))?.as_slice();
+            let t = args
+                .get(i + 1)
+                .ok_or_else(|| err("TOKEN needs a value"))?
+                .as_slice();
             if !is_token(t) {
                 return Err(err("malformed TOKEN (take one with DBOPT.TAG.TOKEN)"));
             }
             req.token = Some(t);
             i += 2;
         } else {
-            return Err(err(format!("unknown option '{}' (expected TAGS or TOKEN)", shown(opt))));
+            return Err(err(format!(
+                "unknown option '{}' (expected TAGS or TOKEN)",
+                shown(opt)
+            )));
         }
     }
     let tag_bytes: Vec<&[u8]> = req.tags.iter().map(|(_, t)| *t).collect();
@@ -108,7 +129,8 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let tags = open_tags(ctx, req.tags.iter().map(|(_, t)| *t).collect())?;
 
     if let Some(given) = req.token {
-        let current: Option<Vec<u64>> = tags.iter().map(|t| t.state.map(|s| s.generation)).collect();
+        let current: Option<Vec<u64>> =
+            tags.iter().map(|t| t.state.map(|s| s.generation)).collect();
         if current.map(|g| token(&g)).as_deref().map(str::as_bytes) != Some(given) {
             CACHE_FILLS_REFUSED.incr();
             return Ok(RedisValue::Integer(0));
@@ -141,7 +163,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     };
     let entry = decode_entry(bytes).map_err(|_| wrong_type(WHAT))?;
     for (tag, generation) in &entry.tags {
-        let name = ctx.create_string(*tag);
+        let name = RedisString::create_from_slice(ctx.ctx, tag);
         let tag_key = ctx.open_key(&name);
         let current = match store::read(&tag_key) {
             Ok(Held::Bytes(b)) => decode_generation(b).ok().map(|s| s.generation),
@@ -190,17 +212,29 @@ pub fn invalidate_match(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     uint(args[1].as_slice(), "cursor", 0, u64::MAX)?;
     if !is_keyword(args[2].as_slice(), "MATCH") {
-        return Err(err(format!("expected MATCH, got '{}'", shown(args[2].as_slice()))));
+        return Err(err(format!(
+            "expected MATCH, got '{}'",
+            shown(args[2].as_slice())
+        )));
     }
     let mut count = 1000;
     if args.len() == 6 {
         if !is_keyword(args[4].as_slice(), "COUNT") {
-            return Err(err(format!("unknown option '{}' (expected COUNT)", shown(args[4].as_slice()))));
+            return Err(err(format!(
+                "unknown option '{}' (expected COUNT)",
+                shown(args[4].as_slice())
+            )));
         }
         count = uint(args[5].as_slice(), "COUNT", 1, MAX_SCAN_COUNT)?;
     }
     let count = count.to_string();
-    let scan_args: [&[u8]; 5] = [args[1].as_slice(), b"MATCH", args[3].as_slice(), b"COUNT", count.as_bytes()];
+    let scan_args: [&[u8]; 5] = [
+        args[1].as_slice(),
+        b"MATCH",
+        args[3].as_slice(),
+        b"COUNT",
+        count.as_bytes(),
+    ];
     let reply = ctx.call("SCAN", &scan_args[..])?;
     let (cursor, keys) = match reply {
         RedisValue::Array(mut parts) if parts.len() == 2 => {
@@ -212,7 +246,11 @@ pub fn invalidate_match(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let (Some(cursor), Some(RedisValue::Array(keys))) = (cursor, keys) else {
         return Err(err("SCAN returned an unexpected reply"));
     };
-    let names: Vec<RedisString> = keys.iter().filter_map(reply_bytes).map(|k| ctx.create_string(k)).collect();
+    let names: Vec<RedisString> = keys
+        .iter()
+        .filter_map(reply_bytes)
+        .map(|k| RedisString::create_from_slice(ctx.ctx, &k))
+        .collect();
     let mut doomed = Vec::new();
     for name in &names {
         let key = ctx.open_key_writable(name);

@@ -18,7 +18,9 @@
 
 // The names below are used by code the `redis_module!` macro expands to.
 #[allow(unused_imports)]
-use redis_module::{redis_module, InfoContext, NotifyEvent, RedisResult};
+use redis_module::{
+    redis_module, Context, InfoContext, NotifyEvent, RedisError, RedisResult, RedisString,
+};
 use stats::info as dbopt_info;
 
 pub mod args;
@@ -40,6 +42,31 @@ const MODULE_ALLOC: ModuleAlloc = redis_module::alloc::RedisAlloc;
 #[cfg(test)]
 const MODULE_ALLOC: ModuleAlloc = std::alloc::System;
 
+/// A command handler as the command table takes it.
+type Handler = fn(&Context, Vec<RedisString>) -> RedisResult;
+
+/// Wraps a handler so that a panic becomes an `ERR` reply and a warning in the Redis log instead of
+/// unwinding into Redis, which would abort the server. Handlers are written not to panic (the fuzz
+/// test checks); this is the net under them.
+fn guarded(handler: Handler) -> impl Fn(&Context, Vec<RedisString>) -> RedisResult {
+    move |ctx, args| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(ctx, args)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                ctx.log_warning(&format!(
+                    "dbopt: internal error in a command handler: {what}"
+                ));
+                Err(RedisError::String(format!(
+                    "ERR dbopt internal error: {what}"
+                )))
+            })
+    }
+}
+
 redis_module! {
     name: "dbopt",
     version: version::MODULE_VERSION,
@@ -47,17 +74,17 @@ redis_module! {
     data_types: [],
     info: dbopt_info,
     commands: [
-        ["dbopt.version", version::version_command, "readonly fast", 0, 0, 0, ""],
-        ["dbopt.stats", stats::stats_command, "readonly fast", 0, 0, 0, ""],
-        ["dbopt.rl.hit", ratelimit::hit, "write deny-oom fast", 1, 1, 1, ""],
-        ["dbopt.rl.peek", ratelimit::peek, "readonly fast", 1, 1, 1, ""],
-        ["dbopt.rl.reset", ratelimit::reset, "write fast", 1, 1, 1, ""],
-        ["dbopt.cache.set", cache::set, "write deny-oom getkeys-api", 1, 1, 1, ""],
-        ["dbopt.cache.get", cache::get, "readonly fast", 1, 1, 1, ""],
-        ["dbopt.cache.del", cache::del, "write", 1, -1, 1, ""],
-        ["dbopt.cache.invalidate", cache::invalidate_match, "write", 0, 0, 0, ""],
-        ["dbopt.tag.token", tags::token_command, "write deny-oom", 1, -1, 1, ""],
-        ["dbopt.tag.invalidate", tags::invalidate_command, "write", 1, -1, 1, ""],
+        ["dbopt.version", guarded(version::version_command), "readonly fast", 0, 0, 0, ""],
+        ["dbopt.stats", guarded(stats::stats_command), "readonly fast", 0, 0, 0, ""],
+        ["dbopt.rl.hit", guarded(ratelimit::hit), "write deny-oom fast", 1, 1, 1, ""],
+        ["dbopt.rl.peek", guarded(ratelimit::peek), "readonly fast", 1, 1, 1, ""],
+        ["dbopt.rl.reset", guarded(ratelimit::reset), "write fast", 1, 1, 1, ""],
+        ["dbopt.cache.set", guarded(cache::set), "write deny-oom getkeys-api", 1, 1, 1, ""],
+        ["dbopt.cache.get", guarded(cache::get), "readonly fast", 1, 1, 1, ""],
+        ["dbopt.cache.del", guarded(cache::del), "write", 1, -1, 1, ""],
+        ["dbopt.cache.invalidate", guarded(cache::invalidate_match), "write", 0, 0, 0, ""],
+        ["dbopt.tag.token", guarded(tags::token_command), "write deny-oom", 1, -1, 1, ""],
+        ["dbopt.tag.invalidate", guarded(tags::invalidate_command), "write", 1, -1, 1, ""],
     ],
     event_handlers: [
         [@EXPIRED @EVICTED: stats::on_key_gone],

@@ -35,12 +35,19 @@ fn parse(args: &[RedisString]) -> Result<Request, RedisError> {
     let mut cost = 1;
     if args.len() == 6 {
         if !is_keyword(args[4].as_slice(), "COST") {
-            return Err(err(format!("unknown option '{}' (expected COST)", shown(args[4].as_slice()))));
+            return Err(err(format!(
+                "unknown option '{}' (expected COST)",
+                shown(args[4].as_slice())
+            )));
         }
         cost = uint(args[5].as_slice(), "COST", 1, limit)?;
     }
     validate(limit, window_ms, cost).map_err(|e| err(e.to_string()))?;
-    Ok(Request { limit, window_ms, cost })
+    Ok(Request {
+        limit,
+        window_ms,
+        cost,
+    })
 }
 
 fn reply(d: Decision) -> RedisValue {
@@ -76,7 +83,14 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     if decision.allowed {
         RL_ALLOWED.incr();
         // Only an admission changes what is counted; a denial leaves the key as it was.
-        store::put(ctx, &args[1], &key, &window.encode(), now, now + decision.reset_after_ms)?;
+        store::put(
+            ctx,
+            &args[1],
+            &key,
+            &window.encode(),
+            now,
+            now + decision.reset_after_ms,
+        )?;
     } else {
         RL_DENIED.incr();
     }

@@ -5,7 +5,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use redis_module::{Context, InfoContext, NotifyEvent, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{
+    Context, InfoContext, NotifyEvent, RedisError, RedisResult, RedisString, RedisValue,
+};
 
 /// One counter: its name in `DBOPT.STATS` and `INFO`, and its value.
 pub struct Counter {
@@ -15,7 +17,10 @@ pub struct Counter {
 
 impl Counter {
     const fn new(name: &'static str) -> Counter {
-        Counter { name, value: AtomicU64::new(0) }
+        Counter {
+            name,
+            value: AtomicU64::new(0),
+        }
     }
     pub fn add(&self, n: u64) {
         self.value.fetch_add(n, Ordering::Relaxed);
@@ -68,7 +73,9 @@ pub fn stats_command(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let mut out = Vec::with_capacity(ALL.len() * 2);
     for c in ALL {
         out.push(RedisValue::SimpleString(c.name.to_string()));
-        out.push(RedisValue::Integer(i64::try_from(c.get()).unwrap_or(i64::MAX)));
+        out.push(RedisValue::Integer(
+            i64::try_from(c.get()).unwrap_or(i64::MAX),
+        ));
     }
     Ok(RedisValue::Array(out))
 }

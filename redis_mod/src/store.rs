@@ -11,7 +11,10 @@ use redis_module::{raw, Context, KeyType, RedisError, RedisString};
 
 /// Wall-clock milliseconds (the clock Redis expires keys with).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What a key holds, as far as the module cares.
@@ -35,7 +38,10 @@ pub fn read<'k>(key: &'k redis_module::key::RedisKey) -> Result<Held<'k>, RedisE
 pub fn read_writable(key: &RedisKeyWritable) -> Result<Option<Vec<u8>>, Option<()>> {
     match key.key_type() {
         KeyType::Empty => Ok(None),
-        KeyType::String => key.as_string_dma().map(|d| Some(d.to_vec())).map_err(|_| Some(())),
+        KeyType::String => key
+            .as_string_dma()
+            .map(|d| Some(d.to_vec()))
+            .map_err(|_| Some(())),
         _ => Err(None),
     }
 }
@@ -55,7 +61,10 @@ pub fn put(
 ) -> Result<(), RedisError> {
     let ttl = expires_at_ms.saturating_sub(now).max(1);
     let same_len = key.key_type() == KeyType::String
-        && key.as_string_dma().map(|d| d.len() == value.len()).unwrap_or(false);
+        && key
+            .as_string_dma()
+            .map(|d| d.len() == value.len())
+            .unwrap_or(false);
     if same_len {
         key.as_string_dma()?.write(value)?;
         key.set_expire(std::time::Duration::from_millis(ttl))?;
@@ -63,7 +72,11 @@ pub fn put(
         let fresh = RedisString::create_from_slice(ctx.ctx, value);
         // A second handle on the same key, used and closed right here; the caller's handle is
         // not read again after a put.
-        let handle = raw::open_key(ctx.ctx, name.inner, raw::KeyMode::READ | raw::KeyMode::WRITE);
+        let handle = raw::open_key(
+            ctx.ctx,
+            name.inner,
+            raw::KeyMode::READ | raw::KeyMode::WRITE,
+        );
         let written = raw::string_set(handle, fresh.inner) == raw::Status::Ok
             && raw::set_expire(handle, i64::try_from(ttl).unwrap_or(i64::MAX)) == raw::Status::Ok;
         raw::close_key(handle);

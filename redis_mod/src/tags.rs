@@ -11,8 +11,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, OnceLock};
 
 use dbopt_tagcache::{
-    canonical_tags, decode_generation, encode_generation, extended_expiry, token, Generations, TagState,
-    MAX_TAGS, MAX_TAG_LEN,
+    canonical_tags, decode_generation, encode_generation, extended_expiry, token, Generations,
+    TagState, MAX_TAGS, MAX_TAG_LEN,
 };
 use redis_module::key::RedisKeyWritable;
 use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
@@ -28,7 +28,11 @@ pub const FILL_WINDOW_MS: u64 = 300_000;
 
 fn generations() -> &'static Mutex<Generations> {
     static GENERATIONS: OnceLock<Mutex<Generations>> = OnceLock::new();
-    GENERATIONS.get_or_init(|| Mutex::new(Generations::new(RandomState::new().hash_one(std::process::id()))))
+    GENERATIONS.get_or_init(|| {
+        Mutex::new(Generations::new(
+            RandomState::new().hash_one(std::process::id()),
+        ))
+    })
 }
 
 /// A fresh generation (unique in this process, unpredictable across processes).
@@ -45,7 +49,10 @@ pub fn check_tag_args(tags: &[&[u8]]) -> Result<(), RedisError> {
         return Err(err(format!("at most {MAX_TAGS} tags, got {}", tags.len())));
     }
     if let Some(t) = tags.iter().find(|t| t.len() > MAX_TAG_LEN) {
-        return Err(err(format!("a tag is {} bytes, at most {MAX_TAG_LEN} allowed", t.len())));
+        return Err(err(format!(
+            "a tag is {} bytes, at most {MAX_TAG_LEN} allowed",
+            t.len()
+        )));
     }
     Ok(())
 }
@@ -63,25 +70,38 @@ pub struct OpenTag<'a> {
 pub fn open_tags<'a>(ctx: &Context, tags: Vec<&'a [u8]>) -> Result<Vec<OpenTag<'a>>, RedisError> {
     let mut out = Vec::with_capacity(tags.len());
     for t in canonical_tags(tags) {
-        let name = ctx.create_string(t);
+        let name = RedisString::create_from_slice(ctx.ctx, t);
         let key = ctx.open_key_writable(&name);
         let state = match store::read_writable(&key).map_err(|_| wrong_type(WHAT))? {
             None => None,
             Some(b) => Some(decode_generation(&b).map_err(|_| wrong_type(WHAT))?),
         };
-        out.push(OpenTag { name_bytes: t, name, key, state });
+        out.push(OpenTag {
+            name_bytes: t,
+            name,
+            key,
+            state,
+        });
     }
     Ok(out)
 }
 
 /// Makes sure an open tag exists and lives until at least `needed_until`; returns its generation.
-pub fn ensure(ctx: &Context, tag: &OpenTag, now: u64, needed_until: u64) -> Result<u64, RedisError> {
+pub fn ensure(
+    ctx: &Context,
+    tag: &OpenTag,
+    now: u64,
+    needed_until: u64,
+) -> Result<u64, RedisError> {
     let (generation, current) = match tag.state {
         Some(s) => (s.generation, s.expires_at_ms),
         None => (next_generation(), 0),
     };
     if let Some(at) = extended_expiry(current, now, needed_until) {
-        let value = encode_generation(TagState { generation, expires_at_ms: at });
+        let value = encode_generation(TagState {
+            generation,
+            expires_at_ms: at,
+        });
         store::put(ctx, &tag.name, &tag.key, &value, now, at)?;
     }
     Ok(generation)
@@ -108,8 +128,11 @@ pub fn token_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 
 pub fn invalidate_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let tags = open_tags(ctx, tag_args(&args)?)?;
-    let existing: Vec<(&[u8], RedisKeyWritable)> =
-        tags.into_iter().filter(|t| t.state.is_some()).map(|t| (t.name_bytes, t.key)).collect();
+    let existing: Vec<(&[u8], RedisKeyWritable)> = tags
+        .into_iter()
+        .filter(|t| t.state.is_some())
+        .map(|t| (t.name_bytes, t.key))
+        .collect();
     store::delete(ctx, &existing)?;
     TAG_INVALIDATIONS.add(existing.len() as u64);
     Ok(RedisValue::Integer(existing.len() as i64))

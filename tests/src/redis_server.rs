@@ -17,7 +17,11 @@ pub struct RedisServer {
 /// The module built by `scripts/stack build` (release).
 pub fn module_path() -> PathBuf {
     let p = repo_root().join("target/release/libdbopt_redis.so");
-    assert!(p.exists(), "{} is missing: run scripts/stack build first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/stack build first",
+        p.display()
+    );
     p
 }
 
@@ -28,7 +32,12 @@ impl RedisServer {
         let dir = std::env::temp_dir().join(format!("dbopt-redis-{port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        let mut server = RedisServer { port, dir, args: extra.iter().map(|s| s.to_string()).collect(), child: None };
+        let mut server = RedisServer {
+            port,
+            dir,
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
         server.spawn();
         server
     }
@@ -48,10 +57,14 @@ impl RedisServer {
             .expect("redis-server starts");
         self.child = Some(child);
         let client = self.client();
-        wait_for(Duration::from_secs(20), "redis-server to answer PING", || {
-            let mut c = client.get_connection().ok()?;
-            redis::cmd("PING").query::<String>(&mut c).ok()
-        });
+        wait_for(
+            Duration::from_secs(20),
+            "redis-server to answer PING",
+            || {
+                let mut c = client.get_connection().ok()?;
+                redis::cmd("PING").query::<String>(&mut c).ok()
+            },
+        );
     }
 
     pub fn client(&self) -> redis::Client {
@@ -59,7 +72,9 @@ impl RedisServer {
     }
 
     pub fn conn(&self) -> redis::Connection {
-        self.client().get_connection().expect("connect to redis-server")
+        self.client()
+            .get_connection()
+            .expect("connect to redis-server")
     }
 
     pub fn dir(&self) -> &std::path::Path {
@@ -69,7 +84,9 @@ impl RedisServer {
     /// `SHUTDOWN` (saving when configured to) and start again on the same directory and arguments.
     pub fn restart(&mut self, shutdown_mode: &str) {
         let mut c = self.conn();
-        let _ = redis::cmd("SHUTDOWN").arg(shutdown_mode).query::<()>(&mut c);
+        let _ = redis::cmd("SHUTDOWN")
+            .arg(shutdown_mode)
+            .query::<()>(&mut c);
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
@@ -78,7 +95,10 @@ impl RedisServer {
 
     /// Whether the server process is still alive (a module panic would kill it).
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().map(|c| matches!(c.try_wait(), Ok(None))).unwrap_or(false)
+        self.child
+            .as_mut()
+            .map(|c| matches!(c.try_wait(), Ok(None)))
+            .unwrap_or(false)
     }
 
     /// The server's log (for assertion messages).

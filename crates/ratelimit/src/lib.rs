@@ -70,7 +70,10 @@ pub struct Decision {
 pub enum Error {
     Limit(u64),
     Window(u64),
-    Cost { cost: u64, limit: u64 },
+    Cost {
+        cost: u64,
+        limit: u64,
+    },
     /// Stored bytes that are not a limiter state of this format.
     NotALimiter,
 }
@@ -79,9 +82,15 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Limit(v) => write!(f, "limit must be between 1 and {MAX_LIMIT}, got {v}"),
-            Error::Window(v) => write!(f, "window_ms must be between 1 and {MAX_WINDOW_MS}, got {v}"),
+            Error::Window(v) => write!(
+                f,
+                "window_ms must be between 1 and {MAX_WINDOW_MS}, got {v}"
+            ),
             Error::Cost { cost, limit } => {
-                write!(f, "COST must be between 1 and the limit ({limit}), got {cost}")
+                write!(
+                    f,
+                    "COST must be between 1 and the limit ({limit}), got {cost}"
+                )
             }
             Error::NotALimiter => f.write_str("value is not a dbopt rate limiter state"),
         }
@@ -112,7 +121,11 @@ pub fn bucket_ms(window_ms: u64) -> u64 {
 impl Window {
     /// An empty limiter for `window_ms` (validated by [`validate`]) as of `now_ms`.
     pub fn new(window_ms: u64, now_ms: u64) -> Window {
-        Window { window_ms, last_ms: now_ms, counts: [0; SLOTS] }
+        Window {
+            window_ms,
+            last_ms: now_ms,
+            counts: [0; SLOTS],
+        }
     }
 
     pub fn window_ms(&self) -> u64 {
@@ -208,9 +221,17 @@ impl Window {
             }
             i64::try_from(at - t).unwrap_or(i64::MAX)
         };
-        let reset_after_ms =
-            (lo..=hi).rev().find(|&i| self.count_at(t, i) > 0).map_or(0, |i| expiry(i) - t);
-        Decision { allowed, limit, remaining: limit.saturating_sub(used), retry_after_ms, reset_after_ms }
+        let reset_after_ms = (lo..=hi)
+            .rev()
+            .find(|&i| self.count_at(t, i) > 0)
+            .map_or(0, |i| expiry(i) - t);
+        Decision {
+            allowed,
+            limit,
+            remaining: limit.saturating_sub(used),
+            retry_after_ms,
+            reset_after_ms,
+        }
     }
 
     /// The bytes stored for this state ([`ENCODED_LEN`] of them).
@@ -245,7 +266,11 @@ impl Window {
             a.copy_from_slice(&bytes[20 + 4 * i..24 + 4 * i]);
             *c = u32::from_le_bytes(a);
         }
-        Ok(Window { window_ms, last_ms: u64_at(12), counts })
+        Ok(Window {
+            window_ms,
+            last_ms: u64_at(12),
+            counts,
+        })
     }
 }
 

@@ -17,19 +17,42 @@ impl Rng {
 
 /// Units admitted at times in `[from, to]`, from an exact log of (time, cost).
 fn exact(log: &[(u64, u64)], from: u64, to: u64) -> u64 {
-    log.iter().filter(|(t, _)| *t >= from && *t <= to).map(|(_, c)| c).sum()
+    log.iter()
+        .filter(|(t, _)| *t >= from && *t <= to)
+        .map(|(_, c)| c)
+        .sum()
 }
 
 #[test]
 fn validation_names_the_bad_parameter() {
     assert_eq!(validate(10, 1000, 1), Ok(()));
     assert_eq!(validate(0, 1000, 1), Err(Error::Limit(0)));
-    assert_eq!(validate(MAX_LIMIT + 1, 1000, 1), Err(Error::Limit(MAX_LIMIT + 1)));
+    assert_eq!(
+        validate(MAX_LIMIT + 1, 1000, 1),
+        Err(Error::Limit(MAX_LIMIT + 1))
+    );
     assert_eq!(validate(10, 0, 1), Err(Error::Window(0)));
-    assert_eq!(validate(10, MAX_WINDOW_MS + 1, 1), Err(Error::Window(MAX_WINDOW_MS + 1)));
-    assert_eq!(validate(10, 1000, 0), Err(Error::Cost { cost: 0, limit: 10 }));
-    assert_eq!(validate(10, 1000, 11), Err(Error::Cost { cost: 11, limit: 10 }));
-    assert!(Error::Cost { cost: 11, limit: 10 }.to_string().contains("COST"));
+    assert_eq!(
+        validate(10, MAX_WINDOW_MS + 1, 1),
+        Err(Error::Window(MAX_WINDOW_MS + 1))
+    );
+    assert_eq!(
+        validate(10, 1000, 0),
+        Err(Error::Cost { cost: 0, limit: 10 })
+    );
+    assert_eq!(
+        validate(10, 1000, 11),
+        Err(Error::Cost {
+            cost: 11,
+            limit: 10
+        })
+    );
+    assert!(Error::Cost {
+        cost: 11,
+        limit: 10
+    }
+    .to_string()
+    .contains("COST"));
 }
 
 #[test]
@@ -38,7 +61,16 @@ fn table_of_decisions() {
     assert_eq!(bucket_ms(1000), 32);
     let mut w = Window::new(1000, 0);
     let d = w.hit(0, 3, 1);
-    assert_eq!(d, Decision { allowed: true, limit: 3, remaining: 2, retry_after_ms: -1, reset_after_ms: 1031 });
+    assert_eq!(
+        d,
+        Decision {
+            allowed: true,
+            limit: 3,
+            remaining: 2,
+            retry_after_ms: -1,
+            reset_after_ms: 1031
+        }
+    );
     assert!(w.hit(10, 3, 1).allowed);
     let d = w.hit(40, 3, 1);
     assert_eq!((d.allowed, d.remaining), (true, 0));
@@ -79,7 +111,11 @@ fn retry_after_is_exactly_when_peek_turns_to_allowed() {
             }
             // At reset_after nothing is counted any more.
             let reset = w.peek(t, limit, 1).reset_after_ms;
-            assert_eq!(w.peek(t + reset, limit, 1).remaining, limit, "empty at reset_after");
+            assert_eq!(
+                w.peek(t + reset, limit, 1).remaining,
+                limit,
+                "empty at reset_after"
+            );
         }
     }
 }
@@ -106,7 +142,11 @@ fn never_more_than_limit_in_any_window_and_early_denial_is_bounded() {
                 8 => rng.below(window / 8 + 1),
                 _ => rng.below(2 * window + 1),
             };
-            let cost = if rng.below(4) == 0 { 1 + rng.below(limit) } else { 1 };
+            let cost = if rng.below(4) == 0 {
+                1 + rng.below(limit)
+            } else {
+                1
+            };
             let d = w.hit(t, limit, cost);
             while recent.front().is_some_and(|(at, _)| at + window + b < t) {
                 recent.pop_front();
@@ -119,8 +159,15 @@ fn never_more_than_limit_in_any_window_and_early_denial_is_bounded() {
             } else {
                 denials += 1;
                 // Bounded earliness: the denial is justified by a window at most b - 1 ms longer.
-                let longer = exact(recent.make_contiguous(), (t + 1).saturating_sub(window + b - 1), t);
-                assert!(longer + cost > limit, "denied at {t} though {longer}+{cost} <= {limit}");
+                let longer = exact(
+                    recent.make_contiguous(),
+                    (t + 1).saturating_sub(window + b - 1),
+                    t,
+                );
+                assert!(
+                    longer + cost > limit,
+                    "denied at {t} though {longer}+{cost} <= {limit}"
+                );
                 if in_window + cost <= limit {
                     early += 1;
                 }
@@ -135,7 +182,11 @@ fn never_more_than_limit_in_any_window_and_early_denial_is_bounded() {
                 sum -= admitted[j].1;
                 j += 1;
             }
-            assert!(sum <= limit, "window ending {} holds {sum} > {limit}", admitted[i].0);
+            assert!(
+                sum <= limit,
+                "window ending {} holds {sum} > {limit}",
+                admitted[i].0
+            );
         }
     }
     // Measured, and printed for the record (`cargo test -p dbopt-ratelimit -- --nocapture`).

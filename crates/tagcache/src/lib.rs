@@ -47,7 +47,9 @@ impl Generations {
     pub fn next_generation(&mut self) -> u64 {
         loop {
             self.counter = self.counter.wrapping_add(1);
-            let mut z = self.seed.wrapping_add(self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut z = self
+                .seed
+                .wrapping_add(self.counter.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
@@ -161,7 +163,10 @@ pub fn decode_generation(bytes: &[u8]) -> Result<TagState, Foreign> {
     if generation == 0 {
         return Err(Foreign);
     }
-    Ok(TagState { generation, expires_at_ms: u64::from_le_bytes(g) })
+    Ok(TagState {
+        generation,
+        expires_at_ms: u64::from_le_bytes(g),
+    })
 }
 
 /// The expiry a tag key needs so it outlives an entry expiring at `entry_expires_at_ms`: `None`
@@ -190,7 +195,9 @@ pub fn is_token(bytes: &[u8]) -> bool {
         return false;
     };
     rest.len().is_multiple_of(17)
-        && rest.chunks(17).all(|c| c[0] == b':' && c[1..].iter().all(|b| b.is_ascii_hexdigit()))
+        && rest
+            .chunks(17)
+            .all(|c| c[0] == b':' && c[1..].iter().all(|b| b.is_ascii_hexdigit()))
 }
 
 #[cfg(test)]
@@ -208,7 +215,11 @@ mod tests {
         }
         let (mut x, mut y) = (Generations::new(1), Generations::new(2));
         assert_ne!(x.next_generation(), y.next_generation());
-        assert_eq!(Generations::new(7).next_generation(), Generations::new(7).next_generation(), "deterministic per seed");
+        assert_eq!(
+            Generations::new(7).next_generation(),
+            Generations::new(7).next_generation(),
+            "deterministic per seed"
+        );
     }
 
     #[test]
@@ -219,7 +230,13 @@ mod tests {
         assert_eq!(e.tags, tags);
         assert_eq!(e.value, b"the value \x00\xff");
         let none = encode_entry(&[], b"");
-        assert_eq!(decode_entry(&none), Ok(Entry { tags: vec![], value: b"" }));
+        assert_eq!(
+            decode_entry(&none),
+            Ok(Entry {
+                tags: vec![],
+                value: b""
+            })
+        );
     }
 
     #[test]
@@ -227,8 +244,16 @@ mod tests {
         let good = encode_entry(&[(b"tag", 1)], b"v");
         assert_eq!(decode_entry(b"plain string"), Err(Foreign));
         assert_eq!(decode_entry(b"DCE1"), Err(Foreign));
-        assert_eq!(decode_entry(b"DCE1\x01\x00\x05\x00ab"), Err(Foreign), "tag runs past the end");
-        assert_eq!(decode_entry(&good[..good.len() - 2]), Err(Foreign), "generation cut short");
+        assert_eq!(
+            decode_entry(b"DCE1\x01\x00\x05\x00ab"),
+            Err(Foreign),
+            "tag runs past the end"
+        );
+        assert_eq!(
+            decode_entry(&good[..good.len() - 2]),
+            Err(Foreign),
+            "generation cut short"
+        );
         let mut many = b"DCE1".to_vec();
         many.extend_from_slice(&((MAX_TAGS + 1) as u16).to_le_bytes());
         assert_eq!(decode_entry(&many), Err(Foreign));
@@ -240,9 +265,15 @@ mod tests {
 
     #[test]
     fn generation_values() {
-        let t = TagState { generation: 99, expires_at_ms: 1_700_000_000_000 };
+        let t = TagState {
+            generation: 99,
+            expires_at_ms: 1_700_000_000_000,
+        };
         assert_eq!(decode_generation(&encode_generation(t)), Ok(t));
-        let zero = TagState { generation: 0, expires_at_ms: 1 };
+        let zero = TagState {
+            generation: 0,
+            expires_at_ms: 1,
+        };
         assert_eq!(decode_generation(&encode_generation(zero)), Err(Foreign));
         assert_eq!(decode_generation(b"DCT1short"), Err(Foreign));
         assert_eq!(decode_generation(b"XXXX1234567812345678"), Err(Foreign));
@@ -263,7 +294,14 @@ mod tests {
         assert_eq!(token(&[]), "1");
         assert_eq!(token(&[1, 0xabc]), "1:0000000000000001:0000000000000abc");
         assert!(is_token(token(&[5, 6, 7]).as_bytes()));
-        for bad in [&b""[..], b"2", b"1:", b"1:000000000000000g", b"1:00000000000000001", b"x"] {
+        for bad in [
+            &b""[..],
+            b"2",
+            b"1:",
+            b"1:000000000000000g",
+            b"1:00000000000000001",
+            b"x",
+        ] {
             assert!(!is_token(bad), "{:?}", String::from_utf8_lossy(bad));
         }
     }
