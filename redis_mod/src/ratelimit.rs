@@ -12,7 +12,7 @@
 //! itself once nothing is counted any more.
 
 use dbopt_ratelimit::{validate, Decision, Window, MAX_LIMIT, MAX_WINDOW_MS};
-use redis_module::{Context, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{Context, KeyType, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::args::{err, is_keyword, shown, uint, wrong_type};
 use crate::stats::{RL_ALLOWED, RL_DENIED};
@@ -77,8 +77,12 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let req = parse(&args)?;
     let now = store::now_ms();
     let key = ctx.open_key_writable(&args[1]);
-    let stored = store::read_writable(&key).map_err(|_| wrong_type(WHAT))?;
-    let mut window = state(stored.as_deref(), req.window_ms, now)?;
+    let mut window = match key.key_type() {
+        KeyType::Empty => state(None, req.window_ms, now)?,
+        // Decoded straight from the stored bytes (no copy).
+        KeyType::String => state(Some(&key.as_string_dma()?), req.window_ms, now)?,
+        _ => return Err(wrong_type(WHAT)),
+    };
     let decision = window.hit(now, req.limit, req.cost);
     if decision.allowed {
         RL_ALLOWED.incr();

@@ -147,19 +147,15 @@ impl Window {
         ((t + 1).saturating_sub(self.window_ms) / b, t / b)
     }
 
-    /// Count of sub-bucket `idx`, which must be one of the `SLOTS` newest as of `t`.
-    fn count_at(&self, t: u64, idx: u64) -> u64 {
-        let newest_valid = self.last_ms / self.bucket();
-        // Slots newer than the state's last time hold nothing yet (they are zeroed on advance).
-        if idx > newest_valid || idx + (SLOTS as u64) <= t / self.bucket() {
-            return 0;
-        }
+    /// Count of sub-bucket `idx`. Only valid once the state was advanced to the time asked about:
+    /// then the ring holds exactly the `SLOTS` newest sub-buckets, and a window spans at most that
+    /// many. (The hot path: no division by the runtime bucket width here — `SLOTS` is a constant.)
+    fn count_at(&self, idx: u64) -> u64 {
         u64::from(self.counts[(idx % SLOTS as u64) as usize])
     }
 
-    fn used_at(&self, t: u64) -> u64 {
-        let (lo, hi) = self.range(t);
-        (lo..=hi).map(|i| self.count_at(t, i)).sum()
+    fn used_in(&self, lo: u64, hi: u64) -> u64 {
+        (lo..=hi).map(|i| self.count_at(i)).sum()
     }
 
     /// Moves the state's clock to `t`, zeroing the slots of sub-buckets that start in between.
@@ -181,10 +177,10 @@ impl Window {
     pub fn hit(&mut self, now_ms: u64, limit: u64, cost: u64) -> Decision {
         let t = self.effective(now_ms);
         self.advance(t);
-        let used = self.used_at(t);
-        let allowed = used + cost <= limit;
+        let (lo, hi) = self.range(t);
+        let allowed = self.used_in(lo, hi) + cost <= limit;
         if allowed {
-            let slot = ((t / self.bucket()) % SLOTS as u64) as usize;
+            let slot = (hi % SLOTS as u64) as usize;
             // cost <= limit <= u32::MAX and the slot's units are within one window's count.
             self.counts[slot] = self.counts[slot].saturating_add(cost as u32);
         }
@@ -196,13 +192,15 @@ impl Window {
         let t = self.effective(now_ms);
         let mut probe = self.clone();
         probe.advance(t);
-        let allowed = probe.used_at(t) + cost <= limit;
+        let (lo, hi) = probe.range(t);
+        let allowed = probe.used_in(lo, hi) + cost <= limit;
         probe.decide(t, limit, cost, allowed)
     }
 
+    /// The reply at `t`; the state must have been advanced to `t`.
     fn decide(&self, t: u64, limit: u64, cost: u64, allowed: bool) -> Decision {
-        let used = self.used_at(t);
         let (lo, hi) = self.range(t);
+        let used = self.used_in(lo, hi);
         let b = self.bucket();
         // Sub-bucket idx stops counting at (idx + 1) * b + window_ms - 1.
         let expiry = |idx: u64| (idx + 1) * b + self.window_ms - 1;
@@ -213,7 +211,7 @@ impl Window {
             let mut freed = 0;
             let mut at = t;
             for idx in lo..=hi {
-                freed += self.count_at(t, idx);
+                freed += self.count_at(idx);
                 if freed >= need {
                     at = expiry(idx);
                     break;
@@ -223,7 +221,7 @@ impl Window {
         };
         let reset_after_ms = (lo..=hi)
             .rev()
-            .find(|&i| self.count_at(t, i) > 0)
+            .find(|&i| self.count_at(i) > 0)
             .map_or(0, |i| expiry(i) - t);
         Decision {
             allowed,
