@@ -1,0 +1,11 @@
+//! Query observability logic with no PostgreSQL in sight, used by the `dbopt` extension.
+//!
+//! # Layout
+//! - [`normalize`] — SQL text with literals replaced by `$n`, the form statistics are shown in.
+//! - [`histogram`] — fixed-bucket latency histogram (constant size, for shared memory) with
+//!   quantiles, plus running mean/stddev.
+//! - [`nplusone`] — the per-connection N+1 detector state machine (time is an input).
+
+pub mod histogram;
+pub mod normalize;
+pub mod nplusone;

@@ -1,0 +1,228 @@
+//! N+1 detection for one connection: the same statement run again and again with *different*
+//! parameters — the ORM loop that should have been one query (`= ANY($1)`, `select_related`,
+//! `prefetch_related`).
+//!
+//! A *burst* is the executions of one query id inside one scope:
+//! - inside a transaction block: the whole transaction (the shell calls [`Detector::end_transaction`]);
+//! - outside (autocommit, as ORMs often run): executions at most `window_ms` apart.
+//!
+//! A burst is reported once it holds `threshold` executions with pairwise *distinct* parameter
+//! fingerprints. A loop of different statements (each query id once) and a batch job repeating one
+//! statement with one parameter set (one fingerprint) are never reported.
+
+/// Detector settings (`dbopt.n_plus_one_threshold`, `dbopt.n_plus_one_window_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// 0 disables detection.
+    pub threshold: u32,
+    pub window_ms: u64,
+}
+
+/// One executed top-level statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Statement {
+    pub query_id: i64,
+    /// Hash of the statement's parameter values (bound parameters and literals).
+    pub fingerprint: u64,
+    pub in_transaction_block: bool,
+    pub now_ms: u64,
+}
+
+/// A detected N+1 burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub query_id: i64,
+    /// The statement run just before the burst started: the likely parent loop.
+    pub parent_query_id: Option<i64>,
+    pub count: u32,
+    pub first_ms: u64,
+    pub last_ms: u64,
+}
+
+/// What one observation produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Nothing,
+    /// A burst just crossed the threshold.
+    Detected(Event),
+    /// A burst already reported ran once more: its event's count and end time are now these.
+    Grew(Event),
+}
+
+/// At most this many query ids are followed per scope (the least recently seen is dropped).
+const MAX_GROUPS: usize = 64;
+
+#[derive(Debug, Clone)]
+struct Group {
+    event: Event,
+    fingerprints: Vec<u64>,
+    reported: bool,
+    in_transaction: bool,
+}
+
+/// Per-connection detector state (lives in backend-local memory).
+#[derive(Debug, Clone, Default)]
+pub struct Detector {
+    groups: Vec<Group>,
+    last_query_id: Option<i64>,
+}
+
+impl Detector {
+    pub fn observe(&mut self, cfg: Config, s: Statement) -> Outcome {
+        if cfg.threshold == 0 || s.query_id == 0 {
+            return Outcome::Nothing;
+        }
+        let parent = self.last_query_id.filter(|&q| q != s.query_id);
+        self.last_query_id = Some(s.query_id);
+        // Autocommit bursts end after a gap longer than the window.
+        self.groups.retain(|g| {
+            g.in_transaction || s.now_ms.saturating_sub(g.event.last_ms) <= cfg.window_ms
+        });
+        let idx = match self.groups.iter().position(|g| {
+            g.event.query_id == s.query_id && g.in_transaction == s.in_transaction_block
+        }) {
+            Some(i) => i,
+            None => {
+                if self.groups.len() >= MAX_GROUPS {
+                    let oldest = (0..self.groups.len())
+                        .min_by_key(|&i| self.groups[i].event.last_ms)
+                        .unwrap_or(0);
+                    self.groups.swap_remove(oldest);
+                }
+                self.groups.push(Group {
+                    event: Event {
+                        query_id: s.query_id,
+                        parent_query_id: parent,
+                        count: 0,
+                        first_ms: s.now_ms,
+                        last_ms: s.now_ms,
+                    },
+                    fingerprints: Vec::new(),
+                    reported: false,
+                    in_transaction: s.in_transaction_block,
+                });
+                self.groups.len() - 1
+            }
+        };
+        let g = &mut self.groups[idx];
+        g.event.last_ms = s.now_ms;
+        if g.reported {
+            g.event.count += 1;
+            return Outcome::Grew(g.event);
+        }
+        if !g.fingerprints.contains(&s.fingerprint) {
+            g.fingerprints.push(s.fingerprint);
+        }
+        g.event.count = g.fingerprints.len() as u32;
+        if g.fingerprints.len() as u32 >= cfg.threshold {
+            g.reported = true;
+            g.fingerprints = Vec::new();
+            return Outcome::Detected(g.event);
+        }
+        Outcome::Nothing
+    }
+
+    /// The transaction block ended (commit or abort): its bursts are over.
+    pub fn end_transaction(&mut self) {
+        self.groups.retain(|g| !g.in_transaction);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CFG: Config = Config {
+        threshold: 10,
+        window_ms: 1000,
+    };
+
+    fn stmt(query_id: i64, fingerprint: u64, tx: bool, now_ms: u64) -> Statement {
+        Statement {
+            query_id,
+            fingerprint,
+            in_transaction_block: tx,
+            now_ms,
+        }
+    }
+
+    #[test]
+    fn django_loop_in_a_transaction_is_reported_once_and_grows() {
+        let mut d = Detector::default();
+        assert_eq!(d.observe(CFG, stmt(1, 1, true, 0)), Outcome::Nothing); // SELECT … FROM orders
+        let mut detected = None;
+        for i in 0..50 {
+            match d.observe(CFG, stmt(2, 100 + i, true, i)) {
+                Outcome::Detected(e) => {
+                    assert!(detected.is_none(), "reported once");
+                    assert_eq!(i, 9, "at the 10th distinct execution");
+                    detected = Some(e);
+                }
+                Outcome::Grew(e) => assert_eq!(e.count as u64, i + 1),
+                Outcome::Nothing => assert!(i < 9),
+            }
+        }
+        let e = detected.expect("detected");
+        assert_eq!((e.query_id, e.parent_query_id, e.count), (2, Some(1), 10));
+        d.end_transaction();
+        // A new transaction starts a new burst.
+        assert_eq!(d.observe(CFG, stmt(2, 999, true, 100)), Outcome::Nothing);
+    }
+
+    #[test]
+    fn distinct_statements_are_not_reported() {
+        let mut d = Detector::default();
+        for i in 0..100 {
+            assert_eq!(d.observe(CFG, stmt(i, i as u64, true, 0)), Outcome::Nothing);
+        }
+    }
+
+    #[test]
+    fn a_batch_with_one_parameter_set_is_not_reported() {
+        let mut d = Detector::default();
+        for t in 0..1000 {
+            assert_eq!(d.observe(CFG, stmt(7, 42, false, t)), Outcome::Nothing);
+        }
+    }
+
+    #[test]
+    fn autocommit_bursts_are_bounded_by_the_window() {
+        let mut d = Detector::default();
+        // Nine quick executions, then a pause longer than the window: no burst of ten.
+        for i in 0..9 {
+            assert_eq!(d.observe(CFG, stmt(3, i, false, i * 10)), Outcome::Nothing);
+        }
+        for i in 0..9 {
+            assert_eq!(
+                d.observe(CFG, stmt(3, 100 + i, false, 5000 + i * 10)),
+                Outcome::Nothing
+            );
+        }
+        // The tenth within the window of the previous one completes this burst.
+        assert!(
+            matches!(d.observe(CFG, stmt(3, 200, false, 5100)), Outcome::Detected(e) if e.count == 10)
+        );
+    }
+
+    #[test]
+    fn disabled_and_zero_query_ids_do_nothing() {
+        let mut d = Detector::default();
+        let off = Config {
+            threshold: 0,
+            window_ms: 1000,
+        };
+        for i in 0..50 {
+            assert_eq!(d.observe(off, stmt(5, i, true, 0)), Outcome::Nothing);
+            assert_eq!(d.observe(CFG, stmt(0, i, true, 0)), Outcome::Nothing);
+        }
+    }
+
+    #[test]
+    fn state_stays_bounded() {
+        let mut d = Detector::default();
+        for i in 0..10_000 {
+            d.observe(CFG, stmt(i, 1, true, 0));
+        }
+        assert!(d.groups.len() <= MAX_GROUPS);
+    }
+}
