@@ -15,7 +15,7 @@ pub fn normalize(sql: &str) -> (String, usize) {
     // Whether the previous significant token ends an operand (identifier, number, `)`...):
     // then a following `-` is a binary minus, not the sign of a literal.
     let mut after_operand = false;
-    let mut placeholder = |out: &mut String, replaced: &mut usize| {
+    let placeholder = |out: &mut String, replaced: &mut usize| {
         out.push('$');
         out.push_str(&(first_param + *replaced).to_string());
         *replaced += 1;
