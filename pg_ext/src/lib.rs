@@ -2,6 +2,13 @@
 //!
 //! # Layout
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
+//! - [`gucs`] — every `dbopt.*` setting.
+//! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
+//! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
+//! - [`stats`] — `dbopt.query_stats()`, `dbopt.reset()`, `dbopt.statements_info()`.
+//! - [`slow`] — slow queries with plans: `dbopt.slow_queries()`.
+//! - [`nplusone`] — N+1 bursts: `dbopt.n_plus_one()`.
+//! - [`privilege`] — who may see other users' texts.
 //! - [`sampler`] — the background worker that samples host CPU from `/proc/stat` into shared memory,
 //!   and `dbopt.host_cpu_percent()` that reads it.
 //! - `sql/node_status.sql` (repository root): `dbopt.node_status()` and
@@ -13,7 +20,14 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+pub mod gucs;
+pub mod hooks;
+pub mod nplusone;
+pub mod privilege;
 pub mod sampler;
+pub mod shmem;
+pub mod slow;
+pub mod stats;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -21,6 +35,11 @@ extension_sql_file!(
     "../../sql/node_status.sql",
     name = "node_status",
     requires = [sampler::host_cpu_percent]
+);
+extension_sql_file!(
+    "../../sql/privileges.sql",
+    name = "privileges",
+    requires = [stats::reset, stats::query_stats, slow::slow_queries_reset, nplusone::n_plus_one_reset]
 );
 
 /// Called by PostgreSQL when it loads `dbopt.so`.
@@ -41,7 +60,13 @@ pub extern "C-unwind" fn _PG_init() {
         .report(PgLogLevel::ERROR);
         return;
     }
+    gucs::init();
+    shmem::init();
+    hooks::init();
     sampler::init();
+    // Ask the core to compute query ids (compute_query_id = auto turns them on for us).
+    // SAFETY: allowed while preloading.
+    unsafe { pg_sys::EnableQueryId() };
 }
 
 /// The version of the dbopt extension library that is loaded (not the SQL objects' version).

@@ -226,3 +226,51 @@ mod tests {
         assert!(d.groups.len() <= MAX_GROUPS);
     }
 }
+
+/// A concrete fix for a burst of `count` executions of the normalised statement `text`: the
+/// rewrite to one query, and what a Django developer writes instead of the loop.
+pub fn recommendation(text: &str, count: u32) -> String {
+    let single = rewrite_to_any(text);
+    let mut out = format!("{count} executions of one statement with different parameters: fetch them in one query");
+    match single {
+        Some(q) => out.push_str(&format!(" ({q}, passing the {count} values as one array)")),
+        None => out.push_str(" (collect the parameters and use = ANY($1) with an array)"),
+    }
+    out.push_str(
+        ". In Django, load the related rows with the parent queryset: select_related() for foreign keys \
+         and one-to-one, prefetch_related() for reverse and many-to-many relations; in Prisma, use include \
+         or a findMany with { in: [...] }.",
+    );
+    out
+}
+
+/// `… WHERE col = $1 …` → `… WHERE col = ANY($1) …` when the statement filters on one parameter.
+fn rewrite_to_any(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    let where_at = lower.find(" where ")?;
+    let rest = &text[where_at..];
+    let eq = rest.find("= $")?;
+    let after = &rest[eq + 2..];
+    let digits = after[1..].chars().take_while(char::is_ascii_digit).count();
+    if digits == 0 {
+        return None;
+    }
+    let param = &after[..1 + digits];
+    let head = &text[..where_at + eq];
+    let tail = &after[1 + digits..];
+    Some(format!("{head}= ANY({param}){tail}"))
+}
+
+#[cfg(test)]
+mod recommendation_tests {
+    use super::recommendation;
+
+    #[test]
+    fn rewrites_the_filter_and_names_the_orm_fixes() {
+        let r = recommendation("SELECT id, name FROM app_customer WHERE id = $1 LIMIT $2", 50);
+        assert!(r.contains("SELECT id, name FROM app_customer WHERE id = ANY($1) LIMIT $2"), "{r}");
+        assert!(r.contains("select_related") && r.contains("prefetch_related") && r.starts_with("50 executions"), "{r}");
+        let r = recommendation("SELECT now()", 12);
+        assert!(r.contains("= ANY($1) with an array"), "{r}");
+    }
+}

@@ -1,0 +1,156 @@
+//! Every `dbopt.*` setting, registered once by [`init`] and read through typed getters.
+//! Out-of-range values are refused by PostgreSQL itself with a message naming the setting
+//! (`ERROR: 2000000 is outside the valid range for parameter "dbopt.max_statements"`).
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+/// Most distinct statements tracked (size of the shared table; restart to change).
+static MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+/// Also track statements run inside functions (nested), not only top-level ones.
+static TRACK_NESTED: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Executions slower than this (ms) are kept with their plan; -1 turns capture off.
+static SLOW_QUERY_MS: GucSetting<i32> = GucSetting::<i32>::new(100);
+/// How many slow queries are kept (a ring; restart to change).
+static SLOW_QUERY_MAX: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Instrument executions so slow plans carry actual rows and times per node.
+static SLOW_QUERY_ANALYZE: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Share of executions instrumented when `slow_query_analyze` is on.
+static SLOW_QUERY_SAMPLE_RATE: GucSetting<f64> = GucSetting::<f64>::new(1.0);
+/// Keep the statement text with its literal values in slow-query records (off: normalised text).
+static SLOW_QUERY_LOG_PARAMETERS: GucSetting<bool> = GucSetting::<bool>::new(false);
+/// Executions of one statement with distinct parameters that make an N+1 burst; 0 turns it off.
+static N_PLUS_ONE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
+/// Outside transaction blocks, executions at most this far apart (ms) belong to one burst.
+static N_PLUS_ONE_WINDOW_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Tables smaller than this (rows) never get index advice.
+static ADVISOR_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+pub fn init() {
+    GucRegistry::define_int_guc(
+        c"dbopt.max_statements",
+        c"Most distinct statements dbopt tracks.",
+        c"Size of the shared statement table. The least recently used 5% are evicted when it is full.",
+        &MAX_STATEMENTS,
+        100,
+        1_000_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"dbopt.track_nested",
+        c"Track statements executed inside functions too.",
+        c"",
+        &TRACK_NESTED,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"dbopt.slow_query_ms",
+        c"Executions slower than this are kept with their plan (-1: off).",
+        c"",
+        &SLOW_QUERY_MS,
+        -1,
+        i32::MAX,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"dbopt.slow_query_max",
+        c"How many slow queries are kept.",
+        c"",
+        &SLOW_QUERY_MAX,
+        10,
+        100_000,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"dbopt.slow_query_analyze",
+        c"Record actual rows and times per plan node for slow queries.",
+        c"Instruments sampled executions like EXPLAIN ANALYZE does; costs time on every sampled query.",
+        &SLOW_QUERY_ANALYZE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
+        c"dbopt.slow_query_sample_rate",
+        c"Share of executions instrumented when slow_query_analyze is on.",
+        c"",
+        &SLOW_QUERY_SAMPLE_RATE,
+        0.0,
+        1.0,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"dbopt.slow_query_log_parameters",
+        c"Keep literal values in slow-query texts (off: normalised text only).",
+        c"",
+        &SLOW_QUERY_LOG_PARAMETERS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"dbopt.n_plus_one_threshold",
+        c"Executions with distinct parameters that make an N+1 burst (0: off).",
+        c"",
+        &N_PLUS_ONE_THRESHOLD,
+        0,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"dbopt.n_plus_one_window_ms",
+        c"Outside transactions, executions at most this far apart belong to one N+1 burst.",
+        c"",
+        &N_PLUS_ONE_WINDOW_MS,
+        1,
+        3_600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"dbopt.advisor_min_rows",
+        c"Tables with fewer rows never get index advice.",
+        c"",
+        &ADVISOR_MIN_ROWS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+pub fn max_statements() -> usize {
+    MAX_STATEMENTS.get().max(100) as usize
+}
+pub fn track_nested() -> bool {
+    TRACK_NESTED.get()
+}
+/// `None` when capture is off.
+pub fn slow_query_ms() -> Option<f64> {
+    let v = SLOW_QUERY_MS.get();
+    (v >= 0).then_some(f64::from(v))
+}
+pub fn slow_query_max() -> usize {
+    SLOW_QUERY_MAX.get().max(10) as usize
+}
+pub fn slow_query_analyze() -> bool {
+    SLOW_QUERY_ANALYZE.get()
+}
+pub fn slow_query_sample_rate() -> f64 {
+    SLOW_QUERY_SAMPLE_RATE.get()
+}
+pub fn slow_query_log_parameters() -> bool {
+    SLOW_QUERY_LOG_PARAMETERS.get()
+}
+pub fn n_plus_one() -> dbopt_querystats::nplusone::Config {
+    dbopt_querystats::nplusone::Config {
+        threshold: N_PLUS_ONE_THRESHOLD.get().max(0) as u32,
+        window_ms: N_PLUS_ONE_WINDOW_MS.get().max(1) as u64,
+    }
+}
+pub fn advisor_min_rows() -> i64 {
+    i64::from(ADVISOR_MIN_ROWS.get())
+}

@@ -1,0 +1,368 @@
+//! Executor hooks: statistics for every statement, slow-query capture and N+1 observation.
+//!
+//! Each hook chains to the one installed before it (or to PostgreSQL's standard function). The
+//! nesting level is kept with drop guards, so it is right again when an error unwinds; the
+//! transaction-abort callbacks count the failed statement and reset the level as a last resort.
+//! Parallel workers are skipped: their leader accounts for the whole statement.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::ffi::CStr;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::ptr;
+
+use dbopt_querystats::normalize::normalize;
+use pgrx::pg_sys;
+use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
+
+use crate::shmem::{self, StatsKey};
+use crate::{gucs, nplusone, slow};
+
+static mut PREV_START: pg_sys::ExecutorStart_hook_type = None;
+static mut PREV_RUN: pg_sys::ExecutorRun_hook_type = None;
+static mut PREV_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREV_END: pg_sys::ExecutorEnd_hook_type = None;
+static mut PREV_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// Backend-local state. Backends are single-threaded processes, so a thread-local is all the
+/// synchronisation needed; borrows are never held across calls back into PostgreSQL.
+struct Local {
+    nesting: Cell<i32>,
+    /// The top-level statement being executed, to charge an error to if the transaction aborts.
+    current: Cell<Option<StatsKey>>,
+    /// Statements this backend has already made sure exist in the shared table.
+    known: RefCell<HashSet<StatsKey>>,
+}
+
+thread_local! {
+    static LOCAL: Local = Local {
+        nesting: Cell::new(0),
+        current: Cell::new(None),
+        known: RefCell::new(HashSet::new()),
+    };
+}
+
+/// Bound on `Local::known` (it only saves a lookup; forgetting is harmless).
+const KNOWN_MAX: usize = 10_000;
+
+pub fn init() {
+    // SAFETY: _PG_init, once, in the postmaster.
+    unsafe {
+        PREV_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+        PREV_RUN = pg_sys::ExecutorRun_hook;
+        pg_sys::ExecutorRun_hook = Some(executor_run);
+        PREV_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREV_END = pg_sys::ExecutorEnd_hook;
+        pg_sys::ExecutorEnd_hook = Some(executor_end);
+        PREV_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+        pg_sys::RegisterXactCallback(Some(xact_callback), ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), ptr::null_mut());
+    }
+}
+
+fn nesting() -> i32 {
+    LOCAL.with(|l| l.nesting.get())
+}
+
+/// Raises the nesting level for the life of the guard (restored on unwind too).
+struct Nested;
+
+impl Nested {
+    fn enter() -> Nested {
+        LOCAL.with(|l| l.nesting.set(l.nesting.get() + 1));
+        Nested
+    }
+}
+
+impl Drop for Nested {
+    fn drop(&mut self) {
+        LOCAL.with(|l| l.nesting.set((l.nesting.get() - 1).max(0)));
+    }
+}
+
+fn is_parallel_worker() -> bool {
+    // SAFETY: plain read of a backend-global.
+    unsafe { pg_sys::ParallelWorkerNumber >= 0 }
+}
+
+/// The key of a statement about to run or just run, if it is tracked.
+///
+/// # Safety
+/// `qd` must be a valid QueryDesc.
+unsafe fn key_of(qd: *mut pg_sys::QueryDesc) -> Option<StatsKey> {
+    // SAFETY: the caller passes the executor's QueryDesc.
+    unsafe {
+        let stmt = (*qd).plannedstmt;
+        if stmt.is_null() || (*stmt).queryId == 0 || !shmem::ready() || is_parallel_worker() {
+            return None;
+        }
+        let top = nesting() == 0;
+        if !top && !gucs::track_nested() {
+            return None;
+        }
+        Some(StatsKey::new(u32::from(pg_sys::GetUserId()), u32::from(pg_sys::MyDatabaseId), (*stmt).queryId as i64, top))
+    }
+}
+
+/// This statement's own text out of the (possibly multi-statement) source string.
+///
+/// # Safety
+/// `qd` must be a valid QueryDesc.
+pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
+    // SAFETY: sourceText is a NUL-terminated string owned by the portal for the executor's life.
+    unsafe {
+        if (*qd).sourceText.is_null() {
+            return String::new();
+        }
+        let all = CStr::from_ptr((*qd).sourceText).to_bytes();
+        let stmt = (*qd).plannedstmt;
+        let (loc, len) = if stmt.is_null() { (0, 0) } else { ((*stmt).stmt_location, (*stmt).stmt_len) };
+        let start = usize::try_from(loc).unwrap_or(0).min(all.len());
+        let end = if len > 0 { (start + len as usize).min(all.len()) } else { all.len() };
+        String::from_utf8_lossy(&all[start..end]).trim().to_string()
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
+    // SAFETY: called by PostgreSQL with a valid QueryDesc; previous hooks are called through the
+    // FFI boundary so their errors become unwinding panics that our guards survive.
+    unsafe {
+        let key = key_of(qd);
+        if let Some(k) = key {
+            if k.toplevel == 1 {
+                LOCAL.with(|l| l.current.set(Some(k)));
+            }
+            // Make sure the statement has an entry (with its text) before it can fail, so an error
+            // has somewhere to be counted. Once per statement and backend.
+            let new = LOCAL.with(|l| !l.known.borrow().contains(&k));
+            if new {
+                let text = statement_text(qd);
+                shmem::update(&k, || normalize(&text).0, |_| {});
+                LOCAL.with(|l| {
+                    let mut known = l.known.borrow_mut();
+                    if known.len() >= KNOWN_MAX {
+                        known.clear();
+                    }
+                    known.insert(k);
+                });
+            }
+            if k.toplevel == 1 {
+                slow::maybe_instrument(qd);
+            }
+        }
+        match PREV_START {
+            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, eflags)),
+            None => pg_sys::standard_ExecutorStart(qd, eflags),
+        }
+        if key.is_some() && (*qd).totaltime.is_null() {
+            // Our own timer and buffer/WAL counters for the whole statement, in the query's memory.
+            let old = pg_sys::MemoryContextSwitchTo((*(*qd).estate).es_query_cxt);
+            (*qd).totaltime = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as i32, false);
+            pg_sys::MemoryContextSwitchTo(old);
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_run(
+    qd: *mut pg_sys::QueryDesc,
+    direction: pg_sys::ScanDirection::Type,
+    count: u64,
+    execute_once: bool,
+) {
+    let _nested = Nested::enter();
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe {
+        match PREV_RUN {
+            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, direction, count, execute_once)),
+            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
+    let _nested = Nested::enter();
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe {
+        match PREV_FINISH {
+            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
+            None => pg_sys::standard_ExecutorFinish(qd),
+        }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: the QueryDesc is valid until standard_ExecutorEnd, which runs last.
+    unsafe {
+        if let Some(key) = key_of(qd) {
+            if !(*qd).totaltime.is_null() {
+                record(qd, &key);
+            }
+            if key.toplevel == 1 {
+                LOCAL.with(|l| l.current.set(None));
+            }
+        }
+        match PREV_END {
+            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
+            None => pg_sys::standard_ExecutorEnd(qd),
+        }
+    }
+}
+
+/// Utility statements (DO, CALL, CREATE EXTENSION, …) run their inner statements one level down,
+/// so those count as nested, not as top-level statements of their own.
+#[pgrx::pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let _nested = Nested::enter();
+    // SAFETY: chaining with PostgreSQL's own arguments.
+    unsafe {
+        match PREV_UTILITY {
+            Some(prev) => {
+                pg_guard_ffi_boundary(|| prev(pstmt, query, read_only_tree, context, params, env, dest, qc))
+            }
+            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+        }
+    }
+}
+
+/// Adds one execution to the statement's counters; captures it if slow; feeds the N+1 detector.
+///
+/// # Safety
+/// `qd` must be a valid QueryDesc with `totaltime` set.
+unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
+    // SAFETY: the caller guarantees qd and its totaltime/estate.
+    unsafe {
+        let t = (*qd).totaltime;
+        pg_sys::InstrEndLoop(t);
+        let ms = (*t).total * 1000.0;
+        let rows = if (*qd).estate.is_null() { 0 } else { (*(*qd).estate).es_processed };
+        let b = (*t).bufusage;
+        let w = (*t).walusage;
+        let now = pg_sys::GetCurrentTimestamp();
+        let text = || normalize(&statement_text(qd)).0;
+        shmem::update(key, text, |c| {
+            c.calls += 1;
+            c.rows += rows;
+            c.exec.record(ms);
+            c.shared_blks_hit += b.shared_blks_hit;
+            c.shared_blks_read += b.shared_blks_read;
+            c.shared_blks_dirtied += b.shared_blks_dirtied;
+            c.shared_blks_written += b.shared_blks_written;
+            c.local_blks_hit += b.local_blks_hit;
+            c.local_blks_read += b.local_blks_read;
+            c.local_blks_written += b.local_blks_written;
+            c.temp_blks_read += b.temp_blks_read;
+            c.temp_blks_written += b.temp_blks_written;
+            c.wal_records += w.wal_records;
+            c.wal_fpi += w.wal_fpi;
+            c.wal_bytes += w.wal_bytes;
+            c.last_seen = now;
+        });
+        if key.toplevel == 1 {
+            if let Some(threshold) = gucs::slow_query_ms() {
+                if ms >= threshold {
+                    slow::capture(qd, key, ms, rows, &b);
+                }
+            }
+            nplusone::observe(qd, key);
+        }
+    }
+}
+
+/// A fingerprint of the statement's literal text and bound parameter values.
+///
+/// # Safety
+/// `qd` must be a valid QueryDesc.
+pub unsafe fn fingerprint(qd: *mut pg_sys::QueryDesc) -> u64 {
+    let mut h = DefaultHasher::new();
+    // SAFETY: sourceText and params belong to the running portal.
+    unsafe {
+        statement_text(qd).hash(&mut h);
+        let params = (*qd).params;
+        if !params.is_null() {
+            let n = usize::try_from((*params).numParams).unwrap_or(0);
+            let list = (*params).params.as_slice(n);
+            for p in list {
+                p.isnull.hash(&mut h);
+                if p.isnull || p.ptype == pg_sys::InvalidOid {
+                    continue;
+                }
+                let (mut len, mut byval) = (0i16, false);
+                pg_sys::get_typlenbyval(p.ptype, &mut len, &mut byval);
+                if byval {
+                    p.value.value().hash(&mut h);
+                } else if len == -1 {
+                    let v = pg_sys::pg_detoast_datum_packed(p.value.cast_mut_ptr());
+                    let bytes = pgrx::varlena::varlena_to_byte_slice(v);
+                    bytes.hash(&mut h);
+                } else if len == -2 {
+                    CStr::from_ptr(p.value.cast_mut_ptr()).to_bytes().hash(&mut h);
+                } else if len > 0 {
+                    std::slice::from_raw_parts(p.value.cast_mut_ptr::<u8>(), len as usize).hash(&mut h);
+                }
+            }
+        }
+    }
+    h.finish()
+}
+
+/// Counts an error against the top-level statement that was running when the (sub)transaction
+/// aborted, and resets the nesting level.
+fn charge_error() {
+    let failed = LOCAL.with(|l| l.current.take());
+    if let Some(key) = failed {
+        // SAFETY: a plain call; we are in the abort path of a backend with shared memory.
+        let now = unsafe { pg_sys::GetCurrentTimestamp() };
+        // Only existing entries (ExecutorStart made it): no text to create one from here.
+        shmem::update_existing(&key, |c| {
+            c.errors += 1;
+            c.last_seen = now;
+        });
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+    match event {
+        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+            charge_error();
+            LOCAL.with(|l| l.nesting.set(0));
+            nplusone::end_transaction();
+        }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            nplusone::end_transaction();
+        }
+        _ => {}
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    _my: pg_sys::SubTransactionId,
+    _parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    // A top-level statement failed inside a savepoint (nesting is back to 0 once its frames
+    // unwound). A nested statement caught by a PL/pgSQL EXCEPTION block leaves nesting above 0:
+    // that is not the top-level statement's failure.
+    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && nesting() == 0 {
+        charge_error();
+    }
+}
