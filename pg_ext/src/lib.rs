@@ -8,6 +8,7 @@
 //! - [`stats`] — `dbopt.query_stats()`, `dbopt.reset()`, `dbopt.statements_info()`.
 //! - [`slow`] — slow queries with plans: `dbopt.slow_queries()`.
 //! - [`nplusone`] — N+1 bursts: `dbopt.n_plus_one()`.
+//! - [`metrics`] — `dbopt.metrics()`, Prometheus text.
 //! - [`privilege`] — who may see other users' texts.
 //! - [`sampler`] — the background worker that samples host CPU from `/proc/stat` into shared memory,
 //!   and `dbopt.host_cpu_percent()` that reads it.
@@ -22,6 +23,7 @@ use pgrx::prelude::*;
 
 pub mod gucs;
 pub mod hooks;
+pub mod metrics;
 pub mod nplusone;
 pub mod privilege;
 pub mod sampler;

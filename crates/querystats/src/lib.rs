@@ -4,8 +4,10 @@
 //! - [`normalize`] — SQL text with literals replaced by `$n`, the form statistics are shown in.
 //! - [`histogram`] — fixed-bucket latency histogram (constant size, for shared memory) with
 //!   quantiles, plus running mean/stddev.
+//! - [`exposition`] — Prometheus text format for `dbopt.metrics()`.
 //! - [`nplusone`] — the per-connection N+1 detector state machine (time is an input).
 
+pub mod exposition;
 pub mod histogram;
 pub mod normalize;
 pub mod nplusone;
