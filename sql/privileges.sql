@@ -15,6 +15,9 @@ GRANT EXECUTE ON FUNCTION dbopt.reset() TO dbopt_admin;
 GRANT EXECUTE ON FUNCTION dbopt.slow_queries_reset() TO dbopt_admin;
 GRANT EXECUTE ON FUNCTION dbopt.n_plus_one_reset() TO dbopt_admin;
 
+-- Everyone may read the statistics (texts of other users stay hidden, see privilege.rs).
+GRANT USAGE ON SCHEMA dbopt TO PUBLIC;
+
 -- The familiar view.
 CREATE VIEW dbopt.query_stats AS SELECT * FROM dbopt.query_stats();
 GRANT SELECT ON dbopt.query_stats TO PUBLIC;

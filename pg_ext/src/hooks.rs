@@ -103,7 +103,12 @@ unsafe fn key_of(qd: *mut pg_sys::QueryDesc) -> Option<StatsKey> {
         if !top && !gucs::track_nested() {
             return None;
         }
-        Some(StatsKey::new(u32::from(pg_sys::GetUserId()), u32::from(pg_sys::MyDatabaseId), (*stmt).queryId as i64, top))
+        Some(StatsKey::new(
+            u32::from(pg_sys::GetUserId()),
+            u32::from(pg_sys::MyDatabaseId),
+            (*stmt).queryId as i64,
+            top,
+        ))
     }
 }
 
@@ -119,9 +124,17 @@ pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
         }
         let all = CStr::from_ptr((*qd).sourceText).to_bytes();
         let stmt = (*qd).plannedstmt;
-        let (loc, len) = if stmt.is_null() { (0, 0) } else { ((*stmt).stmt_location, (*stmt).stmt_len) };
+        let (loc, len) = if stmt.is_null() {
+            (0, 0)
+        } else {
+            ((*stmt).stmt_location, (*stmt).stmt_len)
+        };
         let start = usize::try_from(loc).unwrap_or(0).min(all.len());
-        let end = if len > 0 { (start + len as usize).min(all.len()) } else { all.len() };
+        let end = if len > 0 {
+            (start + len as usize).min(all.len())
+        } else {
+            all.len()
+        };
         String::from_utf8_lossy(&all[start..end]).trim().to_string()
     }
 }
@@ -161,7 +174,8 @@ unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i
         if key.is_some() && (*qd).totaltime.is_null() {
             // Our own timer and buffer/WAL counters for the whole statement, in the query's memory.
             let old = pg_sys::MemoryContextSwitchTo((*(*qd).estate).es_query_cxt);
-            (*qd).totaltime = pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as i32, false);
+            (*qd).totaltime =
+                pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as i32, false);
             pg_sys::MemoryContextSwitchTo(old);
         }
     }
@@ -233,10 +247,19 @@ unsafe extern "C-unwind" fn process_utility(
     // SAFETY: chaining with PostgreSQL's own arguments.
     unsafe {
         match PREV_UTILITY {
-            Some(prev) => {
-                pg_guard_ffi_boundary(|| prev(pstmt, query, read_only_tree, context, params, env, dest, qc))
-            }
-            None => pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            Some(prev) => pg_guard_ffi_boundary(|| {
+                prev(pstmt, query, read_only_tree, context, params, env, dest, qc)
+            }),
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                env,
+                dest,
+                qc,
+            ),
         }
     }
 }
@@ -251,7 +274,11 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
         let t = (*qd).totaltime;
         pg_sys::InstrEndLoop(t);
         let ms = (*t).total * 1000.0;
-        let rows = if (*qd).estate.is_null() { 0 } else { (*(*qd).estate).es_processed };
+        let rows = if (*qd).estate.is_null() {
+            0
+        } else {
+            (*(*qd).estate).es_processed
+        };
         let b = (*t).bufusage;
         let w = (*t).walusage;
         let now = pg_sys::GetCurrentTimestamp();
@@ -312,9 +339,12 @@ pub unsafe fn fingerprint(qd: *mut pg_sys::QueryDesc) -> u64 {
                     let bytes = pgrx::varlena::varlena_to_byte_slice(v);
                     bytes.hash(&mut h);
                 } else if len == -2 {
-                    CStr::from_ptr(p.value.cast_mut_ptr()).to_bytes().hash(&mut h);
+                    CStr::from_ptr(p.value.cast_mut_ptr())
+                        .to_bytes()
+                        .hash(&mut h);
                 } else if len > 0 {
-                    std::slice::from_raw_parts(p.value.cast_mut_ptr::<u8>(), len as usize).hash(&mut h);
+                    std::slice::from_raw_parts(p.value.cast_mut_ptr::<u8>(), len as usize)
+                        .hash(&mut h);
                 }
             }
         }
@@ -338,7 +368,10 @@ fn charge_error() {
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             charge_error();

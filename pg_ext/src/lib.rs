@@ -41,7 +41,12 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/privileges.sql",
     name = "privileges",
-    requires = [stats::reset, stats::query_stats, slow::slow_queries_reset, nplusone::n_plus_one_reset]
+    requires = [
+        stats::reset,
+        stats::query_stats,
+        slow::slow_queries_reset,
+        nplusone::n_plus_one_reset
+    ]
 );
 
 /// Called by PostgreSQL when it loads `dbopt.so`.
@@ -117,6 +122,33 @@ mod tests {
         }
         let pct = got.expect("the sampler published a CPU figure within 5 s");
         assert!((0.0..=100.0).contains(&pct), "cpu {pct}");
+    }
+
+    #[pg_test]
+    fn nested_statements_are_tracked_when_asked() {
+        Spi::run("SET dbopt.track_nested = on").expect("set");
+        for _ in 0..3 {
+            Spi::run("SELECT 40 + 2").expect("run");
+        }
+        let calls = Spi::get_one::<i64>(
+            "SELECT calls FROM dbopt.query_stats() WHERE NOT toplevel AND query = 'SELECT $1 + $2'",
+        )
+        .expect("spi");
+        assert_eq!(calls, Some(3));
+    }
+
+    #[pg_test]
+    fn metrics_and_table_info_answer() {
+        let text = Spi::get_one::<String>("SELECT dbopt.metrics()")
+            .expect("spi")
+            .expect("text");
+        assert!(
+            text.starts_with("# HELP dbopt_query_duration_seconds"),
+            "{text}"
+        );
+        let max =
+            Spi::get_one::<i64>("SELECT max_statements FROM dbopt.statements_info()").expect("spi");
+        assert_eq!(max, Some(5000));
     }
 
     #[pg_test]

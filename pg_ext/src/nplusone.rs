@@ -8,10 +8,10 @@ use dbopt_querystats::nplusone::{recommendation, Detector, Outcome, Statement};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::gucs;
 use crate::hooks::fingerprint;
 use crate::privilege::{database_name, may_see, role_name, timestamp, HIDDEN};
 use crate::shmem::{self, StatsKey};
-use crate::gucs;
 
 struct Local {
     detector: Detector,
@@ -25,7 +25,10 @@ thread_local! {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Observes one top-level execution.
@@ -39,7 +42,12 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
     }
     // SAFETY: forwarded from the caller; IsTransactionBlock reads backend-local state.
     let (fp, in_block) = unsafe { (fingerprint(qd), pg_sys::IsTransactionBlock()) };
-    let stmt = Statement { query_id: key.queryid, fingerprint: fp, in_transaction_block: in_block, now_ms: now_ms() };
+    let stmt = Statement {
+        query_id: key.queryid,
+        fingerprint: fp,
+        in_transaction_block: in_block,
+        now_ms: now_ms(),
+    };
     let outcome = LOCAL.with(|l| l.borrow_mut().detector.observe(cfg, stmt));
     match outcome {
         Outcome::Nothing => {}
@@ -53,7 +61,11 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             // SAFETY: backend-local GUC variable and clock.
             let (app, at) = unsafe {
                 let p = pg_sys::application_name;
-                let app = if p.is_null() { String::new() } else { std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned() };
+                let app = if p.is_null() {
+                    String::new()
+                } else {
+                    std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+                };
                 (app, pg_sys::GetCurrentTimestamp())
             };
             let id = shmem::push_n1(|r| {
@@ -78,7 +90,14 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             });
         }
         Outcome::Grew(e) => {
-            let id = LOCAL.with(|l| l.borrow().reported.iter().rev().find(|(q, _)| *q == e.query_id).map(|(_, id)| *id));
+            let id = LOCAL.with(|l| {
+                l.borrow()
+                    .reported
+                    .iter()
+                    .rev()
+                    .find(|(q, _)| *q == e.query_id)
+                    .map(|(_, id)| *id)
+            });
             if let Some(id) = id {
                 shmem::update_n1(id, |r| {
                     r.count = e.count;
@@ -116,7 +135,11 @@ fn n_plus_one() -> TableIterator<
     let mut rows = Vec::new();
     shmem::each_n1(|r| {
         let visible = may_see(r.userid);
-        let text = if visible { r.text.get() } else { HIDDEN.to_string() };
+        let text = if visible {
+            r.text.get()
+        } else {
+            HIDDEN.to_string()
+        };
         let parent_text = r.parent_text.get();
         rows.push((
             timestamp(r.at),
@@ -128,7 +151,13 @@ fn n_plus_one() -> TableIterator<
             i64::from(r.count),
             r.last_ms.saturating_sub(r.first_ms) as i64,
             (r.parent_queryid != 0).then_some(r.parent_queryid),
-            (r.parent_queryid != 0).then(|| if visible { parent_text } else { HIDDEN.to_string() }),
+            (r.parent_queryid != 0).then(|| {
+                if visible {
+                    parent_text
+                } else {
+                    HIDDEN.to_string()
+                }
+            }),
             recommendation(if visible { &text } else { "" }, r.count),
         ));
     });

@@ -45,5 +45,7 @@ pub fn database_name(oid: u32) -> String {
 
 /// A TimestampTz as a SQL value (NULL when zero / out of range).
 pub fn timestamp(ts: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
-    (ts != 0).then(|| pgrx::datum::TimestampWithTimeZone::try_from(ts).ok()).flatten()
+    (ts != 0)
+        .then(|| pgrx::datum::TimestampWithTimeZone::try_from(ts).ok())
+        .flatten()
 }

@@ -45,7 +45,13 @@ pub struct StatsKey {
 
 impl StatsKey {
     pub fn new(userid: u32, dbid: u32, queryid: i64, toplevel: bool) -> StatsKey {
-        StatsKey { userid, dbid, queryid, toplevel: u8::from(toplevel), pad: [0; 7] }
+        StatsKey {
+            userid,
+            dbid,
+            queryid,
+            toplevel: u8::from(toplevel),
+            pad: [0; 7],
+        }
     }
 }
 
@@ -166,7 +172,9 @@ static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
 
 fn fixed_size() -> usize {
-    size_of::<Header>() + gucs::slow_query_max() * size_of::<SlowRecord>() + N1_EVENTS * size_of::<N1Record>()
+    size_of::<Header>()
+        + gucs::slow_query_max() * size_of::<SlowRecord>()
+        + N1_EVENTS * size_of::<N1Record>()
 }
 
 /// Shared memory of the statement table, per entry (reported by the overhead benchmark).
@@ -193,7 +201,8 @@ unsafe extern "C-unwind" fn shmem_request() {
         if let Some(prev) = PREV_SHMEM_REQUEST {
             prev();
         }
-        let table = pg_sys::hash_estimate_size(gucs::max_statements() as _, size_of::<StatsEntry>());
+        let table =
+            pg_sys::hash_estimate_size(gucs::max_statements() as _, size_of::<StatsEntry>());
         pg_sys::RequestAddinShmemSpace(fixed_size() + table);
         pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 3);
     }
@@ -210,16 +219,21 @@ unsafe extern "C-unwind" fn shmem_startup() {
         let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
-        let base = pg_sys::ShmemInitStruct(c"dbopt state".as_ptr(), fixed_size(), &mut found).cast::<u8>();
+        let base =
+            pg_sys::ShmemInitStruct(c"dbopt state".as_ptr(), fixed_size(), &mut found).cast::<u8>();
         HEADER = base.cast::<Header>();
         SLOW = base.add(size_of::<Header>()).cast::<SlowRecord>();
-        N1 = base.add(size_of::<Header>() + gucs::slow_query_max() * size_of::<SlowRecord>()).cast::<N1Record>();
+        N1 = base
+            .add(size_of::<Header>() + gucs::slow_query_max() * size_of::<SlowRecord>())
+            .cast::<N1Record>();
         if !found {
             ptr::write_bytes(base, 0, fixed_size());
             (*HEADER).locks = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
             (*HEADER).slow_cap = gucs::slow_query_max();
             (*HEADER).max_statements = gucs::max_statements();
-            (*HEADER).stats_reset.store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
+            (*HEADER)
+                .stats_reset
+                .store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
         }
         let mut info: pg_sys::HASHCTL = std::mem::zeroed();
         info.keysize = size_of::<StatsKey>();
@@ -253,7 +267,11 @@ impl Drop for Locked {
 }
 
 fn lock(which: usize, exclusive: bool) -> Locked {
-    let mode = if exclusive { pg_sys::LWLockMode::LW_EXCLUSIVE } else { pg_sys::LWLockMode::LW_SHARED };
+    let mode = if exclusive {
+        pg_sys::LWLockMode::LW_EXCLUSIVE
+    } else {
+        pg_sys::LWLockMode::LW_SHARED
+    };
     // SAFETY: `ready()` was checked by the caller; the tranche holds three locks.
     unsafe {
         let l = &raw mut (*(*HEADER).locks.add(which)).lock;
@@ -268,7 +286,10 @@ struct Spin<'a>(&'a AtomicU32);
 
 impl<'a> Spin<'a> {
     fn acquire(a: &'a AtomicU32) -> Spin<'a> {
-        while a.compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while a
+            .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             std::hint::spin_loop();
         }
         Spin(a)
@@ -322,7 +343,10 @@ pub fn update(key: &StatsKey, text: impl FnOnce() -> String, f: impl FnOnce(&mut
         let e = &mut *e;
         if !found {
             e.spin = AtomicU32::new(0);
-            e.counters = Counters { first_seen: pg_sys::GetCurrentTimestamp(), ..Counters::default() };
+            e.counters = Counters {
+                first_seen: pg_sys::GetCurrentTimestamp(),
+                ..Counters::default()
+            };
             let mut end = text.len().min(TEXT_MAX);
             while !text.is_char_boundary(end) {
                 end -= 1;
@@ -407,7 +431,11 @@ pub fn snapshot() -> Vec<Snapshot> {
                 e.counters
             };
             let len = (e.text_len as usize).min(TEXT_MAX);
-            out.push(Snapshot { key: e.key, counters, text: String::from_utf8_lossy(&e.text[..len]).into_owned() });
+            out.push(Snapshot {
+                key: e.key,
+                counters,
+                text: String::from_utf8_lossy(&e.text[..len]).into_owned(),
+            });
         }
     }
     out
@@ -451,7 +479,9 @@ pub fn reset_statements() -> usize {
             search(k, pg_sys::HASHACTION::HASH_REMOVE);
         }
         (*HEADER).evictions.store(0, Ordering::Relaxed);
-        (*HEADER).stats_reset.store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
+        (*HEADER)
+            .stats_reset
+            .store(pg_sys::GetCurrentTimestamp(), Ordering::Relaxed);
         keys.len()
     }
 }
@@ -497,9 +527,13 @@ pub fn each_slow(mut f: impl FnMut(&SlowRecord)) {
     // SAFETY: shared ring lock held; slots are only written under the exclusive lock.
     unsafe {
         let cap = (*HEADER).slow_cap;
-        let mut ids: Vec<(u64, usize)> =
-            (0..cap).filter_map(|i| { let id = (*SLOW.add(i)).id; (id != 0).then_some((id, i)) }).collect();
-        ids.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut ids: Vec<(u64, usize)> = (0..cap)
+            .filter_map(|i| {
+                let id = (*SLOW.add(i)).id;
+                (id != 0).then_some((id, i))
+            })
+            .collect();
+        ids.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
         for (_, i) in ids {
             f(&*SLOW.add(i));
         }
@@ -573,9 +607,13 @@ pub fn each_n1(mut f: impl FnMut(&N1Record)) {
     let _l = lock(LOCK_N1, false);
     // SAFETY: shared ring lock held.
     unsafe {
-        let mut ids: Vec<(u64, usize)> =
-            (0..N1_EVENTS).filter_map(|i| { let id = (*N1.add(i)).id; (id != 0).then_some((id, i)) }).collect();
-        ids.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut ids: Vec<(u64, usize)> = (0..N1_EVENTS)
+            .filter_map(|i| {
+                let id = (*N1.add(i)).id;
+                (id != 0).then_some((id, i))
+            })
+            .collect();
+        ids.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
         for (_, i) in ids {
             f(&*N1.add(i));
         }

@@ -8,10 +8,10 @@ use std::ffi::CStr;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
+use crate::gucs;
 use crate::hooks::statement_text;
 use crate::privilege::{database_name, may_see, role_name, timestamp, HIDDEN};
 use crate::shmem::{self, StatsKey, PLAN_MAX};
-use crate::gucs;
 
 /// Asks the executor for per-node timing when slow plans should carry actual rows and times
 /// (`dbopt.slow_query_analyze`), for a `dbopt.slow_query_sample_rate` share of executions.
@@ -24,11 +24,15 @@ pub unsafe fn maybe_instrument(qd: *mut pg_sys::QueryDesc) {
     }
     let rate = gucs::slow_query_sample_rate();
     // SAFETY: PostgreSQL's global PRNG, backend-local state.
-    let sampled = rate >= 1.0 || unsafe { pg_sys::pg_prng_double(&raw mut pg_sys::pg_global_prng_state) } < rate;
+    let sampled = rate >= 1.0
+        || unsafe { pg_sys::pg_prng_double(&raw mut pg_sys::pg_global_prng_state) } < rate;
     if sampled {
         use pg_sys::InstrumentOption::*;
         // SAFETY: the caller passes a QueryDesc that is not started yet.
-        unsafe { (*qd).instrument_options |= (INSTRUMENT_TIMER | INSTRUMENT_ROWS | INSTRUMENT_BUFFERS) as i32 };
+        unsafe {
+            (*qd).instrument_options |=
+                (INSTRUMENT_TIMER | INSTRUMENT_ROWS | INSTRUMENT_BUFFERS) as i32
+        };
     }
 }
 
@@ -49,7 +53,9 @@ unsafe fn explain_json(qd: *mut pg_sys::QueryDesc, analyzed: bool) -> String {
         pg_sys::ExplainBeginOutput(es);
         pg_sys::ExplainPrintPlan(es, qd);
         pg_sys::ExplainEndOutput(es);
-        let text = CStr::from_ptr((*(*es).str_).data).to_string_lossy().into_owned();
+        let text = CStr::from_ptr((*(*es).str_).data)
+            .to_string_lossy()
+            .into_owned();
         // The JSON output is a one-element array around the plan's fields without their own
         // braces ("[ "Plan": … ]"); make it the object it describes, as auto_explain does.
         let trimmed = text.trim();
@@ -73,7 +79,8 @@ fn c_string(p: *const std::ffi::c_char) -> String {
 fn client_addr() -> String {
     // SAFETY: both are ordinary SQL-callable functions of this backend's connection.
     unsafe {
-        let Some(addr) = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::inet_client_addr, &[]) else {
+        let Some(addr) = pgrx::fcinfo::direct_function_call_as_datum(pg_sys::inet_client_addr, &[])
+        else {
             return String::new();
         };
         pgrx::fcinfo::direct_function_call::<&CStr>(pg_sys::inet_out, &[Some(addr)])
@@ -105,10 +112,17 @@ pub fn json_string(s: &str) -> String {
 ///
 /// # Safety
 /// As for [`explain_json`].
-pub unsafe fn capture(qd: *mut pg_sys::QueryDesc, key: &StatsKey, ms: f64, rows: u64, b: &pg_sys::BufferUsage) {
+pub unsafe fn capture(
+    qd: *mut pg_sys::QueryDesc,
+    key: &StatsKey,
+    ms: f64,
+    rows: u64,
+    b: &pg_sys::BufferUsage,
+) {
     // SAFETY: the caller's QueryDesc is valid; globals are backend-local.
     unsafe {
-        let analyzed = (*qd).instrument_options & pg_sys::InstrumentOption::INSTRUMENT_TIMER as i32 != 0;
+        let analyzed =
+            (*qd).instrument_options & pg_sys::InstrumentOption::INSTRUMENT_TIMER as i32 != 0;
         let mut plan = explain_json(qd, analyzed);
         if plan.len() > PLAN_MAX {
             plan = format!("{{\"truncated\": true, \"bytes\": {}}}", plan.len());
@@ -116,7 +130,8 @@ pub unsafe fn capture(qd: *mut pg_sys::QueryDesc, key: &StatsKey, ms: f64, rows:
         let text = if gucs::slow_query_log_parameters() {
             statement_text(qd)
         } else {
-            shmem::text_of(key).unwrap_or_else(|| dbopt_querystats::normalize::normalize(&statement_text(qd)).0)
+            shmem::text_of(key)
+                .unwrap_or_else(|| dbopt_querystats::normalize::normalize(&statement_text(qd)).0)
         };
         let app = c_string(pg_sys::application_name);
         let client = client_addr();
@@ -188,7 +203,11 @@ fn slow_queries() -> TableIterator<
             r.app.get(),
             r.client.get(),
             r.queryid,
-            if visible { r.text.get() } else { HIDDEN.to_string() },
+            if visible {
+                r.text.get()
+            } else {
+                HIDDEN.to_string()
+            },
             r.rows as i64,
             r.shared_blks_hit,
             r.shared_blks_read,
@@ -196,7 +215,9 @@ fn slow_queries() -> TableIterator<
             r.analyzed,
             visible.then(|| {
                 let plan = r.plan.get();
-                pgrx::datum::Json(serde_json::from_str(&plan).unwrap_or(serde_json::Value::String(plan)))
+                pgrx::datum::Json(
+                    serde_json::from_str(&plan).unwrap_or(serde_json::Value::String(plan)),
+                )
             }),
         ));
     });

@@ -53,7 +53,11 @@ fn query_stats() -> TableIterator<
                 pg_sys::Oid::from(s.key.dbid),
                 s.key.toplevel == 1,
                 s.key.queryid,
-                if may_see(s.key.userid) { s.text } else { HIDDEN.to_string() },
+                if may_see(s.key.userid) {
+                    s.text
+                } else {
+                    HIDDEN.to_string()
+                },
                 c.calls as i64,
                 c.errors as i64,
                 c.rows as i64,
@@ -104,5 +108,11 @@ fn statements_info() -> TableIterator<
     ),
 > {
     let (n, max, evictions, reset) = shmem::table_info();
-    TableIterator::once((n as i64, max as i64, evictions as i64, timestamp(reset), shmem::bytes_per_statement() as i64))
+    TableIterator::once((
+        n as i64,
+        max as i64,
+        evictions as i64,
+        timestamp(reset),
+        shmem::bytes_per_statement() as i64,
+    ))
 }

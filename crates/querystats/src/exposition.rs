@@ -15,7 +15,9 @@ fn escape_help(s: &str) -> String {
 }
 
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// A float as Prometheus writes it (`+Inf`, `-Inf`, `NaN`, shortest round-trip otherwise).
@@ -23,7 +25,11 @@ fn number(v: f64) -> String {
     if v.is_nan() {
         "NaN".into()
     } else if v.is_infinite() {
-        if v > 0.0 { "+Inf".into() } else { "-Inf".into() }
+        if v > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        }
     } else {
         format!("{v}")
     }
@@ -63,7 +69,12 @@ impl Exposition {
     }
 
     /// A gauge family with one sample per label set.
-    pub fn gauges(&mut self, name: &str, help: &str, samples: &[(Vec<(&str, &str)>, f64)]) -> &mut Self {
+    pub fn gauges(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: &[(Vec<(&str, &str)>, f64)],
+    ) -> &mut Self {
         self.family(name, "gauge", help);
         for (labels, v) in samples {
             self.sample(name, labels, *v);
@@ -102,16 +113,38 @@ mod tests {
         h.record(120.0);
         let mut e = Exposition::default();
         e.counter("dbopt_queries_total", "Executions.", 2.0)
-            .gauges("dbopt_lag", "Lag \\ with\nnewline.", &[(vec![("node", "a\"b")], 1.5)])
+            .gauges(
+                "dbopt_lag",
+                "Lag \\ with\nnewline.",
+                &[(vec![("node", "a\"b")], 1.5)],
+            )
             .histogram_seconds("dbopt_query_duration_seconds", "Latency.", &h);
         let text = e.finish();
-        assert!(text.contains("# TYPE dbopt_queries_total counter\ndbopt_queries_total 2\n"), "{text}");
-        assert!(text.contains("# HELP dbopt_lag Lag \\\\ with\\nnewline.\n"), "{text}");
+        assert!(
+            text.contains("# TYPE dbopt_queries_total counter\ndbopt_queries_total 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP dbopt_lag Lag \\\\ with\\nnewline.\n"),
+            "{text}"
+        );
         assert!(text.contains("dbopt_lag{node=\"a\\\"b\"} 1.5\n"), "{text}");
-        assert!(text.contains("dbopt_query_duration_seconds_bucket{le=\"0.0005\"} 1\n"), "{text}");
-        assert!(text.contains("dbopt_query_duration_seconds_bucket{le=\"0.25\"} 2\n"), "{text}");
-        assert!(text.contains("dbopt_query_duration_seconds_bucket{le=\"+Inf\"} 2\n"), "{text}");
-        assert!(text.contains("dbopt_query_duration_seconds_count 2\n"), "{text}");
+        assert!(
+            text.contains("dbopt_query_duration_seconds_bucket{le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dbopt_query_duration_seconds_bucket{le=\"0.25\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dbopt_query_duration_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dbopt_query_duration_seconds_count 2\n"),
+            "{text}"
+        );
         assert!(text.ends_with('\n'));
         assert_eq!(number(f64::INFINITY), "+Inf");
         assert_eq!(number(f64::NAN), "NaN");

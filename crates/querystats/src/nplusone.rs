@@ -231,7 +231,9 @@ mod tests {
 /// rewrite to one query, and what a Django developer writes instead of the loop.
 pub fn recommendation(text: &str, count: u32) -> String {
     let single = rewrite_to_any(text);
-    let mut out = format!("{count} executions of one statement with different parameters: fetch them in one query");
+    let mut out = format!(
+        "{count} executions of one statement with different parameters: fetch them in one query"
+    );
     match single {
         Some(q) => out.push_str(&format!(" ({q}, passing the {count} values as one array)")),
         None => out.push_str(" (collect the parameters and use = ANY($1) with an array)"),
@@ -267,9 +269,20 @@ mod recommendation_tests {
 
     #[test]
     fn rewrites_the_filter_and_names_the_orm_fixes() {
-        let r = recommendation("SELECT id, name FROM app_customer WHERE id = $1 LIMIT $2", 50);
-        assert!(r.contains("SELECT id, name FROM app_customer WHERE id = ANY($1) LIMIT $2"), "{r}");
-        assert!(r.contains("select_related") && r.contains("prefetch_related") && r.starts_with("50 executions"), "{r}");
+        let r = recommendation(
+            "SELECT id, name FROM app_customer WHERE id = $1 LIMIT $2",
+            50,
+        );
+        assert!(
+            r.contains("SELECT id, name FROM app_customer WHERE id = ANY($1) LIMIT $2"),
+            "{r}"
+        );
+        assert!(
+            r.contains("select_related")
+                && r.contains("prefetch_related")
+                && r.starts_with("50 executions"),
+            "{r}"
+        );
         let r = recommendation("SELECT now()", 12);
         assert!(r.contains("= ANY($1) with an array"), "{r}");
     }
