@@ -8,7 +8,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::ffi::CStr;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{Hash, Hasher};
 use std::ptr;
 
 use dbopt_querystats::normalize::normalize;
@@ -112,15 +112,15 @@ unsafe fn key_of(qd: *mut pg_sys::QueryDesc) -> Option<StatsKey> {
     }
 }
 
-/// This statement's own text out of the (possibly multi-statement) source string.
+/// This statement's own bytes out of the (possibly multi-statement) source string, borrowed.
 ///
 /// # Safety
-/// `qd` must be a valid QueryDesc.
-pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
+/// `qd` must be a valid QueryDesc; the slice lives as long as the portal's source text.
+unsafe fn statement_bytes<'a>(qd: *mut pg_sys::QueryDesc) -> &'a [u8] {
     // SAFETY: sourceText is a NUL-terminated string owned by the portal for the executor's life.
     unsafe {
         if (*qd).sourceText.is_null() {
-            return String::new();
+            return &[];
         }
         let all = CStr::from_ptr((*qd).sourceText).to_bytes();
         let stmt = (*qd).plannedstmt;
@@ -135,8 +135,17 @@ pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
         } else {
             all.len()
         };
-        String::from_utf8_lossy(&all[start..end]).trim().to_string()
+        all[start..end].trim_ascii()
     }
+}
+
+/// This statement's own text out of the (possibly multi-statement) source string.
+///
+/// # Safety
+/// `qd` must be a valid QueryDesc.
+pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
+    // SAFETY: forwarded from the caller.
+    String::from_utf8_lossy(unsafe { statement_bytes(qd) }).into_owned()
 }
 
 #[pgrx::pg_guard]
@@ -312,15 +321,30 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
     }
 }
 
+/// FNV-1a: a fingerprint only has to tell parameter sets of one statement apart, on every
+/// execution — SipHash's protection against chosen collisions buys nothing here and costs more.
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// A fingerprint of the statement's literal text and bound parameter values.
 ///
 /// # Safety
 /// `qd` must be a valid QueryDesc.
 pub unsafe fn fingerprint(qd: *mut pg_sys::QueryDesc) -> u64 {
-    let mut h = DefaultHasher::new();
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     // SAFETY: sourceText and params belong to the running portal.
     unsafe {
-        statement_text(qd).hash(&mut h);
+        statement_bytes(qd).hash(&mut h);
         let params = (*qd).params;
         if !params.is_null() {
             let n = usize::try_from((*params).numParams).unwrap_or(0);

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
+//! - [`advisor`] — `dbopt.index_advice()`: missing indexes from slow-query plans (+ hypopg).
 //! - [`gucs`] — every `dbopt.*` setting.
 //! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
 //! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
@@ -21,6 +22,7 @@
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+pub mod advisor;
 pub mod gucs;
 pub mod hooks;
 pub mod metrics;
@@ -38,6 +40,7 @@ extension_sql_file!(
     name = "node_status",
     requires = [sampler::host_cpu_percent]
 );
+extension_sql_file!("../../sql/advisor.sql", name = "advisor");
 extension_sql_file!(
     "../../sql/privileges.sql",
     name = "privileges",

@@ -4,7 +4,9 @@
 
 use std::cell::RefCell;
 
-use dbopt_querystats::nplusone::{recommendation, Detector, Outcome, Statement};
+use dbopt_querystats::nplusone::{
+    recommendation, worth_publishing, Detector, Event, Outcome, Statement,
+};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 
@@ -90,27 +92,37 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             });
         }
         Outcome::Grew(e) => {
-            let id = LOCAL.with(|l| {
-                l.borrow()
-                    .reported
-                    .iter()
-                    .rev()
-                    .find(|(q, _)| *q == e.query_id)
-                    .map(|(_, id)| *id)
-            });
-            if let Some(id) = id {
-                shmem::update_n1(id, |r| {
-                    r.count = e.count;
-                    r.last_ms = e.last_ms;
-                });
+            if worth_publishing(e.count) {
+                publish(&e);
             }
         }
     }
 }
 
-/// A transaction ended: bursts scoped to it are over.
+/// Writes a reported burst's current count to its shared record.
+fn publish(e: &Event) {
+    let id = LOCAL.with(|l| {
+        l.borrow()
+            .reported
+            .iter()
+            .rev()
+            .find(|(q, _)| *q == e.query_id)
+            .map(|(_, id)| *id)
+    });
+    if let Some(id) = id {
+        shmem::update_n1(id, |r| {
+            r.count = e.count;
+            r.last_ms = e.last_ms;
+        });
+    }
+}
+
+/// A transaction ended: bursts scoped to it are over; their exact counts are written out.
 pub fn end_transaction() {
-    LOCAL.with(|l| l.borrow_mut().detector.end_transaction());
+    let closed = LOCAL.with(|l| l.borrow_mut().detector.end_transaction());
+    for e in &closed {
+        publish(e);
+    }
 }
 
 /// Detected N+1 bursts, newest first, each with a concrete fix.

@@ -70,6 +70,31 @@ impl PlainPostgres {
         self.dir.join("data").to_string_lossy().into_owned()
     }
 
+    /// Clean restart (`pg_ctl restart -m fast`): what a DBA does for a configuration change.
+    pub fn restart(&self) {
+        let log = self.dir.join("log").to_string_lossy().into_owned();
+        let out = as_postgres(
+            "pg_ctl",
+            &[
+                "restart",
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn connect(&self) -> postgres::Client {
         let dsn = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",

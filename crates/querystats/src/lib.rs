@@ -4,9 +4,11 @@
 //! - [`normalize`] — SQL text with literals replaced by `$n`, the form statistics are shown in.
 //! - [`histogram`] — fixed-bucket latency histogram (constant size, for shared memory) with
 //!   quantiles, plus running mean/stddev.
+//! - [`advice`] — missing-index advice from plans: filters to index columns, coverage checks.
 //! - [`exposition`] — Prometheus text format for `dbopt.metrics()`.
 //! - [`nplusone`] — the per-connection N+1 detector state machine (time is an input).
 
+pub mod advice;
 pub mod exposition;
 pub mod histogram;
 pub mod normalize;

@@ -122,10 +122,25 @@ impl Detector {
         Outcome::Nothing
     }
 
-    /// The transaction block ended (commit or abort): its bursts are over.
-    pub fn end_transaction(&mut self) {
+    /// The transaction block ended (commit or abort): its bursts are over. Returns the final state
+    /// of the bursts that had been reported, so their counts can be written out exactly.
+    pub fn end_transaction(&mut self) -> Vec<Event> {
+        let done = self
+            .groups
+            .iter()
+            .filter(|g| g.in_transaction && g.reported)
+            .map(|g| g.event)
+            .collect();
         self.groups.retain(|g| !g.in_transaction);
+        done
     }
+}
+
+/// Whether a grown burst's count is worth writing to shared memory now: every execution up to 64,
+/// then every 64th (the exact count is written when a transaction ends). A long-running loop thus
+/// costs one shared write per 64 executions instead of one per execution.
+pub fn worth_publishing(count: u32) -> bool {
+    count <= 64 || count.is_multiple_of(64)
 }
 
 #[cfg(test)]
@@ -164,7 +179,9 @@ mod tests {
         }
         let e = detected.expect("detected");
         assert_eq!((e.query_id, e.parent_query_id, e.count), (2, Some(1), 10));
-        d.end_transaction();
+        let closed = d.end_transaction();
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].count, 50, "the exact final count");
         // A new transaction starts a new burst.
         assert_eq!(d.observe(CFG, stmt(2, 999, true, 100)), Outcome::Nothing);
     }
