@@ -318,7 +318,7 @@ unsafe fn load_saved() {
     let well_formed = bytes.len() >= header + 8
         && &bytes[..8] == SAVE_MAGIC
         && u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default()) == size as u64
-        && (bytes.len() - header - 8) % size == 0;
+        && (bytes.len() - header - 8).is_multiple_of(size);
     if !well_formed {
         pgrx::log!("dbopt: ignoring {SAVE_FILE}: not written by this version of dbopt");
         return;
