@@ -10,12 +10,15 @@
 
 use std::collections::BTreeMap;
 
-use dbopt_querystats::advice::{covered, create_statement, filter_columns, seq_scans, Columns};
+use dbopt_querystats::advice::{
+    consolidate, covered, create_statement, filter_columns, seq_scans, Columns,
+};
 use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::shmem;
 
+#[derive(Clone)]
 struct Candidate {
     columns: Columns,
     filters: Vec<String>,
@@ -28,11 +31,14 @@ struct Candidate {
     cost_share: f64,
 }
 
-/// Table size and its usable indexes' columns (`None` for an expression column).
+/// Columns of each usable index of a table, in order (`None` for an expression column).
+type IndexColumns = Vec<Vec<Option<String>>>;
+
+/// Table size (rows) and its usable indexes.
 fn table_info(
     schema: &str,
     table: &str,
-) -> Result<Option<(f64, Vec<Vec<Option<String>>>)>, pgrx::spi::SpiError> {
+) -> Result<Option<(f64, IndexColumns)>, pgrx::spi::SpiError> {
     let (rows, indexes) = Spi::get_two_with_args::<f64, String>(
         "SELECT c.reltuples::float8,
                 coalesce((SELECT json_agg(s.cols)::text FROM (
@@ -47,7 +53,7 @@ fn table_info(
         &[schema.into(), table.into()],
     )?;
     let Some(rows) = rows else { return Ok(None) };
-    let indexes: Vec<Vec<Option<String>>> =
+    let indexes: IndexColumns =
         serde_json::from_str(&indexes.unwrap_or_default()).unwrap_or_default();
     Ok(Some((rows, indexes)))
 }
@@ -101,8 +107,7 @@ fn index_advice() -> Result<
     });
     let min_rows = gucs::advisor_min_rows() as f64;
     let mut candidates: BTreeMap<(String, String, Vec<String>), Candidate> = BTreeMap::new();
-    let mut tables: BTreeMap<(String, String), Option<(f64, Vec<Vec<Option<String>>>)>> =
-        BTreeMap::new();
+    let mut tables: BTreeMap<(String, String), Option<(f64, IndexColumns)>> = BTreeMap::new();
     for (queryid, plan, text) in plans {
         let Ok(plan) = serde_json::from_str::<serde_json::Value>(&plan) else {
             continue;
@@ -166,8 +171,42 @@ fn index_advice() -> Result<
     )?
     .unwrap_or(false);
 
+    // One index for candidates it can serve together (e.g. (a) and (b, a) → (a, b)).
+    let mut by_table: BTreeMap<(String, String), Vec<Candidate>> = BTreeMap::new();
+    for ((schema, table, _), c) in candidates {
+        by_table.entry((schema, table)).or_default().push(c);
+    }
+    let mut merged = Vec::new();
+    for ((schema, table), cands) in by_table {
+        let columns: Vec<Columns> = cands.iter().map(|c| c.columns.clone()).collect();
+        for (cols, served) in consolidate(&columns) {
+            let mut host = Candidate {
+                columns: cols,
+                ..cands[served[0]].clone()
+            };
+            for &i in &served[1..] {
+                let other = &cands[i];
+                for f in &other.filters {
+                    if !host.filters.contains(f) {
+                        host.filters.push(f.clone());
+                    }
+                }
+                for q in &other.queryids {
+                    if !host.queryids.contains(q) {
+                        host.queryids.push(*q);
+                    }
+                }
+                host.scans += other.scans;
+                host.rows_removed += other.rows_removed;
+                host.rows_returned += other.rows_returned;
+                host.cost_share = host.cost_share.max(other.cost_share);
+            }
+            merged.push((schema.clone(), table.clone(), host));
+        }
+    }
+
     let mut rows = Vec::new();
-    for ((schema, table, _), mut c) in candidates {
+    for (schema, table, mut c) in merged {
         if c.columns.range_options.len() > 1 {
             // Most selective range column first, as the planner estimates each condition.
             let qualified = format!("{}.{}", quote(&schema), quote(&table));

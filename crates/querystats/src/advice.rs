@@ -301,6 +301,44 @@ pub fn covered(wanted: &Columns, existing: &[Vec<Option<String>>]) -> bool {
     })
 }
 
+/// Merges candidates on one table that one index can serve together: when a narrower candidate's
+/// equality columns are a subset of a wider one's (and it has no range column of its own), the
+/// wider index is reordered to start with them, and the narrower needs no index of its own.
+/// Returns each kept candidate with the positions of the inputs it now serves (itself included).
+pub fn consolidate(cands: &[Columns]) -> Vec<(Columns, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by_key(|&i| {
+        std::cmp::Reverse(cands[i].equality.len() + usize::from(cands[i].range.is_some()))
+    });
+    // (candidate, inputs served, how many leading equality columns are already promised)
+    let mut kept: Vec<(Columns, Vec<usize>, usize)> = Vec::new();
+    for i in order {
+        let narrow = &cands[i];
+        let host = kept.iter_mut().find(|(wide, _, fixed)| {
+            narrow.range.is_none()
+                && narrow.equality.iter().all(|c| wide.equality.contains(c))
+                && wide.equality[..*fixed]
+                    .iter()
+                    .all(|c| narrow.equality.contains(c))
+        });
+        match host {
+            Some((wide, served, fixed)) => {
+                let mut reordered: Vec<String> = wide.equality[..*fixed].to_vec();
+                for c in narrow.equality.iter().chain(&wide.equality) {
+                    if !reordered.contains(c) {
+                        reordered.push(c.clone());
+                    }
+                }
+                wide.equality = reordered;
+                *fixed = narrow.equality.len().max(*fixed);
+                served.push(i);
+            }
+            None => kept.push((narrow.clone(), vec![i], 0)),
+        }
+    }
+    kept.into_iter().map(|(c, served, _)| (c, served)).collect()
+}
+
 /// `CREATE INDEX CONCURRENTLY ON schema.table (a, b)` with identifiers quoted when they must be.
 pub fn create_statement(schema: &str, table: &str, columns: &[String]) -> String {
     let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
@@ -442,6 +480,33 @@ mod tests {
         let arr = Value::Array(vec![plan]);
         assert_eq!(seq_scans(&arr).len(), 1, "the [ {{Plan}} ] form too");
         assert!(seq_scans(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn one_index_serves_nested_equality_sets() {
+        let a = cols(&["customer_id"], None);
+        let ab = cols(&["region", "customer_id"], None);
+        let other = cols(&["status"], Some("created_at"));
+        let merged = consolidate(&[a.clone(), ab, other.clone()]);
+        let got: Vec<(Vec<String>, Vec<usize>)> = merged
+            .iter()
+            .map(|(c, s)| (c.ordered(), s.clone()))
+            .collect();
+        assert!(
+            got.contains(&(vec!["customer_id".into(), "region".into()], vec![1, 0])),
+            "{got:?}"
+        );
+        assert!(got.contains(&(other.ordered(), vec![2])), "{got:?}");
+        // A range-only candidate is not served by an index that leads with other columns.
+        let merged = consolidate(&[cols(&[], Some("t")), cols(&["a"], Some("t"))]);
+        assert_eq!(merged.len(), 2);
+        // Incompatible prefixes stay apart.
+        let merged = consolidate(&[
+            cols(&["a", "b", "c"], None),
+            cols(&["a"], None),
+            cols(&["b"], None),
+        ]);
+        assert_eq!(merged.len(), 2, "{merged:?}");
     }
 
     #[test]
