@@ -290,7 +290,7 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
         };
         let b = (*t).bufusage;
         let w = (*t).walusage;
-        let now = pg_sys::GetCurrentTimestamp();
+        let now = timestamp_now();
         let text = || normalize(&statement_text(qd)).0;
         shmem::update(key, text, |c| {
             c.calls += 1;
@@ -319,6 +319,16 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             nplusone::observe(qd, key);
         }
     }
+}
+
+/// The current time as a PostgreSQL TimestampTz (µs since 2000-01-01 UTC), read from Rust's
+/// clock: on the per-statement path this saves a guarded call into PostgreSQL.
+fn timestamp_now() -> i64 {
+    const UNIX_TO_PG_EPOCH_US: i64 = 946_684_800_000_000;
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64 - UNIX_TO_PG_EPOCH_US)
+        .unwrap_or(0)
 }
 
 /// FNV-1a: a fingerprint only has to tell parameter sets of one statement apart, on every

@@ -606,140 +606,168 @@ pub fn table_info() -> (usize, usize, u64, i64) {
     }
 }
 
-/// Writes a new slow-query record into the ring (overwriting the oldest); `fill` sets its fields.
-pub fn push_slow(fill: impl FnOnce(&mut SlowRecord)) {
-    if !ready() {
-        return;
+/// A record kept in one of the shared rings; id 0 marks an empty slot.
+pub trait Record {
+    fn id(&self) -> u64;
+    fn set_id(&mut self, id: u64);
+}
+
+impl Record for SlowRecord {
+    fn id(&self) -> u64 {
+        self.id
     }
-    let _l = lock(LOCK_SLOW, true);
-    // SAFETY: exclusive ring lock held; the slot index is within the ring.
-    unsafe {
-        let id = (*HEADER).slow_next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = &mut *SLOW.add((id as usize) % (*HEADER).slow_cap);
-        fill(slot);
-        slot.id = id;
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
     }
 }
 
-/// Reads every slow-query record (newest first) through `f`.
-pub fn each_slow(mut f: impl FnMut(&SlowRecord)) {
-    if !ready() {
-        return;
+impl Record for N1Record {
+    fn id(&self) -> u64 {
+        self.id
     }
-    let _l = lock(LOCK_SLOW, false);
-    // SAFETY: shared ring lock held; slots are only written under the exclusive lock.
-    unsafe {
-        let cap = (*HEADER).slow_cap;
-        let mut ids: Vec<(u64, usize)> = (0..cap)
-            .filter_map(|i| {
-                let id = (*SLOW.add(i)).id;
-                (id != 0).then_some((id, i))
-            })
-            .collect();
-        ids.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
-        for (_, i) in ids {
-            f(&*SLOW.add(i));
+    fn set_id(&mut self, id: u64) {
+        self.id = id;
+    }
+}
+
+/// One shared ring: its slots, their number, its id counter and the lock that guards it.
+/// Record `id` lives in slot `id % cap`; ids only grow, so a slot's id tells whether it still
+/// holds a given record.
+struct Ring<T: 'static> {
+    slots: *mut T,
+    cap: usize,
+    next_id: &'static AtomicU64,
+    lock: usize,
+}
+
+fn slow_ring() -> Option<Ring<SlowRecord>> {
+    // SAFETY: pointers set at startup; the header lives for the whole server life.
+    ready().then(|| unsafe {
+        Ring {
+            slots: SLOW,
+            cap: (*HEADER).slow_cap,
+            next_id: &(*HEADER).slow_next_id,
+            lock: LOCK_SLOW,
+        }
+    })
+}
+
+fn n1_ring() -> Option<Ring<N1Record>> {
+    // SAFETY: as for `slow_ring`.
+    ready().then(|| unsafe {
+        Ring {
+            slots: N1,
+            cap: N1_EVENTS,
+            next_id: &(*HEADER).n1_next_id,
+            lock: LOCK_N1,
+        }
+    })
+}
+
+impl<T: Record> Ring<T> {
+    /// Writes a new record over the oldest slot; returns its id.
+    fn push(&self, fill: impl FnOnce(&mut T)) -> u64 {
+        let _l = lock(self.lock, true);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        // SAFETY: exclusive ring lock held; the index is below the ring's capacity.
+        let slot = unsafe { &mut *self.slots.add((id as usize) % self.cap) };
+        fill(slot);
+        slot.set_id(id);
+        id
+    }
+
+    /// Changes record `id` if the ring still holds it.
+    fn update(&self, id: u64, f: impl FnOnce(&mut T)) {
+        let _l = lock(self.lock, true);
+        // SAFETY: exclusive ring lock held.
+        let slot = unsafe { &mut *self.slots.add((id as usize) % self.cap) };
+        if slot.id() == id {
+            f(slot);
         }
     }
-}
 
-/// Total slow queries captured since start (including those the ring no longer holds).
-pub fn slow_total() -> u64 {
-    if !ready() {
-        return 0;
+    /// Every record, newest first.
+    fn each(&self, mut f: impl FnMut(&T)) {
+        let _l = lock(self.lock, false);
+        // SAFETY: shared ring lock held; slots are only written under the exclusive lock.
+        unsafe {
+            let mut ids: Vec<(u64, usize)> = (0..self.cap)
+                .filter_map(|i| {
+                    let id = (*self.slots.add(i)).id();
+                    (id != 0).then_some((id, i))
+                })
+                .collect();
+            ids.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
+            for (_, i) in ids {
+                f(&*self.slots.add(i));
+            }
+        }
     }
-    // SAFETY: atomic read of a header field.
-    unsafe { (*HEADER).slow_next_id.load(Ordering::Relaxed) }
-}
 
-pub fn reset_slow() -> usize {
-    if !ready() {
-        return 0;
-    }
-    let _l = lock(LOCK_SLOW, true);
-    // SAFETY: exclusive ring lock held.
-    unsafe {
+    /// Empties the ring; returns how many records it held.
+    fn reset(&self) -> usize {
+        let _l = lock(self.lock, true);
         let mut n = 0;
-        for i in 0..(*HEADER).slow_cap {
-            let r = &mut *SLOW.add(i);
-            if r.id != 0 {
+        for i in 0..self.cap {
+            // SAFETY: exclusive ring lock held.
+            let r = unsafe { &mut *self.slots.add(i) };
+            if r.id() != 0 {
                 n += 1;
-                r.id = 0;
+                r.set_id(0);
             }
         }
         n
     }
 }
 
-/// Appends an N+1 event; returns its id (to update its count later).
+/// Keeps a slow execution (overwriting the oldest); `fill` sets its fields.
+pub fn push_slow(fill: impl FnOnce(&mut SlowRecord)) {
+    if let Some(r) = slow_ring() {
+        r.push(fill);
+    }
+}
+
+/// Every slow-query record, newest first.
+pub fn each_slow(f: impl FnMut(&SlowRecord)) {
+    if let Some(r) = slow_ring() {
+        r.each(f);
+    }
+}
+
+/// Slow queries captured since start (including those the ring no longer holds).
+pub fn slow_total() -> u64 {
+    slow_ring().map_or(0, |r| r.next_id.load(Ordering::Relaxed))
+}
+
+pub fn reset_slow() -> usize {
+    slow_ring().map_or(0, |r| r.reset())
+}
+
+/// Keeps an N+1 event; returns its id (to update its count later).
 pub fn push_n1(fill: impl FnOnce(&mut N1Record)) -> u64 {
-    if !ready() {
-        return 0;
-    }
-    let _l = lock(LOCK_N1, true);
-    // SAFETY: exclusive ring lock held.
-    unsafe {
-        let id = (*HEADER).n1_next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = &mut *N1.add((id as usize) % N1_EVENTS);
-        fill(slot);
-        slot.id = id;
-        id
-    }
+    n1_ring().map_or(0, |r| r.push(fill))
 }
 
-/// Updates the event `id` if the ring still holds it.
+/// Updates event `id` if the ring still holds it.
 pub fn update_n1(id: u64, f: impl FnOnce(&mut N1Record)) {
-    if !ready() || id == 0 {
-        return;
-    }
-    let _l = lock(LOCK_N1, true);
-    // SAFETY: exclusive ring lock held.
-    unsafe {
-        let slot = &mut *N1.add((id as usize) % N1_EVENTS);
-        if slot.id == id {
-            f(slot);
-        }
+    if let Some(r) = n1_ring().filter(|_| id != 0) {
+        r.update(id, f);
     }
 }
 
-/// Reads every N+1 event (newest first) through `f`.
-pub fn each_n1(mut f: impl FnMut(&N1Record)) {
-    if !ready() {
-        return;
-    }
-    let _l = lock(LOCK_N1, false);
-    // SAFETY: shared ring lock held.
-    unsafe {
-        let mut ids: Vec<(u64, usize)> = (0..N1_EVENTS)
-            .filter_map(|i| {
-                let id = (*N1.add(i)).id;
-                (id != 0).then_some((id, i))
-            })
-            .collect();
-        ids.sort_unstable_by_key(|(id, _)| std::cmp::Reverse(*id));
-        for (_, i) in ids {
-            f(&*N1.add(i));
-        }
+/// Every N+1 event, newest first.
+pub fn each_n1(f: impl FnMut(&N1Record)) {
+    if let Some(r) = n1_ring() {
+        r.each(f);
     }
 }
 
 pub fn n1_total() -> u64 {
-    if !ready() {
-        return 0;
-    }
-    // SAFETY: atomic read of a header field.
-    unsafe { (*HEADER).n1_next_id.load(Ordering::Relaxed) }
+    n1_ring().map_or(0, |r| r.next_id.load(Ordering::Relaxed))
 }
 
 pub fn reset_n1() {
-    if !ready() {
-        return;
-    }
-    let _l = lock(LOCK_N1, true);
-    // SAFETY: exclusive ring lock held.
-    unsafe {
-        for i in 0..N1_EVENTS {
-            (*N1.add(i)).id = 0;
-        }
+    if let Some(r) = n1_ring() {
+        r.reset();
     }
 }

@@ -116,3 +116,20 @@ impl Drop for RedisServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A command from its words (`["DBOPT.RL.HIT", "k", "10", "1000"]`).
+pub fn command(words: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(words[0]);
+    for w in &words[1..] {
+        cmd.arg(*w);
+    }
+    cmd
+}
+
+/// The error a command must fail with (panics when it succeeds).
+pub fn error_of(c: &mut redis::Connection, words: &[&str]) -> String {
+    match command(words).query::<redis::Value>(c) {
+        Err(e) => e.to_string(),
+        Ok(v) => panic!("{words:?} should fail, got {v:?}"),
+    }
+}

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dbopt_e2e::e2e_port;
-use dbopt_e2e::redis_server::RedisServer;
+use dbopt_e2e::redis_server::{error_of, RedisServer};
 use dbopt_e2e::wait_for;
 
 fn set(
@@ -499,14 +499,7 @@ fn bad_input_gets_precise_errors_and_changes_nothing() {
         (&["DBOPT.STATS", "x"], "wrong number of arguments"),
     ];
     for (args, want) in cases {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        let e = cmd
-            .query::<redis::Value>(&mut c)
-            .expect_err("must fail")
-            .to_string();
+        let e = error_of(&mut c, &args[..]);
         assert!(e.contains(want), "{args:?}: got {e:?}, want {want:?}");
     }
     let long_tag = "t".repeat(2000);
@@ -592,14 +585,7 @@ fn keys_are_declared_for_redis_cluster() {
         vec!["DBOPT.TAG.TOKEN", "{u1}:t:a", "{u2}:t"],
         vec!["DBOPT.CACHE.DEL", "{u1}:page", "{u2}:page"],
     ] {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        let e = cmd
-            .query::<redis::Value>(&mut c)
-            .expect_err("cross-slot")
-            .to_string();
+        let e = error_of(&mut c, &args[..]);
         assert!(e.to_lowercase().contains("crossslot"), "{args:?}: {e}");
     }
     assert_eq!(get(&mut c, "{u1}:page").as_deref(), Some("v"));

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use dbopt_e2e::e2e_port;
-use dbopt_e2e::redis_server::RedisServer;
+use dbopt_e2e::redis_server::{error_of as error, RedisServer};
 use dbopt_e2e::wait_for;
 
 fn hit(c: &mut redis::Connection, key: &str, limit: u64, window: u64, cost: u64) -> Vec<i64> {
@@ -16,17 +16,6 @@ fn hit(c: &mut redis::Connection, key: &str, limit: u64, window: u64, cost: u64)
         .arg(cost)
         .query(c)
         .expect("hit")
-}
-
-fn error(c: &mut redis::Connection, args: &[&str]) -> String {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
-    match cmd.query::<redis::Value>(c) {
-        Err(e) => e.to_string(),
-        Ok(v) => panic!("{args:?} should fail, got {v:?}"),
-    }
 }
 
 #[test]
