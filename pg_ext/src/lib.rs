@@ -3,6 +3,7 @@
 //! # Layout
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
 //! - [`advisor`] — `dbopt.index_advice()`: missing indexes from slow-query plans (+ hypopg).
+//! - [`fast_ffi`] — unguarded calls to a few never-erroring PostgreSQL functions (hot path).
 //! - [`gucs`] — every `dbopt.*` setting.
 //! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
 //! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
@@ -23,6 +24,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod advisor;
+pub mod fast_ffi;
 pub mod gucs;
 pub mod hooks;
 pub mod metrics;

@@ -26,29 +26,22 @@ thread_local! {
     static LOCAL: RefCell<Local> = RefCell::new(Local { detector: Detector::default(), reported: Vec::new() });
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Observes one top-level execution.
 ///
 /// # Safety
 /// `qd` must be the executor's valid QueryDesc.
-pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
+pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
     let cfg = gucs::n_plus_one();
     if cfg.threshold == 0 {
         return;
     }
     // SAFETY: forwarded from the caller; IsTransactionBlock reads backend-local state.
-    let (fp, in_block) = unsafe { (fingerprint(qd), pg_sys::IsTransactionBlock()) };
+    let (fp, in_block) = unsafe { (fingerprint(qd), crate::fast_ffi::IsTransactionBlock()) };
     let stmt = Statement {
         query_id: key.queryid,
         fingerprint: fp,
         in_transaction_block: in_block,
-        now_ms: now_ms(),
+        now_ms,
     };
     let outcome = LOCAL.with(|l| l.borrow_mut().detector.observe(cfg, stmt));
     match outcome {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use dbopt_querystats::histogram::Histogram;
 use pgrx::pg_sys;
 
-use crate::gucs;
+use crate::{fast_ffi, gucs};
 
 /// Longest statement text kept per statement (bytes; longer texts are cut at a character boundary).
 pub const TEXT_MAX: usize = 2048;
@@ -365,7 +365,7 @@ pub struct Locked(*mut pg_sys::LWLock);
 impl Drop for Locked {
     fn drop(&mut self) {
         // SAFETY: the lock was acquired by `lock` in this process.
-        unsafe { pg_sys::LWLockRelease(self.0) };
+        unsafe { fast_ffi::LWLockRelease(self.0) };
     }
 }
 
@@ -378,7 +378,7 @@ fn lock(which: usize, exclusive: bool) -> Locked {
     // SAFETY: `ready()` was checked by the caller; the tranche holds three locks.
     unsafe {
         let l = &raw mut (*(*HEADER).locks.add(which)).lock;
-        pg_sys::LWLockAcquire(l, mode);
+        fast_ffi::LWLockAcquire(l, mode);
         Locked(l)
     }
 }
@@ -410,7 +410,7 @@ impl Drop for Spin<'_> {
 unsafe fn search(key: &StatsKey, action: pg_sys::HASHACTION::Type) -> (*mut StatsEntry, bool) {
     let mut found = false;
     // SAFETY: HTAB is the table made at startup; the key is a plain byte blob.
-    let e = unsafe { pg_sys::hash_search(HTAB, ptr::from_ref(key).cast(), action, &mut found) };
+    let e = unsafe { fast_ffi::hash_search(HTAB, ptr::from_ref(key).cast(), action, &mut found) };
     (e.cast::<StatsEntry>(), found)
 }
 
