@@ -455,3 +455,35 @@ fn statistics_survive_a_clean_restart() {
         .get(0);
     assert_eq!(calls, 7);
 }
+
+#[test]
+fn errors_caught_inside_functions_keep_the_nesting_right() {
+    let (_pg, mut c) = server(89, &[]);
+    c.batch_execute(
+        "CREATE FUNCTION swallow() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+             BEGIN
+                 PERFORM 1 / (SELECT 0);
+             EXCEPTION WHEN division_by_zero THEN NULL;
+             END;
+             RETURN 1;
+         END $$",
+    )
+    .expect("function");
+    for _ in 0..3 {
+        c.batch_execute("SELECT swallow()").expect("the error is caught inside");
+    }
+    c.batch_execute("SELECT 42 AS after_swallow").expect("next statement");
+    let rows = c
+        .query(
+            "SELECT query, calls, errors FROM dbopt.query_stats WHERE toplevel AND query IN ('SELECT swallow()', 'SELECT $1 AS after_swallow') ORDER BY query",
+            &[],
+        )
+        .expect("stats");
+    let got: Vec<(String, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    assert_eq!(
+        got,
+        vec![("SELECT $1 AS after_swallow".to_string(), 1, 0), ("SELECT swallow()".to_string(), 3, 0)],
+        "a caught inner error neither fails the outer statement nor leaves later statements nested"
+    );
+}
