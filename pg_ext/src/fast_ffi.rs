@@ -10,6 +10,12 @@
 //! - `hash_search` with `HASH_FIND`/`HASH_ENTER_NULL`/`HASH_REMOVE` on a shared table: the
 //!   `_NULL` form returns NULL instead of raising when memory runs out.
 //! - `InstrEndLoop` on the statement's own total-time instrument, which is never running then.
+//!
+//! `standard_ExecutorRun`/`standard_ExecutorFinish` *can* raise any query error. dbopt's Run and
+//! Finish hooks call them directly anyway: those hooks only count the nesting level, their frames
+//! hold nothing that needs cleaning up (so a longjmp over them is harmless, as over a C frame), and
+//! the level they would have restored is reset by the (sub)transaction-abort callbacks — the
+//! equivalent of pg_stat_statements' PG_FINALLY. See `hooks.rs`.
 
 use pgrx::pg_sys;
 
@@ -26,4 +32,11 @@ extern "C-unwind" {
         found: *mut bool,
     ) -> *mut std::ffi::c_void;
     pub fn InstrEndLoop(instr: *mut pg_sys::Instrumentation);
+    pub fn standard_ExecutorRun(
+        qd: *mut pg_sys::QueryDesc,
+        direction: pg_sys::ScanDirection::Type,
+        count: u64,
+        execute_once: bool,
+    );
+    pub fn standard_ExecutorFinish(qd: *mut pg_sys::QueryDesc);
 }

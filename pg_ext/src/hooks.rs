@@ -34,6 +34,9 @@ struct Local {
     known: RefCell<HashSet<StatsKey, BuildHasherDefault<Fnv>>>,
     /// The last of them: ORM and benchmark loops repeat one statement, so this is the usual hit.
     last_known: Cell<Option<StatsKey>>,
+    /// The nesting level at the start of each open subtransaction, innermost last: an error caught
+    /// by a PL/pgSQL EXCEPTION block rolls its subtransaction back, and the level returns to this.
+    sub_levels: RefCell<Vec<i32>>,
 }
 
 thread_local! {
@@ -42,6 +45,7 @@ thread_local! {
         current: Cell::new(None),
         known: RefCell::new(HashSet::default()),
         last_known: Cell::new(None),
+        sub_levels: RefCell::new(Vec::new()),
     };
 }
 
@@ -195,33 +199,42 @@ unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i
     }
 }
 
-#[pgrx::pg_guard]
+/// Moves the nesting level by `delta` (never below 0). Must not panic: the Run and Finish hooks
+/// that call it have no guard.
+fn shift_nesting(delta: i32) {
+    let _ = LOCAL.try_with(|l| l.nesting.set((l.nesting.get() + delta).max(0)));
+}
+
+// The Run and Finish hooks only count the nesting level, on every statement, so they run without
+// pgrx's guard (see `fast_ffi`): if the executor raises an error, the decrement below is skipped
+// and the (sub)transaction-abort callbacks put the level back.
 unsafe extern "C-unwind" fn executor_run(
     qd: *mut pg_sys::QueryDesc,
     direction: pg_sys::ScanDirection::Type,
     count: u64,
     execute_once: bool,
 ) {
-    let _nested = Nested::enter();
-    // SAFETY: chaining with PostgreSQL's own arguments.
+    shift_nesting(1);
+    // SAFETY: chaining with PostgreSQL's own arguments; this frame owns nothing to clean up.
     unsafe {
         match PREV_RUN {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, direction, count, execute_once)),
-            None => pg_sys::standard_ExecutorRun(qd, direction, count, execute_once),
+            Some(prev) => prev(qd, direction, count, execute_once),
+            None => fast_ffi::standard_ExecutorRun(qd, direction, count, execute_once),
         }
     }
+    shift_nesting(-1);
 }
 
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
-    let _nested = Nested::enter();
-    // SAFETY: chaining with PostgreSQL's own arguments.
+    shift_nesting(1);
+    // SAFETY: as for `executor_run`.
     unsafe {
         match PREV_FINISH {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorFinish(qd),
+            Some(prev) => prev(qd),
+            None => fast_ffi::standard_ExecutorFinish(qd),
         }
     }
+    shift_nesting(-1);
 }
 
 #[pgrx::pg_guard]
@@ -432,10 +445,14 @@ unsafe extern "C-unwind" fn xact_callback(
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             charge_error();
-            LOCAL.with(|l| l.nesting.set(0));
+            LOCAL.with(|l| {
+                l.nesting.set(0);
+                l.sub_levels.borrow_mut().clear();
+            });
             nplusone::end_transaction();
         }
         pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
+            LOCAL.with(|l| l.sub_levels.borrow_mut().clear());
             nplusone::end_transaction();
         }
         _ => {}
@@ -449,10 +466,26 @@ unsafe extern "C-unwind" fn subxact_callback(
     _parent: pg_sys::SubTransactionId,
     _arg: *mut std::ffi::c_void,
 ) {
-    // A top-level statement failed inside a savepoint (nesting is back to 0 once its frames
-    // unwound). A nested statement caught by a PL/pgSQL EXCEPTION block leaves nesting above 0:
-    // that is not the top-level statement's failure.
-    if event == pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB && nesting() == 0 {
-        charge_error();
+    match event {
+        pg_sys::SubXactEvent::SUBXACT_EVENT_START_SUB => {
+            LOCAL.with(|l| l.sub_levels.borrow_mut().push(l.nesting.get()));
+        }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_COMMIT_SUB => {
+            LOCAL.with(|l| l.sub_levels.borrow_mut().pop());
+        }
+        pg_sys::SubXactEvent::SUBXACT_EVENT_ABORT_SUB => {
+            // Back to the level the subtransaction started at. If that is 0, a top-level statement
+            // failed inside a savepoint: count it. Otherwise a nested statement failed and was
+            // caught (PL/pgSQL EXCEPTION): not the top-level statement's failure.
+            let at = LOCAL.with(|l| {
+                let at = l.sub_levels.borrow_mut().pop().unwrap_or(0);
+                l.nesting.set(at);
+                at
+            });
+            if at == 0 {
+                charge_error();
+            }
+        }
+        _ => {}
     }
 }

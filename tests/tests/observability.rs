@@ -471,19 +471,27 @@ fn errors_caught_inside_functions_keep_the_nesting_right() {
     )
     .expect("function");
     for _ in 0..3 {
-        c.batch_execute("SELECT swallow()").expect("the error is caught inside");
+        c.batch_execute("SELECT swallow()")
+            .expect("the error is caught inside");
     }
-    c.batch_execute("SELECT 42 AS after_swallow").expect("next statement");
+    c.batch_execute("SELECT 42 AS after_swallow")
+        .expect("next statement");
     let rows = c
         .query(
             "SELECT query, calls, errors FROM dbopt.query_stats WHERE toplevel AND query IN ('SELECT swallow()', 'SELECT $1 AS after_swallow') ORDER BY query",
             &[],
         )
         .expect("stats");
-    let got: Vec<(String, i64, i64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let got: Vec<(String, i64, i64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(
         got,
-        vec![("SELECT $1 AS after_swallow".to_string(), 1, 0), ("SELECT swallow()".to_string(), 3, 0)],
+        vec![
+            ("SELECT $1 AS after_swallow".to_string(), 1, 0),
+            ("SELECT swallow()".to_string(), 3, 0)
+        ],
         "a caught inner error neither fails the outer statement nor leaves later statements nested"
     );
 }
