@@ -61,13 +61,14 @@ fn reply(d: Decision) -> RedisValue {
     ])
 }
 
-/// A stored state for `window_ms`, a fresh one when the key is empty or was made for another window.
-fn state(bytes: Option<&[u8]>, window_ms: u64, now: u64) -> Result<Window, RedisError> {
+/// A stored state for `window_ms` (`true`), or a fresh one (`false`) when the key is empty or was
+/// made for another window.
+fn state(bytes: Option<&[u8]>, window_ms: u64, now: u64) -> Result<(Window, bool), RedisError> {
     match bytes {
-        None => Ok(Window::new(window_ms, now)),
+        None => Ok((Window::new(window_ms, now), false)),
         Some(b) => match Window::decode(b) {
-            Ok(w) if w.window_ms() == window_ms => Ok(w),
-            Ok(_) => Ok(Window::new(window_ms, now)),
+            Ok(w) if w.window_ms() == window_ms => Ok((w, true)),
+            Ok(_) => Ok((Window::new(window_ms, now), false)),
             Err(_) => Err(wrong_type(WHAT)),
         },
     }
@@ -77,14 +78,19 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let req = parse(&args)?;
     let now = store::now_ms();
     let key = ctx.open_key_writable(&args[1]);
-    let mut window = match key.key_type() {
+    let (mut window, stored) = match key.key_type() {
         KeyType::Empty => state(None, req.window_ms, now)?,
         // Decoded straight from the stored bytes (no copy).
         KeyType::String => state(Some(&key.as_string_dma()?), req.window_ms, now)?,
         _ => return Err(wrong_type(WHAT)),
     };
+    let keeps_expiry = stored && window.admission_keeps_reset_time(now);
     let decision = window.hit(now, req.limit, req.cost);
-    if decision.allowed {
+    if decision.allowed && keeps_expiry {
+        RL_ALLOWED.incr();
+        // Same sub-bucket as the last admission: same reset time, same expiry; rewrite in place.
+        store::overwrite_keep_ttl(ctx, &args[1], &key, &window.encode())?;
+    } else if decision.allowed {
         RL_ALLOWED.incr();
         // Only an admission changes what is counted; a denial leaves the key as it was.
         store::put(
@@ -106,8 +112,8 @@ pub fn peek(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let now = store::now_ms();
     let key = ctx.open_key(&args[1]);
     let window = match store::read(&key)? {
-        Held::Nothing => state(None, req.window_ms, now)?,
-        Held::Bytes(b) => state(Some(b), req.window_ms, now)?,
+        Held::Nothing => state(None, req.window_ms, now)?.0,
+        Held::Bytes(b) => state(Some(b), req.window_ms, now)?.0,
         Held::OtherType => return Err(wrong_type(WHAT)),
     };
     Ok(reply(window.peek(now, req.limit, req.cost)))

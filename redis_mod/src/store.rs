@@ -89,6 +89,19 @@ pub fn put(
     Ok(())
 }
 
+/// Overwrites an existing value of the same length in place, keeping the key's expiry, and
+/// replicates exactly that (`SET … KEEPTTL`: the replica's expiry was set by the same earlier write).
+pub fn overwrite_keep_ttl(
+    ctx: &Context,
+    name: &RedisString,
+    key: &RedisKeyWritable,
+    value: &[u8],
+) -> Result<(), RedisError> {
+    key.as_string_dma()?.write(value)?;
+    ctx.replicate("SET", &[name.as_slice(), value, b"KEEPTTL"][..]);
+    Ok(())
+}
+
 /// Deletes keys (already opened for writing) and replicates one `DEL` naming them.
 pub fn delete(ctx: &Context, deleted: &[(&[u8], RedisKeyWritable)]) -> Result<(), RedisError> {
     if deleted.is_empty() {

@@ -187,6 +187,15 @@ impl Window {
         self.decide(t, limit, cost, allowed)
     }
 
+    /// Whether admitting units at `now_ms` leaves the reset time (and so the key's expiry) as it
+    /// is: the current sub-bucket already holds units, so the newest counted sub-bucket — which
+    /// sets the reset time — does not change. The Redis module then skips re-setting the expiry.
+    pub fn admission_keeps_reset_time(&self, now_ms: u64) -> bool {
+        let b = self.bucket();
+        let t = self.effective(now_ms);
+        self.last_ms / b == t / b && self.counts[((t / b) % SLOTS as u64) as usize] > 0
+    }
+
     /// What [`Window::hit`] would answer, without admitting anything.
     pub fn peek(&self, now_ms: u64, limit: u64, cost: u64) -> Decision {
         let t = self.effective(now_ms);

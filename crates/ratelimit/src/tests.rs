@@ -245,3 +245,27 @@ fn huge_limits_and_windows_do_not_overflow() {
     assert!(!d.allowed);
     assert!(d.retry_after_ms > 0);
 }
+
+#[test]
+fn the_reset_time_only_moves_when_a_new_sub_bucket_starts() {
+    let mut rng = Rng(0xA5A5_5A5A_1234_5678);
+    for _ in 0..200 {
+        let window = 1 + rng.below(5000);
+        let limit = 1 + rng.below(50);
+        let mut w = Window::new(window, 0);
+        let mut t = 0;
+        let mut reset_at: Option<u64> = None;
+        for _ in 0..200 {
+            t += rng.below(window / 8 + 2);
+            let keeps = w.admission_keeps_reset_time(t);
+            let d = w.hit(t, limit, 1);
+            if d.allowed {
+                let now_reset = t + d.reset_after_ms;
+                if keeps {
+                    assert_eq!(Some(now_reset), reset_at, "predicted unchanged at {t}");
+                }
+                reset_at = Some(now_reset);
+            }
+        }
+    }
+}
