@@ -276,7 +276,7 @@ mod tests {
         };
         assert_eq!(decode_generation(&encode_generation(zero)), Err(Foreign));
         assert_eq!(decode_generation(b"DCT1short"), Err(Foreign));
-        assert_eq!(decode_generation(b"XXXX1234567812345678"), Err(Foreign));
+        assert_eq!(decode_generation(b"ABCD1234567812345678"), Err(Foreign));
     }
 
     #[test]
