@@ -16,7 +16,7 @@ use dbopt_querystats::advice::{
 use pgrx::prelude::*;
 
 use crate::gucs;
-use crate::shmem;
+use crate::{read_spi, shmem};
 
 #[derive(Clone)]
 struct Candidate {
@@ -39,7 +39,7 @@ fn table_info(
     schema: &str,
     table: &str,
 ) -> Result<Option<(f64, IndexColumns)>, pgrx::spi::SpiError> {
-    let (rows, indexes) = Spi::get_two_with_args::<f64, String>(
+    let (rows, indexes) = read_spi::two::<f64, String>(
         "SELECT c.reltuples::float8,
                 coalesce((SELECT json_agg(s.cols)::text FROM (
                     SELECT array_agg(a.attname::text ORDER BY k.ord) AS cols
@@ -166,8 +166,9 @@ fn index_advice() -> Result<
             *m.entry(s.key.queryid).or_insert(0.0) += s.counters.exec.total_ms;
             m
         });
-    let hypopg = Spi::get_one::<bool>(
+    let hypopg = read_spi::one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hypopg')",
+        &[],
     )?
     .unwrap_or(false);
 
@@ -213,7 +214,7 @@ fn index_advice() -> Result<
             let mut estimates = Vec::new();
             for cond in &c.columns.range_conditions {
                 estimates.push(
-                    Spi::get_one_with_args::<f64>(
+                    read_spi::one::<f64>(
                         "SELECT dbopt._estimated_rows($1, $2)",
                         &[qualified.as_str().into(), cond.as_str().into()],
                     )?
@@ -229,7 +230,7 @@ fn index_advice() -> Result<
             for variant in c.columns.variants() {
                 let hypothetical = create_statement(&schema, &table, &variant.ordered())
                     .replace(" CONCURRENTLY", "");
-                let (b, a) = Spi::get_two_with_args::<f64, f64>(
+                let (b, a) = read_spi::two::<f64, f64>(
                     "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3)",
                     &[
                         c.query.as_str().into(),

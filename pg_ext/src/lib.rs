@@ -11,6 +11,7 @@
 //! - [`slow`] — slow queries with plans: `dbopt.slow_queries()`.
 //! - [`nplusone`] — N+1 bursts: `dbopt.n_plus_one()`.
 //! - [`metrics`] — `dbopt.metrics()`, Prometheus text.
+//! - [`read_spi`] — read-only SPI (works on replicas, unlike pgrx's `Spi::get_*`).
 //! - [`privilege`] — who may see other users' texts.
 //! - [`sampler`] — the background worker that samples host CPU from `/proc/stat` into shared memory,
 //!   and `dbopt.host_cpu_percent()` that reads it.
@@ -30,6 +31,7 @@ pub mod hooks;
 pub mod metrics;
 pub mod nplusone;
 pub mod privilege;
+pub mod read_spi;
 pub mod sampler;
 pub mod shmem;
 pub mod slow;

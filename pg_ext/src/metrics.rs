@@ -5,7 +5,7 @@ use dbopt_querystats::exposition::Exposition;
 use dbopt_querystats::histogram::Histogram;
 use pgrx::prelude::*;
 
-use crate::shmem;
+use crate::{read_spi, shmem};
 
 #[pg_extern(volatile, parallel_safe)]
 fn metrics() -> Result<String, pgrx::spi::SpiError> {
@@ -17,11 +17,13 @@ fn metrics() -> Result<String, pgrx::spi::SpiError> {
         rows += s.counters.rows;
     }
     let (statements, max, evictions, _) = shmem::table_info();
-    let (primary, lag_s) = Spi::get_two::<bool, f64>(
+    let (primary, lag_s) = read_spi::two::<bool, f64>(
         "SELECT role = 'primary', replay_lag_s FROM dbopt.node_status()",
+        &[],
     )?;
-    let (lag_bytes, cpu) = Spi::get_two::<f64, f64>(
+    let (lag_bytes, cpu) = read_spi::two::<f64, f64>(
         "SELECT replay_lag_bytes::float8, cpu_percent FROM dbopt.node_status()",
+        &[],
     )?;
 
     let mut e = Exposition::default();

@@ -26,6 +26,7 @@ fn ha_stack_end_to_end() {
     rows_written_on_the_primary_reach_every_replica(&stack);
     bad_calls_get_clear_errors(&stack);
     redis_module_answers(&stack);
+    observability_works_on_a_cascaded_replica(&stack);
     failover_promotes_a_replica_and_the_old_primary_rejoins(&stack);
 }
 
@@ -172,6 +173,36 @@ fn redis_module_answers(stack: &Stack) {
         .query(&mut r)
         .expect("MODULE LIST");
     assert!(format!("{modules:?}").contains("dbopt"), "{modules:?}");
+}
+
+fn observability_works_on_a_cascaded_replica(stack: &Stack) {
+    let mut c = stack.connect("node3").expect("connect node3");
+    c.batch_execute("SELECT pg_sleep(0.12)")
+        .expect("slow read on a replica");
+    let row = c
+        .query_one(
+            "SELECT query, plan->'Plan'->>'Node Type' FROM dbopt.slow_queries() WHERE query = 'SELECT pg_sleep($1)'",
+            &[],
+        )
+        .expect("captured on the replica");
+    assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("Result"));
+    let calls: i64 = c
+        .query_one(
+            "SELECT calls FROM dbopt.query_stats WHERE query = 'SELECT pg_sleep($1)'",
+            &[],
+        )
+        .expect("stats on the replica")
+        .get(0);
+    assert!(calls >= 1);
+    let metrics: String = c
+        .query_one("SELECT dbopt.metrics()", &[])
+        .expect("metrics")
+        .get(0);
+    assert!(metrics.contains("\ndbopt_node_is_primary 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("dbopt_replication_replay_lag_seconds"),
+        "{metrics}"
+    );
 }
 
 fn failover_promotes_a_replica_and_the_old_primary_rejoins(stack: &Stack) {
