@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use dbopt_querystats::advice::{
     consolidate, covered, create_statement, filter_columns, seq_scans, Columns,
 };
+use dbopt_querystats::normalize::highest_parameter;
 use pgrx::prelude::*;
 
 use crate::gucs;
@@ -60,21 +61,6 @@ fn table_info(
 
 fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
-}
-
-fn placeholders(query: &str) -> i32 {
-    // The highest $n: PREPARE infers that many parameters.
-    let b = query.as_bytes();
-    let mut max = 0;
-    for (i, _) in query.match_indices('$') {
-        let digits: String = b[i + 1..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .map(|&c| c as char)
-            .collect();
-        max = max.max(digits.parse().unwrap_or(0));
-    }
-    max
 }
 
 #[pg_extern(volatile)]
@@ -234,7 +220,7 @@ fn index_advice() -> Result<
                     "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3)",
                     &[
                         c.query.as_str().into(),
-                        placeholders(&c.query).into(),
+                        (highest_parameter(&c.query) as i32).into(),
                         hypothetical.as_str().into(),
                     ],
                 )?;

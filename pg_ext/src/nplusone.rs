@@ -12,7 +12,7 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::hooks::fingerprint;
-use crate::privilege::{database_name, may_see, role_name, timestamp, HIDDEN};
+use crate::privilege::{application_name, database_name, may_see, role_name, timestamp, HIDDEN};
 use crate::shmem::{self, StatsKey};
 
 struct Local {
@@ -53,16 +53,9 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
                 .parent_query_id
                 .and_then(|q| shmem::text_of(&StatsKey::new(key.userid, key.dbid, q, true)))
                 .unwrap_or_default();
-            // SAFETY: backend-local GUC variable and clock.
-            let (app, at) = unsafe {
-                let p = pg_sys::application_name;
-                let app = if p.is_null() {
-                    String::new()
-                } else {
-                    std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-                };
-                (app, pg_sys::GetCurrentTimestamp())
-            };
+            let app = application_name();
+            // SAFETY: reads the clock.
+            let at = unsafe { pg_sys::GetCurrentTimestamp() };
             let id = shmem::push_n1(|r| {
                 r.at = at;
                 r.userid = key.userid;

@@ -43,6 +43,19 @@ pub fn database_name(oid: u32) -> String {
     }
 }
 
+/// This session's `application_name` ("" when unset).
+pub fn application_name() -> String {
+    // SAFETY: the GUC variable is a backend-local NUL-terminated string or NULL.
+    unsafe {
+        let p = pg_sys::application_name;
+        if p.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    }
+}
+
 /// A TimestampTz as a SQL value (NULL when zero / out of range).
 pub fn timestamp(ts: i64) -> Option<pgrx::datum::TimestampWithTimeZone> {
     (ts != 0)

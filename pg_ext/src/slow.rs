@@ -10,7 +10,7 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::hooks::statement_text;
-use crate::privilege::{database_name, may_see, role_name, timestamp, HIDDEN};
+use crate::privilege::{application_name, database_name, may_see, role_name, timestamp, HIDDEN};
 use crate::shmem::{self, StatsKey, PLAN_MAX};
 
 /// Asks the executor for per-node timing when slow plans should carry actual rows and times
@@ -63,15 +63,6 @@ unsafe fn explain_json(qd: *mut pg_sys::QueryDesc, analyzed: bool) -> String {
             (Some(_), Some(_)) => format!("{{{}}}", &trimmed[1..trimmed.len() - 1]),
             _ => text,
         }
-    }
-}
-
-fn c_string(p: *const std::ffi::c_char) -> String {
-    if p.is_null() {
-        String::new()
-    } else {
-        // SAFETY: NUL-terminated strings owned by PostgreSQL.
-        unsafe { CStr::from_ptr(p).to_string_lossy().into_owned() }
     }
 }
 
@@ -133,7 +124,7 @@ pub unsafe fn capture(
             shmem::text_of(key)
                 .unwrap_or_else(|| dbopt_querystats::normalize::normalize(&statement_text(qd)).0)
         };
-        let app = c_string(pg_sys::application_name);
+        let app = application_name();
         let client = client_addr();
         let now = pg_sys::GetCurrentTimestamp();
         shmem::push_slow(|r| {

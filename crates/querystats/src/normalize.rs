@@ -240,7 +240,11 @@ fn number_end(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The highest `$n` parameter in the text (outside strings and comments), 0 if none.
+/// The highest `$n` parameter in a statement (outside strings and comments), 0 if none.
+pub fn highest_parameter(sql: &str) -> usize {
+    highest_param(sql.as_bytes())
+}
+
 fn highest_param(b: &[u8]) -> usize {
     let mut i = 0;
     let mut max = 0;
@@ -341,6 +345,15 @@ mod tests {
         for (input, want, n) in cases {
             assert_eq!(normalize(input), (want.to_string(), n), "{input}");
         }
+    }
+
+    #[test]
+    fn parameters_inside_strings_and_comments_do_not_count() {
+        assert_eq!(
+            super::highest_parameter("SELECT $2, '$9' /* $8 */ FROM t WHERE a = $1"),
+            2
+        );
+        assert_eq!(super::highest_parameter("SELECT 1"), 0);
     }
 
     #[test]
