@@ -3,6 +3,12 @@
 //! # Layout
 //! - [`config`] — the TOML configuration, typed, with `deny_unknown_fields` and a `validate()` whose
 //!   messages name the offending field. Everything else receives a validated [`config::Config`].
+//! - [`protocol`] — framing and the messages the router reads or writes (pure, fuzzed).
+//! - [`auth`] — SCRAM-SHA-256 and md5, the server side (clients authenticate to the router).
+//! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 
+pub mod auth;
+pub mod classify;
 pub mod config;
+pub mod protocol;

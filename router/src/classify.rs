@@ -1,0 +1,405 @@
+//! Statement classification with PostgreSQL's own parser (libpg_query through `pg_query`).
+//!
+//! A statement is a [`Kind::Read`] only when it is provably read-only: a plain `SELECT` (or
+//! `VALUES`, `TABLE`, `EXPLAIN` of one) with no locking clause, no `INTO`, no data-modifying CTE
+//! and no call of a function that might write. A function might write unless it is known to be
+//! non-volatile (PostgreSQL forbids writes in STABLE and IMMUTABLE functions): the router loads
+//! that list from `pg_proc` of the primary ([`FunctionCatalog`]) and starts from a built-in list
+//! of common ones. Everything else — DML, DDL, `SET`, `SHOW`, `LISTEN`, `COPY`, `CALL`, `DO`, a text
+//! the parser rejects — is a [`Kind::Write`] and goes to the primary.
+//!
+//! Routing hints in comments: `/* dbopt:primary */`, `/* dbopt:replica */`, `/* dbopt:critical */`.
+
+use std::collections::HashSet;
+
+use pg_query::protobuf::TransactionStmtKind;
+use pg_query::NodeEnum;
+use serde_json::Value;
+
+/// What one query text does, as far as routing cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Provably read-only.
+    Read,
+    /// Anything else; the reason is shown in logs and tests.
+    Write(&'static str),
+    /// `BEGIN READ ONLY` / `START TRANSACTION READ ONLY`.
+    BeginReadOnly,
+    /// Any other `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// An empty query (only comments or semicolons).
+    Empty,
+}
+
+/// A hint written in an SQL comment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hint {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    pub kind: Kind,
+    pub hint: Option<Hint>,
+    pub critical: bool,
+}
+
+/// Names of functions known not to write: non-volatile ones, plus read-only volatile ones.
+#[derive(Debug, Clone, Default)]
+pub struct FunctionCatalog {
+    /// Lower-case names, unqualified (`count`) and qualified (`pg_catalog.count`).
+    safe: HashSet<String>,
+}
+
+/// Built-in functions that are read-only, used until the catalogue of the primary is loaded.
+const BUILTIN_SAFE: &[&str] = &[
+    "abs",
+    "age",
+    "array_agg",
+    "array_length",
+    "array_position",
+    "array_to_string",
+    "avg",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "clock_timestamp",
+    "concat",
+    "concat_ws",
+    "count",
+    "current_database",
+    "current_schema",
+    "current_setting",
+    "date_part",
+    "date_trunc",
+    "extract",
+    "floor",
+    "format",
+    "gen_random_uuid",
+    "generate_series",
+    "greatest",
+    "inet_server_addr",
+    "inet_server_port",
+    "initcap",
+    "json_agg",
+    "json_build_array",
+    "json_build_object",
+    "jsonb_agg",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "jsonb_typeof",
+    "least",
+    "left",
+    "length",
+    "lower",
+    "lpad",
+    "ltrim",
+    "make_date",
+    "max",
+    "md5",
+    "min",
+    "mod",
+    "now",
+    "octet_length",
+    "pg_backend_pid",
+    "pg_is_in_recovery",
+    "pg_last_wal_replay_lsn",
+    "pg_postmaster_start_time",
+    "pg_sleep",
+    "position",
+    "power",
+    "random",
+    "regexp_replace",
+    "regexp_match",
+    "repeat",
+    "replace",
+    "right",
+    "round",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "rpad",
+    "rtrim",
+    "split_part",
+    "sqrt",
+    "statement_timestamp",
+    "stddev",
+    "string_agg",
+    "strpos",
+    "substr",
+    "substring",
+    "sum",
+    "timeofday",
+    "to_char",
+    "to_date",
+    "to_json",
+    "to_jsonb",
+    "to_number",
+    "to_timestamp",
+    "transaction_timestamp",
+    "trim",
+    "trunc",
+    "unnest",
+    "upper",
+    "variance",
+    "version",
+];
+
+/// Volatile functions PostgreSQL marks so but that never write (kept when loading pg_proc).
+const VOLATILE_READ_ONLY: &[&str] = &[
+    "clock_timestamp",
+    "gen_random_uuid",
+    "pg_sleep",
+    "random",
+    "timeofday",
+];
+
+impl FunctionCatalog {
+    pub fn builtin() -> Self {
+        FunctionCatalog {
+            safe: BUILTIN_SAFE
+                .iter()
+                .flat_map(|s| [s.to_string(), format!("pg_catalog.{s}")])
+                .collect(),
+        }
+    }
+
+    /// From rows `(schema, name, all_overloads_non_volatile)` as read from `pg_proc`.
+    pub fn from_rows(rows: impl IntoIterator<Item = (String, String, bool)>) -> Self {
+        let mut safe = HashSet::new();
+        let mut unsafe_names = HashSet::new();
+        for (schema, name, non_volatile) in rows {
+            let (schema, name) = (schema.to_lowercase(), name.to_lowercase());
+            let read_only = non_volatile || VOLATILE_READ_ONLY.contains(&name.as_str());
+            if read_only {
+                safe.insert(format!("{schema}.{name}"));
+                safe.insert(name);
+            } else {
+                unsafe_names.insert(name);
+            }
+        }
+        // An unqualified name is safe only when no schema has a writing function of that name.
+        safe.retain(|n| n.contains('.') || !unsafe_names.contains(n));
+        FunctionCatalog { safe }
+    }
+
+    pub fn is_safe(&self, qualified: &[String]) -> bool {
+        let key = qualified.join(".").to_lowercase();
+        self.safe.contains(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.safe.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.safe.is_empty()
+    }
+}
+
+/// Classifies a whole query text (one or more statements).
+pub fn classify(sql: &str, functions: &FunctionCatalog) -> Class {
+    let (hint, critical) = hints(sql);
+    Class {
+        kind: kind_of(sql, functions),
+        hint,
+        critical,
+    }
+}
+
+fn kind_of(sql: &str, functions: &FunctionCatalog) -> Kind {
+    let parsed = match pg_query::parse(sql) {
+        Ok(p) => p,
+        Err(_) => return Kind::Write("the parser rejected it"),
+    };
+    let stmts = &parsed.protobuf.stmts;
+    let kinds: Vec<Kind> = stmts
+        .iter()
+        .filter_map(|s| s.stmt.as_ref().and_then(|n| n.node.as_ref()))
+        .map(|node| statement_kind(node, functions))
+        .collect();
+    match kinds.as_slice() {
+        [] => Kind::Empty,
+        [one] => *one,
+        many => {
+            if let Some(w) = many.iter().find(|k| matches!(k, Kind::Write(_))) {
+                *w
+            } else if many.iter().all(|k| matches!(k, Kind::Read | Kind::Empty)) {
+                Kind::Read
+            } else {
+                Kind::Write("several statements including transaction control")
+            }
+        }
+    }
+}
+
+fn statement_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
+    match node {
+        NodeEnum::SelectStmt(_) => query_kind(node, functions),
+        NodeEnum::ExplainStmt(e) => match e.query.as_ref().and_then(|q| q.node.as_ref()) {
+            Some(inner) => statement_kind(inner, functions),
+            None => Kind::Write("EXPLAIN without a statement"),
+        },
+        NodeEnum::TransactionStmt(t) => match t.kind() {
+            TransactionStmtKind::TransStmtBegin | TransactionStmtKind::TransStmtStart => {
+                if read_only_option(&t.options) {
+                    Kind::BeginReadOnly
+                } else {
+                    Kind::Begin
+                }
+            }
+            _ => Kind::Write("transaction control"),
+        },
+        NodeEnum::InsertStmt(_)
+        | NodeEnum::UpdateStmt(_)
+        | NodeEnum::DeleteStmt(_)
+        | NodeEnum::MergeStmt(_) => Kind::Write("data modification"),
+        NodeEnum::VariableSetStmt(_) => Kind::Write("SET changes session state"),
+        NodeEnum::VariableShowStmt(_) => Kind::Write("SHOW reads session state"),
+        NodeEnum::CopyStmt(_) => Kind::Write("COPY"),
+        NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) | NodeEnum::NotifyStmt(_) => {
+            Kind::Write("LISTEN/NOTIFY")
+        }
+        NodeEnum::LockStmt(_) => Kind::Write("LOCK"),
+        NodeEnum::CallStmt(_) | NodeEnum::DoStmt(_) => Kind::Write("procedure or DO block"),
+        NodeEnum::PrepareStmt(_) | NodeEnum::ExecuteStmt(_) | NodeEnum::DeallocateStmt(_) => {
+            Kind::Write("SQL-level prepared statement")
+        }
+        NodeEnum::DeclareCursorStmt(_) | NodeEnum::FetchStmt(_) | NodeEnum::ClosePortalStmt(_) => {
+            Kind::Write("cursor")
+        }
+        _ => Kind::Write("DDL or utility statement"),
+    }
+}
+
+fn read_only_option(options: &[pg_query::protobuf::Node]) -> bool {
+    let json = serde_json::to_value(options).unwrap_or(Value::Null);
+    let mut read_only = false;
+    visit(&json, &mut |key, v| {
+        if key == "DefElem"
+            && v.get("defname").and_then(Value::as_str) == Some("transaction_read_only")
+        {
+            read_only = v
+                .pointer("/arg/node/AConst/val/Ival/ival")
+                .and_then(Value::as_i64)
+                == Some(1);
+        }
+    });
+    read_only
+}
+
+/// A SELECT (or set operation, VALUES): read unless something inside can write or lock.
+fn query_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
+    let json = match serde_json::to_value(node) {
+        Ok(v) => v,
+        Err(_) => return Kind::Write("the parse tree could not be inspected"),
+    };
+    let mut verdict = Kind::Read;
+    visit(&json, &mut |key, v| {
+        if verdict != Kind::Read {
+            return;
+        }
+        match key {
+            "LockingClause" => verdict = Kind::Write("SELECT … FOR UPDATE/SHARE"),
+            "into_clause" if !v.is_null() => verdict = Kind::Write("SELECT INTO"),
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                verdict = Kind::Write("data-modifying CTE")
+            }
+            "FuncCall" => {
+                let name: Vec<String> = v
+                    .get("funcname")
+                    .and_then(Value::as_array)
+                    .map(|parts| {
+                        parts
+                            .iter()
+                            .filter_map(|p| p.pointer("/node/String/sval").and_then(Value::as_str))
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !functions.is_safe(&name) {
+                    verdict = Kind::Write("calls a function that may write (volatile or unknown)");
+                }
+            }
+            _ => {}
+        }
+    });
+    verdict
+}
+
+fn visit(v: &Value, f: &mut impl FnMut(&str, &Value)) {
+    match v {
+        Value::Object(map) => {
+            for (k, child) in map {
+                f(k, child);
+                visit(child, f);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| visit(i, f)),
+        _ => {}
+    }
+}
+
+/// Routing hints and the critical flag from comments (`/* dbopt:replica */`, `-- dbopt:primary`).
+pub fn hints(sql: &str) -> (Option<Hint>, bool) {
+    if !sql.contains("dbopt:") {
+        return (None, false);
+    }
+    let mut hint = None;
+    let mut critical = false;
+    for comment in comments(sql) {
+        for word in comment.split(|c: char| c.is_whitespace() || c == ',' || c == '*') {
+            match word {
+                "dbopt:primary" => hint = Some(Hint::Primary),
+                "dbopt:replica" if hint.is_none() => hint = Some(Hint::Replica),
+                "dbopt:critical" => critical = true,
+                _ => {}
+            }
+        }
+    }
+    (hint, critical)
+}
+
+/// The comments of a query text, skipping string literals and quoted identifiers.
+fn comments(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                let end = b[i..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |p| i + p);
+                out.push(&sql[i + 2..end]);
+                i = end;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                let end = sql[i + 2..].find("*/").map_or(b.len(), |p| i + 2 + p);
+                out.push(&sql[i + 2..end]);
+                i = (end + 2).min(b.len());
+            }
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += 1;
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "classify_tests.rs"]
+mod tests;
