@@ -12,3 +12,7 @@ pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod protocol;
+pub mod balance;
+pub mod breaker;
+pub mod pool;
+pub mod route;

@@ -1,0 +1,186 @@
+//! Read balancing across usable replicas.
+//!
+//! Each candidate's effective weight is
+//!
+//! ```text
+//! effective = weight × cpu_factor × latency_factor
+//! cpu_factor     = 0.25 when the node's CPU ≥ cpu_high_percent, else 1
+//! latency_factor = clamp(best_ewma / own_ewma, 0.1, 1)   (1 while a node has no samples)
+//! ```
+//!
+//! where `weight` is the configured capacity and `*_ewma` the exponentially weighted moving average
+//! (α = 0.2) of the node's recent read round trips. Picks follow smooth weighted round-robin (as
+//! nginx does): each pick adds every candidate's effective weight to its running score, takes the
+//! highest, and subtracts the total from it — so a 3:1 weighting yields A A B A, not A A A B.
+
+use std::collections::HashMap;
+
+/// Exponentially weighted moving average of round trips, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Ewma {
+    value: Option<f64>,
+}
+
+pub const EWMA_ALPHA: f64 = 0.2;
+
+impl Ewma {
+    pub fn observe(&mut self, sample_ms: f64) {
+        if !sample_ms.is_finite() || sample_ms < 0.0 {
+            return;
+        }
+        self.value = Some(match self.value {
+            None => sample_ms,
+            Some(v) => v + EWMA_ALPHA * (sample_ms - v),
+        });
+    }
+
+    pub fn get(&self) -> Option<f64> {
+        self.value
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub node: usize,
+    pub weight: u32,
+    pub cpu_percent: Option<f64>,
+    pub ewma_ms: Option<f64>,
+}
+
+pub const CPU_HIGH_FACTOR: f64 = 0.25;
+pub const MIN_LATENCY_FACTOR: f64 = 0.1;
+
+/// The effective weights of `candidates`, in order.
+pub fn effective_weights(candidates: &[Candidate], cpu_high_percent: f64) -> Vec<f64> {
+    let best = candidates
+        .iter()
+        .filter_map(|c| c.ewma_ms)
+        .fold(f64::INFINITY, f64::min);
+    candidates
+        .iter()
+        .map(|c| {
+            let cpu = match c.cpu_percent {
+                Some(p) if p >= cpu_high_percent => CPU_HIGH_FACTOR,
+                _ => 1.0,
+            };
+            let latency = match c.ewma_ms {
+                Some(own) if own > 0.0 && best.is_finite() => {
+                    (best / own).clamp(MIN_LATENCY_FACTOR, 1.0)
+                }
+                _ => 1.0,
+            };
+            f64::from(c.weight) * cpu * latency
+        })
+        .collect()
+}
+
+/// Smooth weighted round-robin state, keyed by node.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    score: HashMap<usize, f64>,
+}
+
+impl Balancer {
+    /// Picks one of `candidates`; `None` when there are none (or all weigh 0).
+    pub fn pick(&mut self, candidates: &[Candidate], cpu_high_percent: f64) -> Option<usize> {
+        let weights = effective_weights(candidates, cpu_high_percent);
+        let total: f64 = weights.iter().sum();
+        if candidates.is_empty() || total <= 0.0 {
+            return None;
+        }
+        // Forget nodes that are no longer candidates, so a returning node starts fresh.
+        self.score
+            .retain(|node, _| candidates.iter().any(|c| c.node == *node));
+        let mut best: Option<(usize, f64)> = None;
+        for (c, w) in candidates.iter().zip(&weights) {
+            let s = self.score.entry(c.node).or_insert(0.0);
+            *s += w;
+            if best.is_none_or(|(_, b)| *s > b) {
+                best = Some((c.node, *s));
+            }
+        }
+        let (node, _) = best?;
+        if let Some(s) = self.score.get_mut(&node) {
+            *s -= total;
+        }
+        Some(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(node: usize, weight: u32) -> Candidate {
+        Candidate {
+            node,
+            weight,
+            cpu_percent: None,
+            ewma_ms: None,
+        }
+    }
+
+    fn shares(b: &mut Balancer, c: &[Candidate], n: usize) -> HashMap<usize, usize> {
+        let mut m = HashMap::new();
+        for _ in 0..n {
+            *m.entry(b.pick(c, 80.0).unwrap()).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn follows_configured_weights_smoothly() {
+        let mut b = Balancer::default();
+        let c = [cand(1, 3), cand(2, 1)];
+        let seq: Vec<usize> = (0..8).map(|_| b.pick(&c, 80.0).unwrap()).collect();
+        assert_eq!(seq, [1, 1, 2, 1, 1, 1, 2, 1]);
+        let s = shares(&mut b, &c, 4000);
+        assert_eq!((s[&1], s[&2]), (3000, 1000));
+    }
+
+    #[test]
+    fn busy_cpu_gets_a_quarter() {
+        let mut b = Balancer::default();
+        let mut hot = cand(1, 1);
+        hot.cpu_percent = Some(95.0);
+        let mut cool = cand(2, 1);
+        cool.cpu_percent = Some(10.0);
+        let s = shares(&mut b, &[hot, cool], 5000);
+        assert_eq!((s[&1], s[&2]), (1000, 4000));
+    }
+
+    #[test]
+    fn slower_replica_gets_less_in_proportion() {
+        let mut b = Balancer::default();
+        let mut fast = cand(1, 1);
+        fast.ewma_ms = Some(1.0);
+        let mut slow = cand(2, 1);
+        slow.ewma_ms = Some(4.0);
+        let s = shares(&mut b, &[fast, slow], 5000);
+        assert_eq!((s[&1], s[&2]), (4000, 1000));
+        // A pathological one still gets its floor share, so its EWMA can recover.
+        slow.ewma_ms = Some(1000.0);
+        let w = effective_weights(&[fast, slow], 80.0);
+        assert_eq!(w, vec![1.0, MIN_LATENCY_FACTOR]);
+    }
+
+    #[test]
+    fn empty_or_weightless() {
+        let mut b = Balancer::default();
+        assert_eq!(b.pick(&[], 80.0), None);
+        assert_eq!(b.pick(&[cand(1, 0)], 80.0), None);
+        assert_eq!(b.pick(&[cand(1, 0), cand(2, 1)], 80.0), Some(2));
+    }
+
+    #[test]
+    fn ewma_moves_a_fifth_of_the_way() {
+        let mut e = Ewma::default();
+        assert_eq!(e.get(), None);
+        e.observe(10.0);
+        e.observe(20.0);
+        assert_eq!(e.get(), Some(12.0));
+        e.observe(f64::NAN);
+        e.observe(-1.0);
+        assert_eq!(e.get(), Some(12.0));
+    }
+}
