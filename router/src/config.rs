@@ -29,9 +29,6 @@ pub struct Config {
     pub server: ServerLogin,
     /// The PostgreSQL nodes (roles are discovered, not configured).
     pub nodes: Vec<Node>,
-    /// Optional Patroni REST endpoint(s) for topology discovery.
-    #[serde(default)]
-    pub patroni: Option<Patroni>,
     /// Client users the router accepts.
     pub users: Vec<User>,
 }
@@ -81,8 +78,11 @@ pub struct PoolSettings {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthSettings {
+    /// Full check of every node (`dbopt.node_status()`: role, lag, CPU) every this many seconds.
     pub interval_s: u64,
     pub timeout_ms: u64,
+    /// Light poll of every node's role and WAL position (read-your-writes, fast role changes).
+    pub lsn_poll_ms: u64,
     /// Replicas further behind than this get no reads.
     pub max_replica_lag_s: f64,
     /// A replica at or above this CPU % gets a reduced weight.
@@ -122,12 +122,6 @@ pub struct Node {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Patroni {
-    /// Base URLs of Patroni REST APIs, e.g. `["http://127.0.0.1:8008"]`; the first that answers wins.
-    pub urls: Vec<String>,
-}
 
 /// How a client user proves who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -189,6 +183,7 @@ impl Default for HealthSettings {
         HealthSettings {
             interval_s: 10,
             timeout_ms: 2000,
+            lsn_poll_ms: 100,
             max_replica_lag_s: 5.0,
             cpu_high_percent: 80.0,
         }
@@ -305,6 +300,12 @@ impl Config {
                 "must be between 1 and health.interval_s * 1000",
             ));
         }
+        if h.lsn_poll_ms < 10 || h.lsn_poll_ms > h.interval_s.saturating_mul(1000) {
+            return Err(bad(
+                "health.lsn_poll_ms",
+                "must be between 10 and health.interval_s * 1000",
+            ));
+        }
         if !(h.max_replica_lag_s.is_finite() && h.max_replica_lag_s >= 0.0) {
             return Err(bad(
                 "health.max_replica_lag_s",
@@ -371,20 +372,6 @@ impl Config {
                     format!("nodes[{i}].weight"),
                     "must be at least 1 (remove the node instead)",
                 ));
-            }
-        }
-
-        if let Some(pat) = &self.patroni {
-            if pat.urls.is_empty() {
-                return Err(bad("patroni.urls", "must list at least one URL"));
-            }
-            for (i, u) in pat.urls.iter().enumerate() {
-                if !u.starts_with("http://") {
-                    return Err(bad(
-                        format!("patroni.urls[{i}]"),
-                        format!("{u:?} must start with http://"),
-                    ));
-                }
             }
         }
 
@@ -520,8 +507,6 @@ mod tests {
             ),
             ("[breaker]\nfailure_ratio = 1.0", "breaker.failure_ratio"),
             ("[breaker]\nmin_attempts = 0", "breaker.min_attempts"),
-            ("[patroni]\nurls = []", "patroni.urls"),
-            ("[patroni]\nurls = [\"ftp://x\"]", "patroni.urls[0]"),
             (
                 "[[users]]\nname = \"app\"\npassword = \"x\"",
                 "users[1].name",

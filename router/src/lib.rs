@@ -8,11 +8,21 @@
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 
+pub mod admin;
 pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod protocol;
 pub mod balance;
 pub mod breaker;
+pub mod log;
+pub mod monitor;
+pub mod pools;
+pub mod relay;
+pub mod run;
+pub mod server;
+pub mod session;
+pub mod shared;
+pub mod topology;
 pub mod pool;
 pub mod route;

@@ -9,7 +9,11 @@ use dbopt_router::config::Config;
 /// dbopt-router: a PostgreSQL wire-protocol router — pooling, read/write split, replica
 /// balancing, health checks and circuit breaking in front of a primary and its replicas.
 ///
-/// This build validates configuration files; the proxy itself is not part of it yet.
+/// Applications connect to it as to PostgreSQL. Reads outside transactions go to replicas (by
+/// weight, CPU and response time; never to one lagging more than health.max_replica_lag_s or
+/// behind the client's own last write); everything else goes to the primary. SIGHUP reloads the
+/// configuration; SIGTERM drains clients and exits. Metrics: GET /metrics and /status on
+/// listen.admin_address.
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-router", version, after_help = EXAMPLES)]
 struct Cli {
@@ -21,10 +25,17 @@ struct Cli {
     /// and exit: 0 when valid, 1 with a message naming the bad field otherwise.
     #[arg(long)]
     check_config: bool,
+
+    /// Log warnings and errors only.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 const EXAMPLES: &str = "Examples:
-  dbopt-router --config router/dbopt-router.example.toml --check-config";
+  dbopt-router --config router/dbopt-router.example.toml --check-config
+  dbopt-router --config router/dbopt-router.example.toml
+  psql 'host=127.0.0.1 port=25450 user=app password=app-secret dbname=postgres'
+  curl -s http://127.0.0.1:25451/status";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -53,11 +64,20 @@ fn main() -> ExitCode {
             }
         }
     } else {
-        eprintln!(
-            "dbopt-router: configuration {} is valid, but this build has no proxy yet; \
-             only --check-config is available",
-            cli.config.display()
-        );
-        ExitCode::from(2)
+        dbopt_router::log::set_quiet(cli.quiet);
+        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dbopt-router: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(dbopt_router::run::run(config, cli.config.clone())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dbopt-router: {e}");
+                ExitCode::FAILURE
+            }
+        }
     }
 }

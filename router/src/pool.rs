@@ -135,6 +135,21 @@ impl<C> PoolState<C> {
         self.idle.drain(..).map(|(c, _)| c).collect()
     }
 
+    /// Removes the idle connections `stale` picks (e.g. opened before a role change).
+    pub fn remove_idle_where(&mut self, mut stale: impl FnMut(&C) -> bool) -> Vec<C> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.idle.len() {
+            if stale(&self.idle[i].0) {
+                out.push(self.idle.remove(i).0);
+                self.open = self.open.saturating_sub(1);
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
     /// Utilisation in percent when a (rate-limited) warning is due now.
     pub fn utilisation_warning(&mut self, now_ms: u64) -> Option<u32> {
         let pct = self.in_use * 100 / self.limits.max.max(1);

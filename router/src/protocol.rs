@@ -230,7 +230,7 @@ pub fn parse_parse(body: &[u8]) -> Result<ParseMsg<'_>, ProtocolError> {
 }
 
 /// Bind ('B'): portal and statement names; the rest (formats, values) is kept raw and checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BindMsg<'a> {
     pub portal: &'a [u8],
     pub statement: &'a [u8],

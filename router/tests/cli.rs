@@ -57,10 +57,19 @@ fn missing_file_and_unknown_flags_fail() {
 }
 
 #[test]
-fn without_check_config_it_says_the_proxy_is_not_built() {
-    let (code, _, err) = router(&["--config", "dbopt-router.example.toml"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("only --check-config"), "{err}");
+fn a_taken_listen_address_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("dbopt-router-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("taken.toml");
+    let text = std::fs::read_to_string("dbopt-router.example.toml")
+        .unwrap()
+        .replace("127.0.0.1:25450", &addr.to_string());
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = router(&["--config", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use"), "{err}");
 }
 
 #[test]

@@ -1,0 +1,227 @@
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus text format) and `GET /status` (JSON).
+//! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::log;
+use crate::shared::Shared;
+
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), answer(&shared, stream)).await;
+        });
+    }
+}
+
+async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || buf.len() > 16 * 1024 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(shared)),
+        ("GET", "/status") => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&status(shared)).unwrap_or_default(),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    if status.starts_with('4') {
+        log::info(&format!("admin: {method} {path} -> {status}"));
+    }
+    Ok(())
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The Prometheus exposition.
+pub fn metrics(shared: &Shared) -> String {
+    let mut o = String::new();
+    let c = &shared.counters;
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
+    counter("dbopt_router_clients_total", "Client connections accepted.", c.clients_total.load(Ordering::Relaxed));
+    counter("dbopt_router_auth_failures_total", "Failed client authentications.", c.auth_failures.load(Ordering::Relaxed));
+    counter("dbopt_router_protocol_errors_total", "Client connections closed for protocol violations.", c.protocol_errors.load(Ordering::Relaxed));
+    counter("dbopt_router_acquire_errors_total", "Batches refused for want of a server connection.", c.acquire_errors.load(Ordering::Relaxed));
+    counter("dbopt_router_server_errors_total", "Server connections lost while in use.", c.server_errors.load(Ordering::Relaxed));
+    counter("dbopt_router_read_retries_total", "Reads retried on another node after a server failure.", c.read_retries.load(Ordering::Relaxed));
+    counter("dbopt_router_cancels_total", "Cancel requests forwarded.", c.cancels.load(Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP dbopt_router_clients Client connections open now.\n# TYPE dbopt_router_clients gauge\ndbopt_router_clients {}", c.clients_active.load(Ordering::Relaxed));
+    let _ = writeln!(o, "# HELP dbopt_router_routed_total Batches routed, by route.\n# TYPE dbopt_router_routed_total counter");
+    for (route, v) in [
+        ("replica", &c.routed_replica),
+        ("primary", &c.routed_primary),
+        ("critical", &c.routed_critical),
+        ("primary_fallback", &c.routed_primary_fallback),
+    ] {
+        let _ = writeln!(o, "dbopt_router_routed_total{{route=\"{route}\"}} {}", v.load(Ordering::Relaxed));
+    }
+
+    let pools = shared.pools.all();
+    let names: Vec<String> = shared.topology().nodes.iter().map(|n| n.name.clone()).collect();
+    let gauges: [(&str, &str); 4] = [
+        ("dbopt_router_pool_connections", "Server connections open, per pool."),
+        ("dbopt_router_pool_in_use", "Server connections lent to clients, per pool."),
+        ("dbopt_router_pool_waiting", "Clients waiting for a connection, per pool."),
+        ("dbopt_router_pool_max", "Most connections per pool."),
+    ];
+    for (i, (name, help)) in gauges.iter().enumerate() {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for p in &pools {
+            let st = p.lock();
+            let v = match i {
+                0 => st.open(),
+                1 => st.in_use(),
+                2 => p.waiting.load(Ordering::Relaxed),
+                _ => st.limits.max,
+            };
+            let _ = writeln!(o, "{name}{{node=\"{}\",database=\"{}\"}} {v}", esc(&names[p.node]), esc(&p.database));
+        }
+    }
+    let counters: [(&str, &str); 4] = [
+        ("dbopt_router_pool_waits_total", "Acquisitions that had to wait, per pool."),
+        ("dbopt_router_pool_wait_seconds_total", "Time clients spent waiting, per pool."),
+        ("dbopt_router_pool_timeouts_total", "Waits that timed out (SQLSTATE 53300), per pool."),
+        ("dbopt_router_pool_connect_failures_total", "Failed connection openings, per pool."),
+    ];
+    for (i, (name, help)) in counters.iter().enumerate() {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        for p in &pools {
+            let v = match i {
+                0 => p.waits.load(Ordering::Relaxed).to_string(),
+                1 => format!("{:.6}", p.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6),
+                2 => p.timeouts.load(Ordering::Relaxed).to_string(),
+                _ => p.connect_failures.load(Ordering::Relaxed).to_string(),
+            };
+            let _ = writeln!(o, "{name}{{node=\"{}\",database=\"{}\"}} {v}", esc(&names[p.node]), esc(&p.database));
+        }
+    }
+
+    let t = shared.topology();
+    let node_gauges: [(&str, &str); 6] = [
+        ("dbopt_router_node_up", "1 when the last check reached the node."),
+        ("dbopt_router_node_primary", "1 for the node the router writes to."),
+        ("dbopt_router_node_replay_lag_seconds", "Replay lag from dbopt.node_status()."),
+        ("dbopt_router_node_cpu_percent", "Host CPU busy % from dbopt.node_status()."),
+        ("dbopt_router_node_latency_ewma_seconds", "EWMA of read round trips."),
+        ("dbopt_router_node_breaker_open", "1 while the node's circuit breaker is open or half-open."),
+    ];
+    for (i, (name, help)) in node_gauges.iter().enumerate() {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (idx, n) in t.nodes.iter().enumerate() {
+            let v = match i {
+                0 => Some(f64::from(u8::from(n.reachable))),
+                1 => Some(f64::from(u8::from(t.primary == Some(idx)))),
+                2 => n.lag_s,
+                3 => n.cpu_percent,
+                4 => n.ewma.get().map(|ms| ms / 1000.0),
+                _ => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
+            };
+            if let Some(v) = v {
+                let _ = writeln!(o, "{name}{{node=\"{}\"}} {v}", esc(&n.name));
+            }
+        }
+    }
+    o
+}
+
+/// The JSON status document.
+pub fn status(shared: &Shared) -> serde_json::Value {
+    let pools: Vec<serde_json::Value> = {
+        let names: Vec<String> = shared.topology().nodes.iter().map(|n| n.name.clone()).collect();
+        shared
+            .pools
+            .all()
+            .iter()
+            .map(|p| {
+                let st = p.lock();
+                let waits = p.waits.load(Ordering::Relaxed);
+                json!({
+                    "node": names[p.node],
+                    "database": p.database,
+                    "open": st.open(),
+                    "in_use": st.in_use(),
+                    "idle": st.idle(),
+                    "max": st.limits.max,
+                    "waiting": p.waiting.load(Ordering::Relaxed),
+                    "waits": waits,
+                    "mean_wait_ms": if waits == 0 { 0.0 } else {
+                        p.wait_us_total.load(Ordering::Relaxed) as f64 / waits as f64 / 1000.0
+                    },
+                    "timeouts": p.timeouts.load(Ordering::Relaxed),
+                })
+            })
+            .collect()
+    };
+    let c = &shared.counters;
+    let t = shared.topology();
+    let nodes: Vec<serde_json::Value> = t
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            json!({
+                "name": n.name,
+                "address": n.addr,
+                "reachable": n.reachable,
+                "role": n.role.map(|r| r.name()),
+                "writes_here": t.primary == Some(i),
+                "replay_lag_s": n.lag_s,
+                "replay_lag_bytes": n.lag_bytes,
+                "cpu_percent": n.cpu_percent,
+                "replayed_lsn": n.replay_lsn,
+                "latency_ewma_ms": n.ewma.get(),
+                "breaker": n.breaker.state().name(),
+                "weight": n.weight,
+                "last_error": n.last_error,
+            })
+        })
+        .collect();
+    json!({
+        "primary": t.primary.map(|p| t.nodes[p].name.clone()),
+        "epoch": t.epoch,
+        "nodes": nodes,
+        "pools": pools,
+        "clients": c.clients_active.load(Ordering::Relaxed),
+        "routed": {
+            "replica": c.routed_replica.load(Ordering::Relaxed),
+            "primary": c.routed_primary.load(Ordering::Relaxed),
+            "critical": c.routed_critical.load(Ordering::Relaxed),
+            "primary_fallback": c.routed_primary_fallback.load(Ordering::Relaxed),
+        },
+        "read_retries": c.read_retries.load(Ordering::Relaxed),
+        "function_catalogue_names": t.functions.len(),
+    })
+}

@@ -1,0 +1,356 @@
+//! The async pools: one per (node, database), around the bookkeeping of [`crate::pool`]. Getting
+//! a connection takes an idle one, opens one (up to 3 tries with exponential backoff and jitter,
+//! each admitted by the node's circuit breaker), or waits in a bounded queue until one is given
+//! back or `wait_timeout_ms` passes (SQLSTATE 53300).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::log;
+use crate::pool::{backoff_ms, PoolLimits, PoolState, Take};
+use crate::server::{ConnectError, ServerConn, ServerTarget};
+use crate::shared::Shared;
+use crate::topology::Unavailable;
+
+pub struct Pool {
+    pub node: usize,
+    pub database: String,
+    pub state: Mutex<PoolState<ServerConn>>,
+    notify: Notify,
+    pub waiting: AtomicU32,
+    pub waits: AtomicU64,
+    pub wait_us_total: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+/// Why a client got no server connection; becomes an ErrorResponse.
+#[derive(Debug)]
+pub struct AcquireError {
+    pub code: &'static str,
+    pub message: String,
+    /// The node could not be reached (the session may try another one for a read).
+    pub node_failed: bool,
+}
+
+pub const CONNECT_TRIES: u32 = 3;
+pub const BACKOFF_BASE_MS: u64 = 100;
+pub const BACKOFF_MAX_MS: u64 = 2000;
+
+#[derive(Default)]
+pub struct Pools {
+    map: Mutex<HashMap<(usize, String), Arc<Pool>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pools {
+    pub fn get(&self, node: usize, database: &str, limits: PoolLimits) -> Arc<Pool> {
+        let mut map = lock(&self.map);
+        map.entry((node, database.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    node,
+                    database: database.to_string(),
+                    state: Mutex::new(PoolState::new(limits)),
+                    notify: Notify::new(),
+                    waiting: AtomicU32::new(0),
+                    waits: AtomicU64::new(0),
+                    wait_us_total: AtomicU64::new(0),
+                    timeouts: AtomicU64::new(0),
+                    connects: AtomicU64::new(0),
+                    connect_failures: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        let mut v: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        v.sort_by(|a, b| (a.node, &a.database).cmp(&(b.node, &b.database)));
+        v
+    }
+}
+
+impl Pool {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<ServerConn>> {
+        lock(&self.state)
+    }
+
+    /// Returns a connection; `reusable = false` closes it instead (broken, mid-transaction,
+    /// opened before the last role change).
+    pub fn release(&self, conn: ServerConn, reusable: bool, now_ms: u64) {
+        let mut st = self.lock();
+        if reusable {
+            st.give_back(conn, now_ms);
+        } else {
+            st.discard();
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Forgets a connection that is gone (already dropped by the caller).
+    pub fn forget(&self) {
+        self.lock().discard();
+        self.notify.notify_one();
+    }
+}
+
+impl Shared {
+    fn target(&self, node: usize, database: &str) -> ServerTarget {
+        let config = self.config();
+        ServerTarget {
+            node,
+            addr: self.topology().nodes[node].addr.clone(),
+            user: config.server.user.clone(),
+            password: config.server.password.clone(),
+            database: database.to_string(),
+        }
+    }
+
+    /// Opens a server connection to `node` with retries, each admitted by its breaker.
+    pub async fn open_server(&self, node: usize, database: &str) -> Result<ServerConn, AcquireError> {
+        let target = self.target(node, database);
+        let timeout = Duration::from_millis(self.config().health.timeout_ms);
+        let mut last = String::new();
+        for attempt in 0..CONNECT_TRIES {
+            if attempt > 0 {
+                let wait = backoff_ms(attempt - 1, BACKOFF_BASE_MS, BACKOFF_MAX_MS, rand::random());
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            let epoch = {
+                let mut t = self.topology();
+                if let Err(u) = t.admit_attempt(node) {
+                    return Err(unavailable(u));
+                }
+                t.epoch
+            };
+            match ServerConn::connect(&target, timeout, epoch).await {
+                Ok(c) => {
+                    self.topology().record(node, true);
+                    self.remember_server_params(&c);
+                    return Ok(c);
+                }
+                Err(ConnectError::Refused { code, message }) => {
+                    // The node is up; the login is wrong. Not the node's fault, not retried —
+                    // except "too many connections" / "starting up", which pass with time.
+                    self.topology().record(node, true);
+                    if code == "53300" || code == "57P03" {
+                        last = format!("{message} (SQLSTATE {code})");
+                        continue;
+                    }
+                    return Err(AcquireError {
+                        code: static_code(&code),
+                        message: format!("{}: {message}", target.addr),
+                        node_failed: false,
+                    });
+                }
+                Err(ConnectError::Unreachable(m)) => {
+                    self.topology().record(node, false);
+                    last = m;
+                }
+            }
+        }
+        let name = self.topology().nodes[node].name.clone();
+        Err(AcquireError {
+            code: "08001",
+            message: format!(
+                "could not connect to {name} ({}) after {CONNECT_TRIES} tries: {last}",
+                target.addr
+            ),
+            node_failed: true,
+        })
+    }
+
+    /// A server connection to `node` for `database`, from its pool.
+    pub async fn acquire(
+        &self,
+        node: usize,
+        database: &str,
+        critical: bool,
+    ) -> Result<(Arc<Pool>, ServerConn), AcquireError> {
+        let pool = self.pools.get(node, database, self.pool_limits());
+        let (is_primary, epoch) = {
+            let t = self.topology();
+            (t.primary == Some(node), t.epoch)
+        };
+        let config = self.config();
+        let deadline = Instant::now() + Duration::from_millis(config.pool.wait_timeout_ms);
+        let mut waited: Option<Instant> = None;
+        let signal = pool.clone();
+        loop {
+            let notified = signal.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let take = pool.lock().take(critical, is_primary);
+            match take {
+                Take::Idle(c) => {
+                    if c.epoch != epoch {
+                        // Opened before the last role change: its node may have changed role.
+                        pool.release(c, false, 0);
+                        continue;
+                    }
+                    self.after_take(&pool, waited);
+                    return Ok((pool, c));
+                }
+                Take::Open => match self.open_server(node, database).await {
+                    Ok(c) => {
+                        pool.connects.fetch_add(1, Ordering::Relaxed);
+                        self.after_take(&pool, waited);
+                        return Ok((pool, c));
+                    }
+                    Err(e) => {
+                        pool.connect_failures.fetch_add(1, Ordering::Relaxed);
+                        pool.forget();
+                        return Err(e);
+                    }
+                },
+                Take::Wait => {
+                    let max_waiting = config.pool.max_waiting;
+                    if waited.is_none() {
+                        if pool.waiting.fetch_add(1, Ordering::Relaxed) >= max_waiting {
+                            pool.waiting.fetch_sub(1, Ordering::Relaxed);
+                            return Err(AcquireError {
+                                code: "53300",
+                                message: format!(
+                                    "pool {}/{database} is full and {max_waiting} clients are already waiting",
+                                    self.node_name(node)
+                                ),
+                                node_failed: false,
+                            });
+                        }
+                        waited = Some(Instant::now());
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero()
+                        || tokio::time::timeout(left, notified).await.is_err()
+                    {
+                        pool.waiting.fetch_sub(1, Ordering::Relaxed);
+                        pool.timeouts.fetch_add(1, Ordering::Relaxed);
+                        let st = pool.lock();
+                        return Err(AcquireError {
+                            code: "53300",
+                            message: format!(
+                                "no server connection to {} free within {} ms ({} of {} in use, {} waiting)",
+                                self.node_name(node),
+                                config.pool.wait_timeout_ms,
+                                st.in_use(),
+                                st.limits.max,
+                                pool.waiting.load(Ordering::Relaxed)
+                            ),
+                            node_failed: false,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn after_take(&self, pool: &Pool, waited: Option<Instant>) {
+        if let Some(since) = waited {
+            pool.waiting.fetch_sub(1, Ordering::Relaxed);
+            pool.waits.fetch_add(1, Ordering::Relaxed);
+            pool.wait_us_total
+                .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        let now = self.now_ms();
+        if let Some(pct) = pool.lock().utilisation_warning(now) {
+            log::warn(&format!(
+                "pool {}/{} is {pct} % busy",
+                self.node_name(pool.node),
+                pool.database
+            ));
+        }
+    }
+
+    /// Opens connections up to `min_size` in every pool of `database` (pre-warming).
+    pub async fn warm(self: &Arc<Self>, node: usize, database: &str) {
+        let pool = self.pools.get(node, database, self.pool_limits());
+        let n = pool.lock().reserve_warm();
+        for _ in 0..n {
+            match self.open_server(node, database).await {
+                Ok(c) => {
+                    pool.connects.fetch_add(1, Ordering::Relaxed);
+                    let now = self.now_ms();
+                    pool.lock().add_warm(c, now);
+                    pool.notify.notify_one();
+                }
+                Err(e) => {
+                    pool.lock().warm_failed();
+                    log::warn(&format!(
+                        "pre-warming {}/{database}: {}",
+                        self.node_name(node),
+                        e.message
+                    ));
+                    // The rest would fail the same way; the next maintenance round retries.
+                    for _ in 1..n {
+                        pool.lock().warm_failed();
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Closes idle connections above min that timed out, retires connections of an old
+    /// epoch, and tops every pool up to min. Runs every few seconds.
+    pub async fn maintain_pools(self: &Arc<Self>) {
+        let now = self.now_ms();
+        let epoch = self.topology().epoch;
+        for pool in self.pools.all() {
+            let closed = {
+                let mut st = pool.lock();
+                let mut closed = st.remove_idle_where(|c| c.epoch != epoch);
+                closed.extend(st.reap(now));
+                closed
+            };
+            drop(closed); // dropping closes the sockets
+            let reachable = self.topology().nodes[pool.node].reachable;
+            if reachable {
+                self.warm(pool.node, &pool.database).await;
+            }
+        }
+    }
+}
+
+fn unavailable(u: Unavailable) -> AcquireError {
+    match u {
+        Unavailable::NoPrimary => AcquireError {
+            code: "08006",
+            message: "no primary is available".into(),
+            node_failed: true,
+        },
+        Unavailable::BreakerOpen { node, retry_in_ms } => AcquireError {
+            code: "57P03",
+            message: format!(
+                "circuit breaker for {node} is open (too many failures); next trial in {} s",
+                retry_in_ms.div_ceil(1000)
+            ),
+            node_failed: true,
+        },
+    }
+}
+
+pub fn unavailable_error(u: Unavailable) -> AcquireError {
+    unavailable(u)
+}
+
+/// SQLSTATEs the router passes on from a server refusing a login.
+fn static_code(code: &str) -> &'static str {
+    match code {
+        "28P01" => "28P01",
+        "28000" => "28000",
+        "3D000" => "3D000",
+        "53300" => "53300",
+        "57P03" => "57P03",
+        _ => "08004",
+    }
+}

@@ -1,0 +1,122 @@
+//! The running router: listeners, the node watchers, pool maintenance, signals.
+//!
+//! SIGHUP re-reads the configuration file and applies users, pool sizes, weights and thresholds
+//! without dropping anyone (listen addresses, nodes and the server login need a restart).
+//! SIGTERM/SIGINT stop accepting, let clients finish their current transaction (each is told
+//! 57P01 when it is idle) and exit when the last one left or after `drain_s` seconds.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::log;
+use crate::protocol;
+use crate::session::Session;
+use crate::shared::{reload_problem, Counters, Shared};
+
+/// Seconds a shutdown waits for clients before exiting anyway.
+pub const DRAIN_S: u64 = 30;
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
+
+pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
+    let listener = TcpListener::bind(&config.listen.address).await?;
+    let admin = match &config.listen.admin_address {
+        Some(a) => Some(TcpListener::bind(a).await?),
+        None => None,
+    };
+    let shared = Shared::new(config.clone());
+    for node in 0..config.nodes.len() {
+        shared.pools.get(node, &config.server.database, shared.pool_limits());
+        tokio::spawn(crate::monitor::watch_node(shared.clone(), node));
+    }
+    if let Some(l) = admin {
+        tokio::spawn(crate::admin::serve(shared.clone(), l));
+    }
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Let the watchers find the roles before the first warm-up.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            loop {
+                shared.maintain_pools().await;
+                tokio::time::sleep(MAINTENANCE_EVERY).await;
+            }
+        });
+    }
+    log::info(&format!(
+        "dbopt-router {} listening on {}{}",
+        env!("CARGO_PKG_VERSION"),
+        config.listen.address,
+        config
+            .listen
+            .admin_address
+            .as_ref()
+            .map(|a| format!(", admin on http://{a}/metrics"))
+            .unwrap_or_default()
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let c = &shared.counters;
+                Counters::inc(&c.clients_total);
+                let active = c.clients_active.fetch_add(1, Ordering::Relaxed) + 1;
+                let shared = shared.clone();
+                let stop = stop_rx.clone();
+                tokio::spawn(async move {
+                    if active > u64::from(shared.config().listen.max_clients) {
+                        let mut out = Vec::new();
+                        protocol::put_error(&mut out, "FATAL", "53300", "sorry, too many clients already");
+                        let mut stream = stream;
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+                    } else {
+                        Session::new(shared.clone(), stream, peer, stop).run().await;
+                    }
+                    shared.counters.clients_active.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            _ = hup.recv() => reload(&shared, &path),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    drop(listener);
+    shared.shutting_down.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let clients = shared.counters.clients_active.load(Ordering::Relaxed);
+    log::info(&format!("shutting down: no new clients; draining {clients} client(s) for up to {DRAIN_S} s"));
+    let deadline = Instant::now() + Duration::from_secs(DRAIN_S);
+    while shared.counters.clients_active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    log::info(&format!(
+        "stopped with {} client(s) left",
+        shared.counters.clients_active.load(Ordering::Relaxed)
+    ));
+    Ok(())
+}
+
+fn reload(shared: &Shared, path: &PathBuf) {
+    match Config::load(path) {
+        Err(e) => log::error(&format!("SIGHUP: keeping the running configuration: {e}")),
+        Ok(new) => {
+            if let Some(problem) = reload_problem(&shared.config(), &new) {
+                log::error(&format!("SIGHUP: keeping the running configuration: {problem}"));
+            } else {
+                shared.reload(new);
+                log::info(&format!("SIGHUP: configuration reloaded from {}", path.display()));
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! State shared by every task of a running router: configuration (swapped on SIGHUP), client
+//! credentials, topology, pools, counters and the cancel-key registry.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::auth::ScramVerifier;
+use crate::classify::{classify, Class, FunctionCatalog};
+use crate::config::{AuthMethod, Config, PoolMode};
+use crate::pool::PoolLimits;
+use crate::pools::Pools;
+use crate::topology::Topology;
+
+/// A configured client user, with its SCRAM verifier derived once.
+#[derive(Debug, Clone)]
+pub struct UserAuth {
+    pub method: AuthMethod,
+    pub password: Option<String>,
+    pub scram: Option<ScramVerifier>,
+    pub pool_mode: PoolMode,
+    pub critical: bool,
+}
+
+pub fn users_of(config: &Config) -> HashMap<String, UserAuth> {
+    config
+        .users
+        .iter()
+        .map(|u| {
+            let scram = match (u.auth, &u.password) {
+                (AuthMethod::ScramSha256, Some(p)) => Some(ScramVerifier::with_random_salt(p)),
+                _ => None,
+            };
+            (
+                u.name.clone(),
+                UserAuth {
+                    method: u.auth,
+                    password: u.password.clone(),
+                    scram,
+                    pool_mode: u.pool_mode.unwrap_or(config.pool.mode),
+                    critical: u.critical,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Where a client's current server backend is, for its CancelRequest.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: String,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct Counters {
+    pub clients_total: AtomicU64,
+    pub clients_active: AtomicU64,
+    pub routed_replica: AtomicU64,
+    pub routed_primary: AtomicU64,
+    pub routed_critical: AtomicU64,
+    pub routed_primary_fallback: AtomicU64,
+    pub read_retries: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub acquire_errors: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub cancels: AtomicU64,
+}
+
+impl Counters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    users: RwLock<Arc<HashMap<String, UserAuth>>>,
+    topology: Mutex<Topology>,
+    pub pools: Pools,
+    pub counters: Counters,
+    /// Client cancel key → the server backend it is using right now.
+    pub cancel: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    /// ParameterStatus values of the servers, sent to clients at login.
+    server_params: Mutex<Vec<(String, String)>>,
+    pub shutting_down: AtomicBool,
+    /// Classification by normalised text (literals do not change whether a statement reads).
+    class_cache: Mutex<HashMap<String, Class>>,
+}
+
+/// Entries in the classification cache before it is emptied.
+pub const CLASS_CACHE_MAX: usize = 10_000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        Arc::new(Shared {
+            users: RwLock::new(Arc::new(users_of(&config))),
+            topology: Mutex::new(Topology::new(&config)),
+            config: RwLock::new(Arc::new(config)),
+            pools: Pools::default(),
+            counters: Counters::default(),
+            cancel: Mutex::new(HashMap::new()),
+            server_params: Mutex::new(Vec::new()),
+            shutting_down: AtomicBool::new(false),
+            class_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn users(&self) -> Arc<HashMap<String, UserAuth>> {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies a reloaded configuration: users, pool sizes, thresholds, weights. Listen
+    /// addresses and the node list need a restart (`reload_problem` says so).
+    pub fn reload(&self, config: Config) {
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users_of(&config));
+        self.topology().reconfigure(&config);
+        let limits = pool_limits(&config);
+        for pool in self.pools.all() {
+            pool.lock().limits = limits;
+        }
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+    }
+
+    /// Classifies `sql`, from the cache when a text of the same shape was seen.
+    pub fn classify_cached(&self, sql: &str) -> Class {
+        let (key, _) = dbopt_querystats::normalize::normalize(sql);
+        if let Some(c) = lock(&self.class_cache).get(&key) {
+            return *c;
+        }
+        let functions = self.topology().functions.clone();
+        let c = classify(sql, &functions);
+        let mut cache = lock(&self.class_cache);
+        if cache.len() >= CLASS_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, c);
+        c
+    }
+
+    /// Installs the function catalogue of the primary; cached classifications are redone.
+    pub fn set_functions(&self, f: FunctionCatalog) {
+        self.topology().functions = Arc::new(f);
+        lock(&self.class_cache).clear();
+    }
+
+    pub fn topology(&self) -> MutexGuard<'_, Topology> {
+        lock(&self.topology)
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.topology().now_ms()
+    }
+
+    pub fn node_name(&self, node: usize) -> String {
+        self.topology().nodes[node].name.clone()
+    }
+
+    pub fn pool_limits(&self) -> PoolLimits {
+        pool_limits(&self.config())
+    }
+
+    pub fn remember_server_params(&self, c: &crate::server::ServerConn) {
+        let mut p = lock(&self.server_params);
+        if p.is_empty() {
+            let mut v: Vec<(String, String)> =
+                c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            v.sort();
+            *p = v;
+        }
+    }
+
+    pub fn server_params(&self) -> Vec<(String, String)> {
+        lock(&self.server_params).clone()
+    }
+}
+
+/// Why a reloaded configuration cannot be applied without a restart, if it cannot.
+pub fn reload_problem(old: &Config, new: &Config) -> Option<String> {
+    if old.listen != new.listen {
+        return Some("[listen] changed: restart the router to apply it".into());
+    }
+    if old.nodes.len() != new.nodes.len()
+        || old
+            .nodes
+            .iter()
+            .zip(&new.nodes)
+            .any(|(a, b)| a.name != b.name || a.host != b.host || a.port != b.port)
+    {
+        return Some("the node list changed: restart the router to apply it".into());
+    }
+    if old.server != new.server {
+        return Some("[server] changed: restart the router to apply it".into());
+    }
+    None
+}
+
+pub fn pool_limits(c: &Config) -> PoolLimits {
+    PoolLimits {
+        min: c.pool.min_size,
+        max: c.pool.max_size,
+        critical_reserve: c.pool.critical_reserve,
+        idle_timeout_ms: c.pool.idle_timeout_s * 1000,
+        warn_percent: c.pool.warn_utilisation_percent,
+    }
+}
