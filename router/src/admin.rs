@@ -45,7 +45,11 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             "application/json",
             serde_json::to_string_pretty(&status(shared)).unwrap_or_default(),
         ),
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /status\n".into()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /status\n".into(),
+        ),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
     let head = format!(
@@ -61,7 +65,9 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The Prometheus exposition.
@@ -71,13 +77,41 @@ pub fn metrics(shared: &Shared) -> String {
     let mut counter = |name: &str, help: &str, v: u64| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     };
-    counter("dbopt_router_clients_total", "Client connections accepted.", c.clients_total.load(Ordering::Relaxed));
-    counter("dbopt_router_auth_failures_total", "Failed client authentications.", c.auth_failures.load(Ordering::Relaxed));
-    counter("dbopt_router_protocol_errors_total", "Client connections closed for protocol violations.", c.protocol_errors.load(Ordering::Relaxed));
-    counter("dbopt_router_acquire_errors_total", "Batches refused for want of a server connection.", c.acquire_errors.load(Ordering::Relaxed));
-    counter("dbopt_router_server_errors_total", "Server connections lost while in use.", c.server_errors.load(Ordering::Relaxed));
-    counter("dbopt_router_read_retries_total", "Reads retried on another node after a server failure.", c.read_retries.load(Ordering::Relaxed));
-    counter("dbopt_router_cancels_total", "Cancel requests forwarded.", c.cancels.load(Ordering::Relaxed));
+    counter(
+        "dbopt_router_clients_total",
+        "Client connections accepted.",
+        c.clients_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_auth_failures_total",
+        "Failed client authentications.",
+        c.auth_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_protocol_errors_total",
+        "Client connections closed for protocol violations.",
+        c.protocol_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_acquire_errors_total",
+        "Batches refused for want of a server connection.",
+        c.acquire_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_server_errors_total",
+        "Server connections lost while in use.",
+        c.server_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_read_retries_total",
+        "Reads retried on another node after a server failure.",
+        c.read_retries.load(Ordering::Relaxed),
+    );
+    counter(
+        "dbopt_router_cancels_total",
+        "Cancel requests forwarded.",
+        c.cancels.load(Ordering::Relaxed),
+    );
     let _ = writeln!(o, "# HELP dbopt_router_clients Client connections open now.\n# TYPE dbopt_router_clients gauge\ndbopt_router_clients {}", c.clients_active.load(Ordering::Relaxed));
     let _ = writeln!(o, "# HELP dbopt_router_routed_total Batches routed, by route.\n# TYPE dbopt_router_routed_total counter");
     for (route, v) in [
@@ -86,15 +120,33 @@ pub fn metrics(shared: &Shared) -> String {
         ("critical", &c.routed_critical),
         ("primary_fallback", &c.routed_primary_fallback),
     ] {
-        let _ = writeln!(o, "dbopt_router_routed_total{{route=\"{route}\"}} {}", v.load(Ordering::Relaxed));
+        let _ = writeln!(
+            o,
+            "dbopt_router_routed_total{{route=\"{route}\"}} {}",
+            v.load(Ordering::Relaxed)
+        );
     }
 
     let pools = shared.pools.all();
-    let names: Vec<String> = shared.topology().nodes.iter().map(|n| n.name.clone()).collect();
+    let names: Vec<String> = shared
+        .topology()
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
     let gauges: [(&str, &str); 4] = [
-        ("dbopt_router_pool_connections", "Server connections open, per pool."),
-        ("dbopt_router_pool_in_use", "Server connections lent to clients, per pool."),
-        ("dbopt_router_pool_waiting", "Clients waiting for a connection, per pool."),
+        (
+            "dbopt_router_pool_connections",
+            "Server connections open, per pool.",
+        ),
+        (
+            "dbopt_router_pool_in_use",
+            "Server connections lent to clients, per pool.",
+        ),
+        (
+            "dbopt_router_pool_waiting",
+            "Clients waiting for a connection, per pool.",
+        ),
         ("dbopt_router_pool_max", "Most connections per pool."),
     ];
     for (i, (name, help)) in gauges.iter().enumerate() {
@@ -107,36 +159,79 @@ pub fn metrics(shared: &Shared) -> String {
                 2 => p.waiting.load(Ordering::Relaxed),
                 _ => st.limits.max,
             };
-            let _ = writeln!(o, "{name}{{node=\"{}\",database=\"{}\"}} {v}", esc(&names[p.node]), esc(&p.database));
+            let _ = writeln!(
+                o,
+                "{name}{{node=\"{}\",database=\"{}\"}} {v}",
+                esc(&names[p.node]),
+                esc(&p.database)
+            );
         }
     }
     let counters: [(&str, &str); 4] = [
-        ("dbopt_router_pool_waits_total", "Acquisitions that had to wait, per pool."),
-        ("dbopt_router_pool_wait_seconds_total", "Time clients spent waiting, per pool."),
-        ("dbopt_router_pool_timeouts_total", "Waits that timed out (SQLSTATE 53300), per pool."),
-        ("dbopt_router_pool_connect_failures_total", "Failed connection openings, per pool."),
+        (
+            "dbopt_router_pool_waits_total",
+            "Acquisitions that had to wait, per pool.",
+        ),
+        (
+            "dbopt_router_pool_wait_seconds_total",
+            "Time clients spent waiting, per pool.",
+        ),
+        (
+            "dbopt_router_pool_timeouts_total",
+            "Waits that timed out (SQLSTATE 53300), per pool.",
+        ),
+        (
+            "dbopt_router_pool_connect_failures_total",
+            "Failed connection openings, per pool.",
+        ),
     ];
     for (i, (name, help)) in counters.iter().enumerate() {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
         for p in &pools {
             let v = match i {
                 0 => p.waits.load(Ordering::Relaxed).to_string(),
-                1 => format!("{:.6}", p.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6),
+                1 => format!(
+                    "{:.6}",
+                    p.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6
+                ),
                 2 => p.timeouts.load(Ordering::Relaxed).to_string(),
                 _ => p.connect_failures.load(Ordering::Relaxed).to_string(),
             };
-            let _ = writeln!(o, "{name}{{node=\"{}\",database=\"{}\"}} {v}", esc(&names[p.node]), esc(&p.database));
+            let _ = writeln!(
+                o,
+                "{name}{{node=\"{}\",database=\"{}\"}} {v}",
+                esc(&names[p.node]),
+                esc(&p.database)
+            );
         }
     }
 
     let t = shared.topology();
     let node_gauges: [(&str, &str); 6] = [
-        ("dbopt_router_node_up", "1 when the last check reached the node."),
-        ("dbopt_router_node_primary", "1 for the node the router writes to."),
-        ("dbopt_router_node_replay_lag_seconds", "Replay lag from dbopt.node_status()."),
-        ("dbopt_router_node_cpu_percent", "Host CPU busy % from dbopt.node_status()."),
-        ("dbopt_router_node_latency_ewma_seconds", "EWMA of read round trips."),
-        ("dbopt_router_node_breaker_open", "1 while the node's circuit breaker is open or half-open."),
+        (
+            "dbopt_router_node_up",
+            "1 when the last check reached the node.",
+        ),
+        (
+            "dbopt_router_node_primary",
+            "1 for the node the router writes to.",
+        ),
+        (
+            "dbopt_router_node_replay_lag_seconds",
+            "Replay lag from dbopt.node_status().",
+        ),
+        (
+            "dbopt_router_node_cpu_percent",
+            "Host CPU busy % from dbopt.node_status().",
+        ),
+        (
+            "dbopt_router_node_latency_ewma_seconds",
+            "EWMA of read round trips.",
+        ),
+        (
+            "dbopt_router_node_breaker_open",
+            "1 while the node's circuit breaker is open or half-open.",
+        ),
     ];
     for (i, (name, help)) in node_gauges.iter().enumerate() {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -160,7 +255,12 @@ pub fn metrics(shared: &Shared) -> String {
 /// The JSON status document.
 pub fn status(shared: &Shared) -> serde_json::Value {
     let pools: Vec<serde_json::Value> = {
-        let names: Vec<String> = shared.topology().nodes.iter().map(|n| n.name.clone()).collect();
+        let names: Vec<String> = shared
+            .topology()
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
         shared
             .pools
             .all()

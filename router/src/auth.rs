@@ -61,7 +61,7 @@ pub struct ScramExchange {
     nonce: String,
 }
 
-fn field<'a>(part: &'a str, key: char) -> Result<&'a str, String> {
+fn field(part: &str, key: char) -> Result<&str, String> {
     let mut chars = part.chars();
     if chars.next() == Some(key) && chars.next() == Some('=') {
         Ok(&part[2..])
@@ -184,6 +184,7 @@ pub fn md5_check(user: &str, password: &str, salt: [u8; 4], response: &[u8]) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};

@@ -38,7 +38,9 @@ pub enum Admission {
     Allowed,
     /// The one attempt let through while half-open; report its outcome.
     Trial,
-    Rejected { retry_in_ms: u64 },
+    Rejected {
+        retry_in_ms: u64,
+    },
 }
 
 /// A state change worth a log line.
@@ -74,6 +76,16 @@ impl Breaker {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Does the breaker turn attempts away at `now_ms`? (Open and not yet due for a trial, or a
+    /// trial in flight.) Routing skips such nodes; once a trial is due the next attempt is it.
+    pub fn blocks(&self, now_ms: u64) -> bool {
+        match self.state {
+            State::Closed => false,
+            State::Open { since_ms } => now_ms < since_ms.saturating_add(self.policy.open_ms),
+            State::HalfOpen => self.trial_in_flight,
+        }
     }
 
     /// Attempts and failures in the window ending at `now_ms`.
@@ -163,6 +175,7 @@ impl Breaker {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -192,7 +205,11 @@ mod tests {
             b.record(t, true);
         }
         for t in 5..10 {
-            assert_eq!(b.record(t, false), None, "exactly 50 % is not more than 50 %");
+            assert_eq!(
+                b.record(t, false),
+                None,
+                "exactly 50 % is not more than 50 %"
+            );
         }
         assert_eq!(
             b.record(10, false),
@@ -201,6 +218,8 @@ mod tests {
                 attempts: 11
             })
         );
+        assert!(b.blocks(1_010));
+        assert!(!b.blocks(30_010), "a trial is due");
         assert_eq!(
             b.admit(1_010).0,
             Admission::Rejected {
@@ -208,7 +227,10 @@ mod tests {
             }
         );
         // After open_ms: one trial; the others are still rejected.
-        assert_eq!(b.admit(30_010), (Admission::Trial, Some(Transition::HalfOpened)));
+        assert_eq!(
+            b.admit(30_010),
+            (Admission::Trial, Some(Transition::HalfOpened))
+        );
         assert_eq!(b.admit(30_011).0, Admission::Rejected { retry_in_ms: 0 });
         assert_eq!(b.record(30_050, true), Some(Transition::Closed));
         assert_eq!(b.admit(30_060).0, Admission::Allowed);
@@ -223,7 +245,10 @@ mod tests {
         }
         assert!(matches!(b.state(), State::Open { .. }));
         assert_eq!(b.admit(31_000).0, Admission::Trial);
-        assert!(matches!(b.record(31_500, false), Some(Transition::Opened { .. })));
+        assert!(matches!(
+            b.record(31_500, false),
+            Some(Transition::Opened { .. })
+        ));
         assert_eq!(
             b.admit(32_000).0,
             Admission::Rejected {

@@ -156,6 +156,10 @@ const BUILTIN_SAFE: &[&str] = &[
 const VOLATILE_READ_ONLY: &[&str] = &[
     "clock_timestamp",
     "gen_random_uuid",
+    "pg_is_in_recovery",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
     "pg_sleep",
     "random",
     "timeofday",
@@ -401,5 +405,6 @@ fn comments(sql: &str) -> Vec<&str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 #[path = "classify_tests.rs"]
 mod tests;

@@ -193,6 +193,12 @@ fn catalogue_decides_unknown_functions() {
         ("app".to_string(), "bump".to_string(), false),
         ("public".to_string(), "price_of".to_string(), true),
         ("pg_catalog".to_string(), "random".to_string(), false),
+        (
+            "pg_catalog".to_string(),
+            "pg_is_in_recovery".to_string(),
+            false,
+        ),
+        ("pg_catalog".to_string(), "nextval".to_string(), false),
         ("other".to_string(), "mixed".to_string(), true),
         ("public".to_string(), "mixed".to_string(), false),
     ]);
@@ -203,6 +209,8 @@ fn catalogue_decides_unknown_functions() {
     assert!(matches!(k("SELECT bump()"), Kind::Write(_)));
     // Volatile but read-only.
     assert_eq!(k("SELECT random()"), Kind::Read);
+    assert_eq!(k("SELECT pg_is_in_recovery()"), Kind::Read);
+    assert!(matches!(k("SELECT nextval('s')"), Kind::Write(_)));
     // Safe in one schema only: unqualified is not provably safe.
     assert!(matches!(k("SELECT mixed()"), Kind::Write(_)));
     assert_eq!(k("SELECT other.mixed()"), Kind::Read);

@@ -122,7 +122,6 @@ pub struct Node {
     pub weight: u32,
 }
 
-
 /// How a client user proves who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -422,6 +421,7 @@ fn check_addr(field: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -10,19 +10,19 @@
 
 pub mod admin;
 pub mod auth;
-pub mod classify;
-pub mod config;
-pub mod protocol;
 pub mod balance;
 pub mod breaker;
+pub mod classify;
+pub mod config;
 pub mod log;
 pub mod monitor;
+pub mod pool;
 pub mod pools;
+pub mod protocol;
 pub mod relay;
+pub mod route;
 pub mod run;
 pub mod server;
 pub mod session;
 pub mod shared;
 pub mod topology;
-pub mod pool;
-pub mod route;

@@ -26,6 +26,11 @@ struct Cli {
     #[arg(long)]
     check_config: bool,
 
+    /// Worker threads (default: half the CPUs, at least 1 — the router shares the machine with
+    /// the servers or the application; 1 thread runs everything on one event loop, as PgBouncer).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
     /// Log warnings and errors only.
     #[arg(short, long)]
     quiet: bool,
@@ -65,7 +70,20 @@ fn main() -> ExitCode {
         }
     } else {
         dbopt_router::log::set_quiet(cli.quiet);
-        let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        let threads = cli.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        });
+        let built = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .enable_all()
+                .build()
+        };
+        let runtime = match built {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("dbopt-router: cannot start the runtime: {e}");

@@ -32,7 +32,8 @@ const FALLBACK_STATUS_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() \
      CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), \
      pg_last_wal_replay_lsn())::float8 ELSE 0::float8 END, NULL::float8";
 
-const FUNCTIONS_SQL: &str = "SELECT n.nspname::text, p.proname::text, bool_and(p.provolatile <> 'v') \
+const FUNCTIONS_SQL: &str =
+    "SELECT n.nspname::text, p.proname::text, bool_and(p.provolatile <> 'v') \
      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace GROUP BY 1, 2";
 
 const CATALOGUE_EVERY: Duration = Duration::from_secs(60);
@@ -99,12 +100,20 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                 let lsn: Option<String> = row.get(1);
                 let lsn = lsn.as_deref().and_then(parse_lsn);
                 let mut t = shared.topology();
-                let role = if in_recovery { Role::Replica } else { Role::Primary };
+                let role = if in_recovery {
+                    Role::Replica
+                } else {
+                    Role::Primary
+                };
                 let was_reachable = t.nodes[node].reachable;
                 t.set_role(node, role);
                 t.nodes[node].last_error = None;
                 if !was_reachable {
-                    log::info(&format!("node {} reachable as {}", t.nodes[node].name, role.name()));
+                    log::info(&format!(
+                        "node {} reachable as {}",
+                        t.nodes[node].name,
+                        role.name()
+                    ));
                 }
                 match role {
                     Role::Primary => {
@@ -112,7 +121,8 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                         t.nodes[node].lag_s = Some(0.0);
                         if t.primary == Some(node) {
                             if let Some(l) = lsn {
-                                t.lsn_history.push(crate::route::LsnSample { sent_ms, lsn: l });
+                                t.lsn_history
+                                    .push(crate::route::LsnSample { sent_ms, lsn: l });
                             }
                         }
                     }
@@ -131,7 +141,11 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(config.health.interval_s));
         if status_due {
             last_status = Some(Instant::now());
-            let sql = if has_extension { STATUS_SQL } else { FALLBACK_STATUS_SQL };
+            let sql = if has_extension {
+                STATUS_SQL
+            } else {
+                FALLBACK_STATUS_SQL
+            };
             match with_timeout(timeout_ms, c.query_one(sql, &[])).await {
                 Ok(row) => {
                     let mut t = shared.topology();
@@ -166,7 +180,10 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                     let f = FunctionCatalog::from_rows(
                         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))),
                     );
-                    log::info(&format!("loaded {} read-only function names from the primary", f.len()));
+                    log::info(&format!(
+                        "loaded {} read-only function names from the primary",
+                        f.len()
+                    ));
                     shared.set_functions(f);
                 }
                 Err(e) => log::warn(&format!("loading the function catalogue: {e}")),

@@ -118,7 +118,9 @@ impl<C> PoolState<C> {
         let mut closed = Vec::new();
         while self.open > self.limits.min {
             match self.idle.first() {
-                Some(&(_, since)) if now_ms.saturating_sub(since) >= self.limits.idle_timeout_ms => {
+                Some(&(_, since))
+                    if now_ms.saturating_sub(since) >= self.limits.idle_timeout_ms =>
+                {
                     closed.push(self.idle.remove(0).0);
                     self.open -= 1;
                 }
@@ -171,14 +173,13 @@ impl<C> PoolState<C> {
 /// `max_ms`, with "equal jitter" — half fixed, half random (`jitter` in 0..1) — so a crowd of
 /// clients that failed together does not retry together.
 pub fn backoff_ms(attempt: u32, base_ms: u64, max_ms: u64, jitter: f64) -> u64 {
-    let exp = base_ms
-        .saturating_mul(1u64 << attempt.min(30))
-        .min(max_ms);
+    let exp = base_ms.saturating_mul(1u64 << attempt.min(30)).min(max_ms);
     let half = exp / 2;
     half + (half as f64 * jitter.clamp(0.0, 1.0)) as u64
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -117,7 +117,11 @@ impl Shared {
     }
 
     /// Opens a server connection to `node` with retries, each admitted by its breaker.
-    pub async fn open_server(&self, node: usize, database: &str) -> Result<ServerConn, AcquireError> {
+    pub async fn open_server(
+        &self,
+        node: usize,
+        database: &str,
+    ) -> Result<ServerConn, AcquireError> {
         let target = self.target(node, database);
         let timeout = Duration::from_millis(self.config().health.timeout_ms);
         let mut last = String::new();
@@ -230,9 +234,7 @@ impl Shared {
                         waited = Some(Instant::now());
                     }
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero()
-                        || tokio::time::timeout(left, notified).await.is_err()
-                    {
+                    if left.is_zero() || tokio::time::timeout(left, notified).await.is_err() {
                         pool.waiting.fetch_sub(1, Ordering::Relaxed);
                         pool.timeouts.fetch_add(1, Ordering::Relaxed);
                         let st = pool.lock();

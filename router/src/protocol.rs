@@ -457,6 +457,7 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -555,6 +556,53 @@ mod tests {
         assert!(check_frontend(b'E', b"\0\0\0").is_err());
         assert!(check_frontend(b'Z', b"I").is_err());
         assert!(check_frontend(0, b"").is_err());
+    }
+
+    /// Random bytes and random message sequences never panic the parsers; every message that
+    /// `check_frontend` accepts is fully parsed by its own parser too.
+    #[test]
+    fn fuzz_frontend_parsers() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let tags = b"QPBDCESHXcdfFpZ!\0";
+        for round in 0..200_000u32 {
+            let len = (next() % 48) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && !bytes.is_empty() {
+                // Well-framed messages with random bodies reach the per-type parsers.
+                bytes[0] = tags[(next() % tags.len() as u64) as usize];
+                let body_len = bytes.len().saturating_sub(5) + 4;
+                if bytes.len() >= 5 {
+                    bytes[1..5].copy_from_slice(&(body_len as i32).to_be_bytes());
+                }
+            }
+            let _ = startup_len([
+                *bytes.first().unwrap_or(&0),
+                *bytes.get(1).unwrap_or(&0),
+                *bytes.get(2).unwrap_or(&0),
+                *bytes.get(3).unwrap_or(&0),
+            ]);
+            let _ = parse_startup(&bytes);
+            let mut rest = &bytes[..];
+            while let Ok(Some((tag, total))) = frame(rest) {
+                let b = &rest[5..total];
+                if check_frontend(tag, b).is_ok() {
+                    match tag {
+                        b'P' => assert!(parse_parse(b).is_ok()),
+                        b'B' => assert!(parse_bind(b).is_ok()),
+                        b'E' => assert!(parse_execute(b).is_ok()),
+                        _ => {}
+                    }
+                }
+                let _ = error_fields(b);
+                rest = &rest[total..];
+            }
+        }
     }
 
     #[test]

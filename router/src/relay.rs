@@ -36,7 +36,10 @@ impl Session {
     /// Tells the client why its batch got no server; the session goes on.
     pub(crate) async fn refuse(&mut self, batch: &[(u8, Vec<u8>)], e: AcquireError) -> Step<()> {
         Counters::inc(&self.shared.counters.acquire_errors);
-        log::warn(&format!("client {}: {} (SQLSTATE {})", self.peer, e.message, e.code));
+        log::warn(&format!(
+            "client {}: {} (SQLSTATE {})",
+            self.peer, e.message, e.code
+        ));
         p::put_error(&mut self.out, "ERROR", e.code, &e.message);
         self.finish_refusal(batch);
         self.flush_client().await
@@ -118,7 +121,8 @@ impl Session {
                     } else {
                         att.pending.push_back(Expect::SyntheticParse);
                     }
-                    self.statements.insert(m.name.to_vec(), std::sync::Arc::new(stmt));
+                    self.statements
+                        .insert(m.name.to_vec(), std::sync::Arc::new(stmt));
                 }
                 _ => {
                     out.extend_from_slice(msg);
@@ -211,7 +215,9 @@ impl Session {
                     att.pending.pop_front();
                 }
                 let b = body(msg);
-                if tag == b'C' && (b.starts_with(b"DISCARD ALL") || b.starts_with(b"DEALLOCATE ALL")) {
+                if tag == b'C'
+                    && (b.starts_with(b"DISCARD ALL") || b.starts_with(b"DEALLOCATE ALL"))
+                {
                     att.conn.prepared.clear();
                 }
                 true
@@ -281,7 +287,9 @@ impl Session {
     }
 
     fn session_mode(&self) -> bool {
-        self.auth.as_ref().is_some_and(|a| a.pool_mode == PoolMode::Session)
+        self.auth
+            .as_ref()
+            .is_some_and(|a| a.pool_mode == PoolMode::Session)
     }
 
     /// Relays until the connection is given back (transaction pooling) or the session ends.
@@ -438,7 +446,10 @@ impl Session {
                 return Ok(PumpEnd::Retry(batch, node));
             }
         }
-        log::warn(&format!("client {}: server connection to {name} lost: {reason}", self.peer));
+        log::warn(&format!(
+            "client {}: server connection to {name} lost: {reason}",
+            self.peer
+        ));
         Err(self.fatal(
             "08006",
             &format!("dbopt-router: server connection to {name} lost: {reason}"),

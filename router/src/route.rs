@@ -147,6 +147,7 @@ impl Barrier {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::classify::{classify, FunctionCatalog};
@@ -160,20 +161,37 @@ mod tests {
         assert_eq!(route("SELECT 1").target, Target::Replica);
         assert_eq!(route("BEGIN READ ONLY").target, Target::Replica);
         let w = route("UPDATE t SET a = 1");
-        assert_eq!((w.target, w.writes, w.critical), (Target::Primary, true, false));
+        assert_eq!(
+            (w.target, w.writes, w.critical),
+            (Target::Primary, true, false)
+        );
         assert_eq!(route("BEGIN").target, Target::Primary);
         assert_eq!(route("SELECT nextval('s')").target, Target::Primary);
     }
 
     #[test]
     fn hints_and_critical() {
-        assert_eq!(route("/* dbopt:primary */ SELECT 1").target, Target::Primary);
-        assert_eq!(route("/* dbopt:replica */ SELECT f()").target, Target::Replica);
+        assert_eq!(
+            route("/* dbopt:primary */ SELECT 1").target,
+            Target::Primary
+        );
+        assert_eq!(
+            route("/* dbopt:replica */ SELECT f()").target,
+            Target::Replica
+        );
         let c = route("/* dbopt:critical */ SELECT 1");
         assert_eq!((c.target, c.critical), (Target::Primary, true));
-        let u = decide(&classify("SELECT 1", &FunctionCatalog::builtin()), true, false);
+        let u = decide(
+            &classify("SELECT 1", &FunctionCatalog::builtin()),
+            true,
+            false,
+        );
         assert_eq!((u.target, u.critical), (Target::Primary, true));
-        let s = decide(&classify("SELECT 1", &FunctionCatalog::builtin()), false, true);
+        let s = decide(
+            &classify("SELECT 1", &FunctionCatalog::builtin()),
+            false,
+            true,
+        );
         assert_eq!(s.target, Target::Primary);
     }
 
@@ -191,19 +209,35 @@ mod tests {
             combine(&[c("BEGIN READ ONLY"), c("SELECT 1")]).kind,
             Kind::Write(_)
         ));
-        let h = combine(&[c("/* dbopt:replica */ SELECT 1"), c("/* dbopt:primary */ SELECT 1")]);
+        let h = combine(&[
+            c("/* dbopt:replica */ SELECT 1"),
+            c("/* dbopt:primary */ SELECT 1"),
+        ]);
         assert_eq!(h.hint, Some(Hint::Primary));
     }
 
     #[test]
     fn read_your_writes_waits_for_a_covering_sample_and_replay() {
         let mut h = LsnHistory::default();
-        h.push(LsnSample { sent_ms: 100, lsn: 1000 });
+        h.push(LsnSample {
+            sent_ms: 100,
+            lsn: 1000,
+        });
         let b = Barrier::WroteAt(150).resolve(&h);
-        assert_eq!(b, Barrier::WroteAt(150), "no sample sent after the write yet");
+        assert_eq!(
+            b,
+            Barrier::WroteAt(150),
+            "no sample sent after the write yet"
+        );
         assert!(!b.allows(Some(u64::MAX)));
-        h.push(LsnSample { sent_ms: 150, lsn: 1200 });
-        h.push(LsnSample { sent_ms: 250, lsn: 1300 });
+        h.push(LsnSample {
+            sent_ms: 150,
+            lsn: 1200,
+        });
+        h.push(LsnSample {
+            sent_ms: 250,
+            lsn: 1300,
+        });
         let b = Barrier::WroteAt(150).resolve(&h);
         assert_eq!(b, Barrier::Lsn(1200));
         assert!(!b.allows(Some(1199)));

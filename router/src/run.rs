@@ -31,7 +31,9 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     };
     let shared = Shared::new(config.clone());
     for node in 0..config.nodes.len() {
-        shared.pools.get(node, &config.server.database, shared.pool_limits());
+        shared
+            .pools
+            .get(node, &config.server.database, shared.pool_limits());
         tokio::spawn(crate::monitor::watch_node(shared.clone(), node));
     }
     if let Some(l) = admin {
@@ -95,7 +97,9 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     shared.shutting_down.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let clients = shared.counters.clients_active.load(Ordering::Relaxed);
-    log::info(&format!("shutting down: no new clients; draining {clients} client(s) for up to {DRAIN_S} s"));
+    log::info(&format!(
+        "shutting down: no new clients; draining {clients} client(s) for up to {DRAIN_S} s"
+    ));
     let deadline = Instant::now() + Duration::from_secs(DRAIN_S);
     while shared.counters.clients_active.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -107,15 +111,20 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     Ok(())
 }
 
-fn reload(shared: &Shared, path: &PathBuf) {
+fn reload(shared: &Shared, path: &std::path::Path) {
     match Config::load(path) {
         Err(e) => log::error(&format!("SIGHUP: keeping the running configuration: {e}")),
         Ok(new) => {
             if let Some(problem) = reload_problem(&shared.config(), &new) {
-                log::error(&format!("SIGHUP: keeping the running configuration: {problem}"));
+                log::error(&format!(
+                    "SIGHUP: keeping the running configuration: {problem}"
+                ));
             } else {
                 shared.reload(new);
-                log::info(&format!("SIGHUP: configuration reloaded from {}", path.display()));
+                log::info(&format!(
+                    "SIGHUP: configuration reloaded from {}",
+                    path.display()
+                ));
             }
         }
     }

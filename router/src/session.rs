@@ -27,12 +27,11 @@ use crate::classify::{Class, Kind};
 use crate::config::{AuthMethod, PoolMode};
 use crate::log;
 use crate::pools::{unavailable_error, Pool};
-use crate::relay::PumpEnd;
 use crate::protocol::{self as p, body, ProtocolError, Reader, Startup};
+use crate::relay::PumpEnd;
 use crate::route::{combine, decide, Barrier, Decision, Target};
 use crate::server::ServerConn;
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
-
 
 /// Client settings the router carries over to whichever server connection a client gets.
 pub(crate) const TRACKED: &[&str] = &[
@@ -217,7 +216,8 @@ impl Session {
             while self.cbuf.len() < 4 {
                 self.fill().await?;
             }
-            let len = match p::startup_len([self.cbuf[0], self.cbuf[1], self.cbuf[2], self.cbuf[3]]) {
+            let len = match p::startup_len([self.cbuf[0], self.cbuf[1], self.cbuf[2], self.cbuf[3]])
+            {
                 Ok(l) => l,
                 Err(e) => return Err(self.protocol_error(e)),
             };
@@ -246,7 +246,10 @@ impl Session {
                 "user" => user = Some(v),
                 "database" => database = Some(v),
                 "replication" if v != "false" && v != "0" => {
-                    return Err(self.fatal("08P01", "replication connections are not supported through dbopt-router"));
+                    return Err(self.fatal(
+                        "08P01",
+                        "replication connections are not supported through dbopt-router",
+                    ));
                 }
                 _ => {
                     let key = k.to_lowercase();
@@ -257,11 +260,20 @@ impl Session {
             }
         }
         let Some(user) = user.filter(|u| !u.is_empty()) else {
-            return Err(self.fatal("28000", "no PostgreSQL user name specified in startup packet"));
+            return Err(self.fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            ));
         };
-        self.database = database.filter(|d| !d.is_empty()).unwrap_or_else(|| user.clone());
+        self.database = database
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| user.clone());
         self.user = user;
-        if self.shared.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+        if self
+            .shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(self.fatal("57P01", "dbopt-router is shutting down"));
         }
         self.authenticate().await?;
@@ -387,7 +399,9 @@ impl Session {
                 let verifier = auth
                     .as_ref()
                     .and_then(|a| a.scram.clone())
-                    .unwrap_or_else(|| ScramVerifier::with_random_salt(&format!("{:x}", rand::random::<u128>())));
+                    .unwrap_or_else(|| {
+                        ScramVerifier::with_random_salt(&format!("{:x}", rand::random::<u128>()))
+                    });
                 p::put_auth(&mut self.out, 10, b"SCRAM-SHA-256\0\0");
                 self.flush_client().await?;
                 let first = self.read_password_message().await?;
@@ -398,7 +412,9 @@ impl Session {
                 }
                 let len = r.i32("SASL data length").unwrap_or(-1);
                 if len < 0 || len as usize != r.rest().len() {
-                    return Err(self.protocol_error(ProtocolError("malformed SASLInitialResponse".into())));
+                    return Err(
+                        self.protocol_error(ProtocolError("malformed SASLInitialResponse".into()))
+                    );
                 }
                 let (exchange, server_first) = match ScramExchange::start(&verifier, r.rest()) {
                     Ok(x) => x,
@@ -557,7 +573,9 @@ impl Session {
                         if self.barrier != Barrier::None
                             && t.nodes
                                 .iter()
-                                .filter(|n| n.role == Some(crate::topology::Role::Replica) && n.reachable)
+                                .filter(|n| {
+                                    n.role == Some(crate::topology::Role::Replica) && n.reachable
+                                })
                                 .all(|n| self.barrier.allows(n.replay_lsn))
                         {
                             // Every replica has caught up with this client's writes.
@@ -589,8 +607,13 @@ impl Session {
                     break (pool, conn, node);
                 }
                 // A read may go elsewhere when its replica cannot be reached.
-                Err(e) if e.node_failed && decision.target == Target::Replica && exclude.is_none() => {
-                    log::warn(&format!("read for {}: {}; trying another node", self.peer, e.message));
+                Err(e)
+                    if e.node_failed && decision.target == Target::Replica && exclude.is_none() =>
+                {
+                    log::warn(&format!(
+                        "read for {}: {}; trying another node",
+                        self.peer, e.message
+                    ));
                     exclude = Some(node);
                 }
                 Err(e) => return self.refuse(&batch, e).await,
@@ -626,7 +649,8 @@ impl Session {
                 }),
             );
         }
-        let mut to_server = Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
+        let mut to_server =
+            Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
         for (tag, msg) in &batch {
             self.translate(&mut att, *tag, msg, &mut to_server);
         }

@@ -114,7 +114,10 @@ impl Shared {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn users(&self) -> Arc<HashMap<String, UserAuth>> {
@@ -174,8 +177,11 @@ impl Shared {
     pub fn remember_server_params(&self, c: &crate::server::ServerConn) {
         let mut p = lock(&self.server_params);
         if p.is_empty() {
-            let mut v: Vec<(String, String)> =
-                c.params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut v: Vec<(String, String)> = c
+                .params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
             v.sort();
             *p = v;
         }

@@ -190,7 +190,7 @@ impl Topology {
         let n = &self.nodes[i];
         n.reachable
             && n.role == Some(Role::Replica)
-            && !matches!(n.breaker.state(), State::Open { .. })
+            && !n.breaker.blocks(self.now_ms())
             && n.lag_s.is_some_and(|l| l <= self.max_lag_s)
             && barrier.allows(n.replay_lsn)
     }
@@ -263,6 +263,7 @@ pub fn parse_lsn(s: &str) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

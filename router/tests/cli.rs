@@ -57,6 +57,7 @@ fn missing_file_and_unknown_flags_fail() {
 }
 
 #[test]
+#[allow(clippy::unwrap_used)]
 fn a_taken_listen_address_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();

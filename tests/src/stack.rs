@@ -18,6 +18,9 @@ pub struct StackInfo {
     pub nodes: Vec<NodeInfo>,
     pub etcd_port: u16,
     pub redis_port: u16,
+    pub router_port: u16,
+    pub router_admin_port: u16,
+    pub app_password: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +57,9 @@ impl Stack {
                 nodes: Vec::new(),
                 etcd_port: 0,
                 redis_port: 0,
+                router_port: 0,
+                router_admin_port: 0,
+                app_password: String::new(),
             },
         };
         // A previous run that was killed (no Drop) may have left processes or data behind.
@@ -101,6 +107,26 @@ impl Stack {
 
     pub fn connect(&self, name: &str) -> Result<postgres::Client, postgres::Error> {
         postgres::Client::connect(&self.dsn(name), postgres::NoTls)
+    }
+
+    /// libpq-style connection string for dbopt-router as router user `user`.
+    pub fn router_dsn(&self, user: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={} dbname=postgres connect_timeout=5",
+            self.info.router_port, self.info.app_password
+        )
+    }
+
+    pub fn router(&self, user: &str) -> Result<postgres::Client, postgres::Error> {
+        postgres::Client::connect(&self.router_dsn(user), postgres::NoTls)
+    }
+
+    /// The router's `/status` document.
+    pub fn router_status(&self) -> serde_json::Value {
+        let (code, body) =
+            http::get(self.info.router_admin_port, "/status").unwrap_or((0, String::new()));
+        assert_eq!(code, 200, "router /status: {body}");
+        serde_json::from_str(&body).expect("router /status is JSON")
     }
 
     /// The node whose Patroni answers 200 on `/primary`, if exactly one does.

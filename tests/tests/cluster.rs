@@ -1,6 +1,9 @@
 //! End-to-end: the local HA stack as `scripts/stack up` builds it — replication through the cascade,
 //! dbopt's node and replication status on every node, the Redis module, and a Patroni failover.
 //!
+//! The router steps (`router/steps.rs`) run on the same stack, before the failover, which the
+//! router then has to follow.
+//!
 //! One stack for the whole file (starting one costs ~15 s), checked in named steps in order; the
 //! failover comes last because it changes the topology.
 
@@ -8,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use dbopt_e2e::stack::Stack;
 use dbopt_e2e::wait_for;
+
+#[path = "router/steps.rs"]
+mod router;
 
 /// The replicas and whom each streams from, as `scripts/stack` lays the cluster out.
 const TOPOLOGY: &[(&str, &str)] = &[("node1", "node0"), ("node2", "node0"), ("node3", "node1")];
@@ -27,6 +33,16 @@ fn ha_stack_end_to_end() {
     bad_calls_get_clear_errors(&stack);
     redis_module_answers(&stack);
     observability_works_on_a_cascaded_replica(&stack);
+
+    router::router_is_ready(&stack);
+    router::reads_go_to_replicas_and_writes_to_the_primary(&stack);
+    router::prepared_statements_work_under_transaction_pooling(&stack);
+    router::reads_see_the_clients_own_writes(&stack);
+    router::psql_pgbench_and_psycopg_work_through_the_router(&stack);
+    router::auth_cancel_and_bad_input(&stack);
+    router::metrics_and_reload(&stack);
+    router::a_stopped_replica_leaves_and_rejoins(&stack);
+
     failover_promotes_a_replica_and_the_old_primary_rejoins(&stack);
 }
 
@@ -224,6 +240,7 @@ fn failover_promotes_a_replica_and_the_old_primary_rejoins(stack: &Stack) {
         "failover: writes accepted on {new_primary} {:.1} s after node0 was killed",
         took.as_secs_f64()
     );
+    router::writes_resume_through_the_router(stack, &new_primary, started);
     let mut c = stack.connect(&new_primary).expect("connect new primary");
     let role: String = c
         .query_one("SELECT role FROM dbopt.node_status()", &[])

@@ -1,0 +1,73 @@
+"""psycopg 3 through dbopt-router: what a Django backend does, checked server-side.
+
+Usage: python3 tests/python/psycopg_router.py DSN PRIMARY_PORT
+Prints one line per check and exits 0 when all hold (non-zero with the failure otherwise).
+"""
+import sys
+
+import psycopg
+
+dsn, primary_port = sys.argv[1], int(sys.argv[2])
+
+with psycopg.connect(dsn, autocommit=True) as conn:
+    # Server-side parameter binding (extended protocol), a read: it lands on a replica.
+    port, in_recovery = conn.execute(
+        "SELECT inet_server_port(), pg_is_in_recovery() WHERE %s = %s", (1, 1)
+    ).fetchone()
+    assert in_recovery and port != primary_port, (port, in_recovery)
+    print(f"read with parameters ran on replica port {port}")
+
+    conn.execute("CREATE TABLE IF NOT EXISTS py_items (id int PRIMARY KEY, name text)")
+    conn.execute("TRUNCATE py_items")
+
+    # Named prepared statements (prepare=True), reused across transactions, on whichever
+    # server connection each runs.
+    for i in range(20):
+        conn.execute("INSERT INTO py_items VALUES (%s, %s)", (i, f"item {i}"), prepare=True)
+    names = [
+        conn.execute("SELECT name FROM py_items WHERE id = %s", (i,), prepare=True).fetchone()[0]
+        for i in range(20)
+    ]
+    assert names == [f"item {i}" for i in range(20)], names
+    print("20 prepared inserts and 20 prepared reads, every row read back at once")
+
+    # A transaction stays on the primary, as one unit.
+    with conn.transaction():
+        conn.execute("UPDATE py_items SET name = 'changed' WHERE id = 0")
+        port, = conn.execute("SELECT inet_server_port()").fetchone()
+        assert port == primary_port, port
+    assert conn.execute("SELECT name FROM py_items WHERE id = 0").fetchone()[0] == "changed"
+    print("transaction ran on the primary and its write is visible after commit")
+
+    # executemany (pipelined extended protocol) and COPY in both directions.
+    with conn.cursor() as cur:
+        cur.executemany("INSERT INTO py_items VALUES (%s, %s)", [(100 + i, "many") for i in range(50)])
+        with cur.copy("COPY py_items (id, name) FROM STDIN") as copy:
+            for i in range(200, 300):
+                copy.write_row((i, "copied"))
+        rows = []
+        with cur.copy("COPY (SELECT id FROM py_items WHERE name = 'copied' ORDER BY id) TO STDOUT") as copy:
+            for row in copy.rows():
+                rows.append(int(row[0]))
+    assert rows == list(range(200, 300)), rows[:5]
+    count = conn.execute("SELECT count(*) FROM py_items").fetchone()[0]
+    assert count == 170, count
+    print("executemany of 50 rows, COPY FROM of 100 rows, COPY TO read them back; 170 rows")
+
+    # An error inside a transaction rolls it back and the connection stays usable.
+    try:
+        with conn.transaction():
+            conn.execute("INSERT INTO py_items VALUES (0, 'duplicate')")
+    except psycopg.errors.UniqueViolation:
+        pass
+    else:
+        raise AssertionError("duplicate key accepted")
+    assert conn.execute("SELECT 1").fetchone()[0] == 1
+    print("unique violation reported (SQLSTATE 23505), connection still usable")
+
+    # Pipeline mode.
+    with conn.pipeline():
+        curs = [conn.execute("SELECT %s::int * 2", (i,)) for i in range(10)]
+    assert [c.fetchone()[0] for c in curs] == [i * 2 for i in range(10)]
+    print("pipeline of 10 queries answered in order")
+print("psycopg: all checks passed")
