@@ -207,6 +207,7 @@ pub fn metrics(shared: &Shared) -> String {
     }
 
     let t = shared.topology();
+    let now = t.now_ms();
     let node_gauges: [(&str, &str); 6] = [
         (
             "dbopt_router_node_up",
@@ -241,7 +242,7 @@ pub fn metrics(shared: &Shared) -> String {
                 1 => Some(f64::from(u8::from(t.primary == Some(idx)))),
                 2 => n.lag_s,
                 3 => n.cpu_percent,
-                4 => n.ewma.get().map(|ms| ms / 1000.0),
+                4 => n.ewma.get(now).map(|ms| ms / 1000.0),
                 _ => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
             };
             if let Some(v) = v {
@@ -287,6 +288,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
     };
     let c = &shared.counters;
     let t = shared.topology();
+    let now = t.now_ms();
     let nodes: Vec<serde_json::Value> = t
         .nodes
         .iter()
@@ -302,7 +304,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "replay_lag_bytes": n.lag_bytes,
                 "cpu_percent": n.cpu_percent,
                 "replayed_lsn": n.replay_lsn,
-                "latency_ewma_ms": n.ewma.get(),
+                "latency_ewma_ms": n.ewma.get(now),
                 "breaker": n.breaker.state().name(),
                 "weight": n.weight,
                 "last_error": n.last_error,

@@ -9,33 +9,42 @@
 //! ```
 //!
 //! where `weight` is the configured capacity and `*_ewma` the exponentially weighted moving average
-//! (α = 0.2) of the node's recent read round trips. Picks follow smooth weighted round-robin (as
+//! (α = 0.2) of the node's recent read round trips, which halves for every second without a new
+//! sample: a node that was slow once (a cold cache after a restart) soon gets traffic again, and
+//! its own samples then say whether it is still slow. Picks follow smooth weighted round-robin (as
 //! nginx does): each pick adds every candidate's effective weight to its running score, takes the
 //! highest, and subtracts the total from it — so a 3:1 weighting yields A A B A, not A A A B.
 
 use std::collections::HashMap;
 
-/// Exponentially weighted moving average of round trips, in milliseconds.
+/// Exponentially weighted moving average of round trips, in milliseconds, on a caller clock.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Ewma {
     value: Option<f64>,
+    at_ms: u64,
 }
 
 pub const EWMA_ALPHA: f64 = 0.2;
+/// Without samples the average halves every this many milliseconds.
+pub const EWMA_HALF_LIFE_MS: f64 = 1000.0;
 
 impl Ewma {
-    pub fn observe(&mut self, sample_ms: f64) {
+    pub fn observe(&mut self, sample_ms: f64, now_ms: u64) {
         if !sample_ms.is_finite() || sample_ms < 0.0 {
             return;
         }
-        self.value = Some(match self.value {
+        self.value = Some(match self.get(now_ms) {
             None => sample_ms,
             Some(v) => v + EWMA_ALPHA * (sample_ms - v),
         });
+        self.at_ms = now_ms;
     }
 
-    pub fn get(&self) -> Option<f64> {
+    /// The average as of `now_ms` (decayed since the last sample).
+    pub fn get(&self, now_ms: u64) -> Option<f64> {
+        let idle = now_ms.saturating_sub(self.at_ms) as f64;
         self.value
+            .map(|v| v * 0.5f64.powf(idle / EWMA_HALF_LIFE_MS))
     }
 }
 
@@ -176,12 +185,23 @@ mod tests {
     #[test]
     fn ewma_moves_a_fifth_of_the_way() {
         let mut e = Ewma::default();
-        assert_eq!(e.get(), None);
-        e.observe(10.0);
-        e.observe(20.0);
-        assert_eq!(e.get(), Some(12.0));
-        e.observe(f64::NAN);
-        e.observe(-1.0);
-        assert_eq!(e.get(), Some(12.0));
+        assert_eq!(e.get(0), None);
+        e.observe(10.0, 0);
+        e.observe(20.0, 0);
+        assert_eq!(e.get(0), Some(12.0));
+        e.observe(f64::NAN, 0);
+        e.observe(-1.0, 0);
+        assert_eq!(e.get(0), Some(12.0));
+    }
+
+    #[test]
+    fn ewma_halves_every_second_without_samples() {
+        let mut e = Ewma::default();
+        e.observe(8.0, 1000);
+        assert_eq!(e.get(2000), Some(4.0));
+        assert_eq!(e.get(4000), Some(1.0));
+        // A new sample starts from the decayed value.
+        e.observe(1.0, 4000);
+        assert_eq!(e.get(4000), Some(1.0));
     }
 }

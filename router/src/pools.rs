@@ -135,7 +135,7 @@ impl Shared {
                 if let Err(u) = t.admit_attempt(node) {
                     return Err(unavailable(u));
                 }
-                t.epoch
+                t.stamp(node)
             };
             match ServerConn::connect(&target, timeout, epoch).await {
                 Ok(c) => {
@@ -184,7 +184,7 @@ impl Shared {
         let pool = self.pools.get(node, database, self.pool_limits());
         let (is_primary, epoch) = {
             let t = self.topology();
-            (t.primary == Some(node), t.epoch)
+            (t.primary == Some(node), t.stamp(node))
         };
         let config = self.config();
         let deadline = Instant::now() + Duration::from_millis(config.pool.wait_timeout_ms);
@@ -306,8 +306,8 @@ impl Shared {
     /// epoch, and tops every pool up to min. Runs every few seconds.
     pub async fn maintain_pools(self: &Arc<Self>) {
         let now = self.now_ms();
-        let epoch = self.topology().epoch;
         for pool in self.pools.all() {
+            let epoch = self.topology().stamp(pool.node);
             let closed = {
                 let mut st = pool.lock();
                 let mut closed = st.remove_idle_where(|c| c.epoch != epoch);

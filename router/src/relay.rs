@@ -12,7 +12,7 @@ use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
 use crate::route::{Barrier, Target};
-use crate::server::ServerConn;
+use crate::server::{ServerConn, SetupError};
 use crate::session::{statement_hash, Attached, Close, Expect, Session, Statement, Step};
 use crate::shared::Counters;
 
@@ -53,7 +53,7 @@ impl Session {
     }
 
     /// Applies the client's settings (application_name, TimeZone, ...) the connection lacks.
-    pub(crate) async fn sync_settings(&self, conn: &mut ServerConn) -> Result<(), String> {
+    pub(crate) async fn sync_settings(&self, conn: &mut ServerConn) -> Result<(), SetupError> {
         let mut sql = String::new();
         for (k, v) in &self.params {
             let current = conn

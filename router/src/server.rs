@@ -35,8 +35,9 @@ pub struct ServerConn {
     /// Bytes read from the server but not yet handled.
     pub rbuf: BytesMut,
     pub created: Instant,
-    /// Topology epoch when opened: a role change retires older connections.
-    pub epoch: u64,
+    /// (topology epoch, node generation) when opened: a role change, or the node going away,
+    /// retires older connections.
+    pub epoch: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -65,7 +66,7 @@ impl ServerConn {
     pub async fn connect(
         t: &ServerTarget,
         timeout: Duration,
-        epoch: u64,
+        epoch: (u64, u64),
     ) -> Result<ServerConn, ConnectError> {
         match tokio::time::timeout(timeout, Self::connect_inner(t, epoch)).await {
             Ok(r) => r,
@@ -77,7 +78,10 @@ impl ServerConn {
         }
     }
 
-    async fn connect_inner(t: &ServerTarget, epoch: u64) -> Result<ServerConn, ConnectError> {
+    async fn connect_inner(
+        t: &ServerTarget,
+        epoch: (u64, u64),
+    ) -> Result<ServerConn, ConnectError> {
         let stream = TcpStream::connect(&t.addr).await.map_err(unreachable_err)?;
         stream.set_nodelay(true).map_err(unreachable_err)?;
         let mut c = ServerConn {
@@ -225,16 +229,19 @@ impl ServerConn {
     }
 
     /// Runs a simple query whose results nobody needs (SET, DISCARD ALL); fails on an error.
-    pub async fn run_silently(&mut self, sql: &str) -> Result<(), String> {
+    pub async fn run_silently(&mut self, sql: &str) -> Result<(), SetupError> {
         let mut out = Vec::new();
         protocol::put_query(&mut out, sql);
         self.stream
             .write_all(&out)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SetupError::Lost(e.to_string()))?;
         let mut failure = None;
         loop {
-            let (tag, msg) = self.read_message().await.map_err(|e| e.to_string())?;
+            let (tag, msg) = self
+                .read_message()
+                .await
+                .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
                 b'E' => failure = Some(protocol::error_fields(body(&msg)).1),
                 b'S' => {
@@ -248,15 +255,26 @@ impl ServerConn {
                 }
                 b'Z' => {
                     return match failure {
-                        Some(f) => Err(f),
+                        Some(f) => Err(SetupError::Refused(f)),
                         None if body(&msg) == b"I" => Ok(()),
-                        None => Err("connection left inside a transaction".into()),
+                        None => Err(SetupError::Refused(
+                            "connection left inside a transaction".into(),
+                        )),
                     }
                 }
                 _ => {}
             }
         }
     }
+}
+
+/// Why preparing a connection for a client failed.
+#[derive(Debug)]
+pub enum SetupError {
+    /// The connection broke: use another one.
+    Lost(String),
+    /// The server refused the statement (e.g. a client setting with a bad value).
+    Refused(String),
 }
 
 /// Sends a CancelRequest for backend `pid` to `addr` (a fresh connection, as the protocol wants).

@@ -30,7 +30,7 @@ use crate::pools::{unavailable_error, Pool};
 use crate::protocol::{self as p, body, ProtocolError, Reader, Startup};
 use crate::relay::PumpEnd;
 use crate::route::{combine, decide, Barrier, Decision, Target};
-use crate::server::ServerConn;
+use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
 
 /// Client settings the router carries over to whichever server connection a client gets.
@@ -549,7 +549,13 @@ impl Session {
                 _ => {}
             }
         }
-        combine(&classes)
+        let mut class = combine(&classes);
+        // Parse/Describe alone execute nothing: preparing an INSERT is not a write, and any
+        // node can answer it (the statement is prepared again where it runs).
+        if !batch.iter().any(|(tag, _)| matches!(tag, b'E' | b'Q')) {
+            class.kind = Kind::Read;
+        }
+        class
     }
 
     /// Routes a batch, takes a server connection and sends the batch. `retry_of` is the node
@@ -564,6 +570,7 @@ impl Session {
         let class = self.batch_class(&batch);
         let decision = decide(&class, auth.critical, session_mode);
         let mut exclude = retry_of;
+        let mut broken = 0;
         let (pool, conn, node) = loop {
             let picked = {
                 let mut t = self.shared.topology();
@@ -596,7 +603,28 @@ impl Session {
                 .acquire(node, &self.database, decision.critical)
                 .await
             {
-                Ok((pool, conn)) => {
+                Ok((pool, mut conn)) => {
+                    match self.sync_settings(&mut conn).await {
+                        Ok(()) => {}
+                        Err(SetupError::Lost(e)) if broken < 3 => {
+                            // A connection that died while idle (its node restarted): another.
+                            broken += 1;
+                            self.shared.topology().record(node, false);
+                            pool.forget();
+                            log::warn(&format!(
+                                "idle connection to {} was broken ({e}); taking another",
+                                self.shared.node_name(node)
+                            ));
+                            continue;
+                        }
+                        Err(SetupError::Lost(e) | SetupError::Refused(e)) => {
+                            let code = "22023";
+                            pool.release(conn, false, 0);
+                            p::put_error(&mut self.out, "ERROR", code, &e);
+                            self.finish_refusal(&batch);
+                            return self.flush_client().await;
+                        }
+                    }
                     let c = &self.shared.counters;
                     Counters::inc(match (decision.target, decision.critical, is_primary) {
                         (_, true, _) => &c.routed_critical,
@@ -631,13 +659,6 @@ impl Session {
             relayed: false,
             started: Instant::now(),
         };
-        if let Err(e) = self.sync_settings(&mut att.conn).await {
-            let reusable = false;
-            att.pool.release(att.conn, reusable, 0);
-            p::put_error(&mut self.out, "ERROR", "22023", &e);
-            self.finish_refusal(&batch);
-            return self.flush_client().await;
-        }
         {
             let mut cancel = self.shared.cancel.lock().unwrap_or_else(|p| p.into_inner());
             cancel.insert(

@@ -40,6 +40,8 @@ pub struct NodeState {
     pub replay_lsn: Option<u64>,
     pub last_error: Option<String>,
     pub last_check: Option<Instant>,
+    /// Bumped each time the node becomes unreachable: its older connections are dead.
+    pub generation: u64,
     pub ewma: Ewma,
     pub breaker: Breaker,
 }
@@ -106,6 +108,12 @@ impl Topology {
         self.started.elapsed().as_millis() as u64
     }
 
+    /// What a server connection to `node` opened now is stamped with; connections whose stamp
+    /// differs are retired (see `ServerConn::epoch`).
+    pub fn stamp(&self, node: usize) -> (u64, u64) {
+        (self.epoch, self.nodes[node].generation)
+    }
+
     /// Records a node's role as seen by a check; re-elects the primary when roles changed.
     pub fn set_role(&mut self, node: usize, role: Role) {
         self.nodes[node].role = Some(role);
@@ -117,6 +125,9 @@ impl Topology {
         let n = &mut self.nodes[node];
         if n.reachable || n.last_error.is_none() {
             log::warn(&format!("node {} unreachable: {error}", n.name));
+        }
+        if n.reachable {
+            n.generation += 1;
         }
         n.reachable = false;
         n.last_error = Some(error);
@@ -202,13 +213,14 @@ impl Topology {
         barrier: Barrier,
         exclude: Option<usize>,
     ) -> Result<usize, Unavailable> {
+        let now = self.now_ms();
         let candidates: Vec<Candidate> = (0..self.nodes.len())
             .filter(|&i| Some(i) != exclude && self.replica_usable(i, barrier))
             .map(|i| Candidate {
                 node: i,
                 weight: self.nodes[i].weight,
                 cpu_percent: self.nodes[i].cpu_percent,
-                ewma_ms: self.nodes[i].ewma.get(),
+                ewma_ms: self.nodes[i].ewma.get(now),
             })
             .collect();
         let cpu_high = self.cpu_high_percent;
@@ -222,7 +234,8 @@ impl Topology {
     }
 
     pub fn observe_latency(&mut self, node: usize, ms: f64) {
-        self.nodes[node].ewma.observe(ms);
+        let now = self.now_ms();
+        self.nodes[node].ewma.observe(ms, now);
     }
 }
 
@@ -239,6 +252,7 @@ fn node_state(n: &Node, policy: BreakerPolicy) -> NodeState {
         replay_lsn: None,
         last_error: None,
         last_check: None,
+        generation: 0,
         ewma: Ewma::default(),
         breaker: Breaker::new(policy),
     }

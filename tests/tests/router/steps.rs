@@ -64,29 +64,8 @@ pub fn reads_go_to_replicas_and_writes_to_the_primary(stack: &Stack) {
     }
     assert_eq!(seen, replicas, "reads are spread over all three replicas");
 
-    c.batch_execute("CREATE TABLE IF NOT EXISTS router_rows (id int PRIMARY KEY, note text)")
-        .expect("DDL through the router");
-    let port: i32 = c
-        .query_one(
-            "INSERT INTO router_rows VALUES (1, 'one') RETURNING inet_server_port()",
-            &[],
-        )
-        .expect("insert")
-        .get(0);
-    assert_eq!(
-        port,
-        port_of(stack, "node0"),
-        "the write ran on the primary"
-    );
-
-    // A transaction stays on the primary; BEGIN READ ONLY may use a replica.
-    let mut tx = c.transaction().expect("begin");
-    let port: i32 = tx
-        .query_one("SELECT inet_server_port()", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(port, port_of(stack, "node0"));
-    tx.commit().unwrap();
+    // BEGIN READ ONLY may use a replica (before this client writes: after a write its reads
+    // stay on the primary until a replica has replayed it).
     c.batch_execute("BEGIN READ ONLY").unwrap();
     let a: i32 = c
         .query_one("SELECT inet_server_port()", &[])
@@ -102,6 +81,29 @@ pub fn reads_go_to_replicas_and_writes_to_the_primary(stack: &Stack) {
         "a read-only transaction on one replica: {a} {b}"
     );
 
+    c.batch_execute("CREATE TABLE IF NOT EXISTS router_rows (id int PRIMARY KEY, note text)")
+        .expect("DDL through the router");
+    let port: i32 = c
+        .query_one(
+            "INSERT INTO router_rows VALUES (1, 'one') RETURNING inet_server_port()",
+            &[],
+        )
+        .expect("insert")
+        .get(0);
+    assert_eq!(
+        port,
+        port_of(stack, "node0"),
+        "the write ran on the primary"
+    );
+
+    // A transaction stays on the primary.
+    let mut tx = c.transaction().expect("begin");
+    let port: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(port, port_of(stack, "node0"));
+    tx.commit().unwrap();
     // Locking reads, sequences and hints.
     let p: i32 = c
         .query_one(
@@ -145,11 +147,14 @@ pub fn prepared_statements_work_under_transaction_pooling(stack: &Stack) {
     let write = c
         .prepare("INSERT INTO router_rows VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET note = excluded.note")
         .expect("prepare write");
+    // Reads first: once this client writes, its reads stay on the primary until replayed.
     let mut ports = HashSet::new();
     for i in 0..60 {
         let row = c.query_one(&read, &[&i]).expect("execute prepared read");
         assert_eq!(row.get::<_, i32>(0), i + 1);
         ports.insert(row.get::<_, i32>(1));
+    }
+    for i in 0..60 {
         c.execute(&write, &[&(1000 + i), &format!("p{i}")])
             .expect("execute prepared write");
     }
