@@ -2,7 +2,6 @@
 //! holds (prepared-statement names), relaying replies in order (with the ones the router answers
 //! or swallows), giving the connection back when the server is idle, and a lost server.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -341,9 +340,7 @@ impl Session {
                     if idle && !self.session_mode() {
                         self.detach(att, true);
                         self.flush_client().await?;
-                        if self.shared.shutting_down.load(Ordering::Relaxed) {
-                            return Err(self.fatal("57P01", "dbopt-router is shutting down"));
-                        }
+                        // During a shutdown the serve loop now tells the client (57P01).
                         return Ok(PumpEnd::Detached);
                     }
                     self.attached = Some(att);

@@ -449,6 +449,11 @@ impl Session {
                 let batch = tokio::select! {
                     b = self.read_batch() => b?,
                     _ = stop.changed() => {
+                        // A client that has just been answered reads that answer first (an
+                        // error right behind a ReadyForQuery confuses some drivers); whatever
+                        // it sends meanwhile gets the same refusal.
+                        let grace = Duration::from_millis(200);
+                        let _ = tokio::time::timeout(grace, self.read_batch()).await;
                         return Err(self.fatal("57P01", "dbopt-router is shutting down"));
                     }
                 };
