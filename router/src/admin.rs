@@ -2,7 +2,7 @@
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,44 +74,47 @@ fn esc(s: &str) -> String {
 pub fn metrics(shared: &Shared) -> String {
     let mut o = String::new();
     let c = &shared.counters;
-    let mut counter = |name: &str, help: &str, v: u64| {
+    let counters: [(&str, &str, &AtomicU64); 7] = [
+        (
+            "dbopt_router_clients_total",
+            "Client connections accepted.",
+            &c.clients_total,
+        ),
+        (
+            "dbopt_router_auth_failures_total",
+            "Failed client authentications.",
+            &c.auth_failures,
+        ),
+        (
+            "dbopt_router_protocol_errors_total",
+            "Client connections closed for protocol violations.",
+            &c.protocol_errors,
+        ),
+        (
+            "dbopt_router_acquire_errors_total",
+            "Batches refused for want of a server connection.",
+            &c.acquire_errors,
+        ),
+        (
+            "dbopt_router_server_errors_total",
+            "Server connections lost while in use.",
+            &c.server_errors,
+        ),
+        (
+            "dbopt_router_read_retries_total",
+            "Reads retried on another node after a server failure.",
+            &c.read_retries,
+        ),
+        (
+            "dbopt_router_cancels_total",
+            "Cancel requests forwarded.",
+            &c.cancels,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let v = v.load(Ordering::Relaxed);
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
-    };
-    counter(
-        "dbopt_router_clients_total",
-        "Client connections accepted.",
-        c.clients_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_auth_failures_total",
-        "Failed client authentications.",
-        c.auth_failures.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_protocol_errors_total",
-        "Client connections closed for protocol violations.",
-        c.protocol_errors.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_acquire_errors_total",
-        "Batches refused for want of a server connection.",
-        c.acquire_errors.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_server_errors_total",
-        "Server connections lost while in use.",
-        c.server_errors.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_read_retries_total",
-        "Reads retried on another node after a server failure.",
-        c.read_retries.load(Ordering::Relaxed),
-    );
-    counter(
-        "dbopt_router_cancels_total",
-        "Cancel requests forwarded.",
-        c.cancels.load(Ordering::Relaxed),
-    );
+    }
     let _ = writeln!(o, "# HELP dbopt_router_clients Client connections open now.\n# TYPE dbopt_router_clients gauge\ndbopt_router_clients {}", c.clients_active.load(Ordering::Relaxed));
     let _ = writeln!(o, "# HELP dbopt_router_routed_total Batches routed, by route.\n# TYPE dbopt_router_routed_total counter");
     for (route, v) in [

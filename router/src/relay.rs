@@ -394,15 +394,7 @@ impl Session {
 
     /// Gives the attached connection back (or closes it) and notes a write for read-your-writes.
     pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
-        if let Some(slot) = self
-            .shared
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&self.key)
-        {
-            *slot = None;
-        }
+        self.shared.set_cancel_target(self.key, None);
         if att.decision.writes {
             self.barrier = Barrier::WroteAt(self.shared.now_ms());
         }
@@ -424,15 +416,7 @@ impl Session {
         Counters::inc(&self.shared.counters.server_errors);
         att.pool.forget();
         drop(att.conn);
-        if let Some(slot) = self
-            .shared
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&self.key)
-        {
-            *slot = None;
-        }
+        self.shared.set_cancel_target(self.key, None);
         if let Some(batch) = self.retry_batch.take() {
             if !att.relayed {
                 Counters::inc(&self.shared.counters.read_retries);

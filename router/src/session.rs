@@ -664,17 +664,14 @@ impl Session {
             relayed: false,
             started: Instant::now(),
         };
-        {
-            let mut cancel = self.shared.cancel.lock().unwrap_or_else(|p| p.into_inner());
-            cancel.insert(
-                self.key,
-                Some(CancelTarget {
-                    addr: att.conn.addr.clone(),
-                    pid: att.conn.pid,
-                    secret: att.conn.secret,
-                }),
-            );
-        }
+        self.shared.set_cancel_target(
+            self.key,
+            Some(CancelTarget {
+                addr: att.conn.addr.clone(),
+                pid: att.conn.pid,
+                secret: att.conn.secret,
+            }),
+        );
         let mut to_server =
             Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
         for (tag, msg) in &batch {

@@ -187,6 +187,13 @@ impl Shared {
         }
     }
 
+    /// Points a client's cancel key at the server backend it uses now (`None`: no backend).
+    pub fn set_cancel_target(&self, key: (i32, i32), target: Option<CancelTarget>) {
+        if let Some(slot) = lock(&self.cancel).get_mut(&key) {
+            *slot = target;
+        }
+    }
+
     pub fn server_params(&self) -> Vec<(String, String)> {
         lock(&self.server_params).clone()
     }
