@@ -4,18 +4,22 @@
 //! PostgreSQL ERROR becomes a Rust panic. Measured with callgrind (`scripts/bench/pg_instructions`)
 //! those guards were the largest part of dbopt's per-statement cost. The functions below cannot
 //! raise an ERROR in the way dbopt calls them, so they are declared here and called directly:
-//! - `GetUserId`, `IsTransactionBlock`: read backend-local state, never error.
+//! - `GetUserId`, `IsTransactionBlock`, `GetCurrentStatementStartTimestamp`: read backend-local
+//!   state, never error.
 //! - `LWLockAcquire`/`LWLockRelease` on dbopt's own locks: errors only on internal misuse
 //!   (releasing a lock not held, holding more than 200 locks), which dbopt's guards rule out.
 //! - `hash_search` with `HASH_FIND`/`HASH_ENTER_NULL`/`HASH_REMOVE` on a shared table: the
 //!   `_NULL` form returns NULL instead of raising when memory runs out.
 //! - `InstrEndLoop` on the statement's own total-time instrument, which is never running then.
 //!
-//! `standard_ExecutorRun`/`standard_ExecutorFinish` *can* raise any query error. dbopt's Run and
-//! Finish hooks call them directly anyway: those hooks only count the nesting level, their frames
-//! hold nothing that needs cleaning up (so a longjmp over them is harmless, as over a C frame), and
-//! the level they would have restored is reset by the (sub)transaction-abort callbacks — the
-//! equivalent of pg_stat_statements' PG_FINALLY. See `hooks.rs`.
+//! - `InstrAlloc` for the statement's timer: only raises out-of-memory, as any palloc.
+//!
+//! `standard_ExecutorStart/Run/Finish/End` (and a previous hook in their place) *can* raise any
+//! query error. dbopt's hooks call them directly anyway: at the call the hook's frame holds nothing
+//! that needs cleaning up (its own work is done before, or after, in a separate guarded function),
+//! so a longjmp over it is harmless, as over a C frame; the nesting level Run and Finish would have
+//! restored is reset by the (sub)transaction-abort callbacks — the equivalent of
+//! pg_stat_statements' PG_FINALLY. See `hooks.rs`.
 
 use pgrx::pg_sys;
 
@@ -23,6 +27,7 @@ use pgrx::pg_sys;
 extern "C-unwind" {
     pub fn GetUserId() -> pg_sys::Oid;
     pub fn IsTransactionBlock() -> bool;
+    pub fn GetCurrentStatementStartTimestamp() -> pg_sys::TimestampTz;
     pub fn LWLockAcquire(lock: *mut pg_sys::LWLock, mode: pg_sys::LWLockMode::Type) -> bool;
     pub fn LWLockRelease(lock: *mut pg_sys::LWLock);
     pub fn hash_search(
@@ -32,6 +37,13 @@ extern "C-unwind" {
         found: *mut bool,
     ) -> *mut std::ffi::c_void;
     pub fn InstrEndLoop(instr: *mut pg_sys::Instrumentation);
+    pub fn InstrAlloc(
+        n: i32,
+        instrument_options: i32,
+        async_mode: bool,
+    ) -> *mut pg_sys::Instrumentation;
+    pub fn standard_ExecutorStart(qd: *mut pg_sys::QueryDesc, eflags: i32);
+    pub fn standard_ExecutorEnd(qd: *mut pg_sys::QueryDesc);
     pub fn standard_ExecutorRun(
         qd: *mut pg_sys::QueryDesc,
         direction: pg_sys::ScanDirection::Type,

@@ -155,47 +155,58 @@ pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
     String::from_utf8_lossy(unsafe { statement_bytes(qd) }).into_owned()
 }
 
-#[pgrx::pg_guard]
+// Start and End do their own work in guarded functions (a panic there becomes an ERROR, as with
+// any pgrx function) and call the executor directly, without pgrx's per-call guard (sigsetjmp):
+// when the executor raises an error, the longjmp passes a frame that holds nothing to clean up.
 unsafe extern "C-unwind" fn executor_start(qd: *mut pg_sys::QueryDesc, eflags: i32) {
-    // SAFETY: called by PostgreSQL with a valid QueryDesc; previous hooks are called through the
-    // FFI boundary so their errors become unwinding panics that our guards survive.
+    // SAFETY: called by PostgreSQL with a valid QueryDesc.
+    let tracked = unsafe { before_start(qd) };
+    // SAFETY: chaining with PostgreSQL's own arguments; see above for errors.
     unsafe {
-        let key = key_of(qd);
-        if let Some(k) = key {
-            if k.toplevel == 1 {
-                LOCAL.with(|l| l.current.set(Some(k)));
-            }
-            // Make sure the statement has an entry (with its text) before it can fail, so an error
-            // has somewhere to be counted. Once per statement and backend.
-            let new =
-                LOCAL.with(|l| l.last_known.get() != Some(k) && !l.known.borrow().contains(&k));
-            if new {
-                let text = statement_text(qd);
-                shmem::update(&k, || normalize(&text).0, |_| {});
-                LOCAL.with(|l| {
-                    let mut known = l.known.borrow_mut();
-                    if known.len() >= KNOWN_MAX {
-                        known.clear();
-                    }
-                    known.insert(k);
-                });
-            }
-            LOCAL.with(|l| l.last_known.set(Some(k)));
-            if k.toplevel == 1 {
-                slow::maybe_instrument(qd);
-            }
-        }
         match PREV_START {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd, eflags)),
-            None => pg_sys::standard_ExecutorStart(qd, eflags),
+            Some(prev) => prev(qd, eflags),
+            None => fast_ffi::standard_ExecutorStart(qd, eflags),
         }
-        if key.is_some() && (*qd).totaltime.is_null() {
+        if tracked && (*qd).totaltime.is_null() {
             // Our own timer and buffer/WAL counters for the whole statement, in the query's memory.
             let old = pg_sys::MemoryContextSwitchTo((*(*qd).estate).es_query_cxt);
             (*qd).totaltime =
-                pg_sys::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as i32, false);
+                fast_ffi::InstrAlloc(1, pg_sys::InstrumentOption::INSTRUMENT_ALL as i32, false);
             pg_sys::MemoryContextSwitchTo(old);
         }
+    }
+}
+
+/// ExecutorStart's own work; true when the statement is tracked.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn before_start(qd: *mut pg_sys::QueryDesc) -> bool {
+    // SAFETY: called with the hook's valid QueryDesc.
+    unsafe {
+        let Some(k) = key_of(qd) else {
+            return false;
+        };
+        if k.toplevel == 1 {
+            LOCAL.with(|l| l.current.set(Some(k)));
+        }
+        // Make sure the statement has an entry (with its text) before it can fail, so an error
+        // has somewhere to be counted. Once per statement and backend.
+        let new = LOCAL.with(|l| l.last_known.get() != Some(k) && !l.known.borrow().contains(&k));
+        if new {
+            let text = statement_text(qd);
+            shmem::update(&k, || normalize(&text).0, |_| {});
+            LOCAL.with(|l| {
+                let mut known = l.known.borrow_mut();
+                if known.len() >= KNOWN_MAX {
+                    known.clear();
+                }
+                known.insert(k);
+            });
+        }
+        LOCAL.with(|l| l.last_known.set(Some(k)));
+        if k.toplevel == 1 {
+            slow::maybe_instrument(qd);
+        }
+        true
     }
 }
 
@@ -237,9 +248,22 @@ unsafe extern "C-unwind" fn executor_finish(qd: *mut pg_sys::QueryDesc) {
     shift_nesting(-1);
 }
 
-#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
-    // SAFETY: the QueryDesc is valid until standard_ExecutorEnd, which runs last.
+    // SAFETY: the QueryDesc is valid until standard_ExecutorEnd, which runs last; see
+    // `executor_start` for the unguarded call.
+    unsafe {
+        before_end(qd);
+        match PREV_END {
+            Some(prev) => prev(qd),
+            None => fast_ffi::standard_ExecutorEnd(qd),
+        }
+    }
+}
+
+/// ExecutorEnd's own work: record the statement.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn before_end(qd: *mut pg_sys::QueryDesc) {
+    // SAFETY: called with the hook's valid QueryDesc.
     unsafe {
         if let Some(key) = key_of(qd) {
             if !(*qd).totaltime.is_null() {
@@ -248,10 +272,6 @@ unsafe extern "C-unwind" fn executor_end(qd: *mut pg_sys::QueryDesc) {
             if key.toplevel == 1 {
                 LOCAL.with(|l| l.current.set(None));
             }
-        }
-        match PREV_END {
-            Some(prev) => pg_guard_ffi_boundary(|| prev(qd)),
-            None => pg_sys::standard_ExecutorEnd(qd),
         }
     }
 }
@@ -308,8 +328,9 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
         };
         let b = (*t).bufusage;
         let w = (*t).walusage;
-        let now = timestamp_now();
-        // One clock read serves the statistics and the N+1 detector (PostgreSQL epoch → Unix ms).
+        // When the statement ended: its message's start time (PostgreSQL keeps it; no clock read)
+        // plus its duration. It serves the statistics and the N+1 detector (→ Unix ms).
+        let now = fast_ffi::GetCurrentStatementStartTimestamp() + (ms * 1000.0) as i64;
         let now_unix_ms = ((now + 946_684_800_000_000) / 1000).max(0) as u64;
         let text = || normalize(&statement_text(qd)).0;
         shmem::update(key, text, |c| {
@@ -339,16 +360,6 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             nplusone::observe(qd, key, now_unix_ms);
         }
     }
-}
-
-/// The current time as a PostgreSQL TimestampTz (µs since 2000-01-01 UTC), read from Rust's
-/// clock: on the per-statement path this saves a guarded call into PostgreSQL.
-fn timestamp_now() -> i64 {
-    const UNIX_TO_PG_EPOCH_US: i64 = 946_684_800_000_000;
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64 - UNIX_TO_PG_EPOCH_US)
-        .unwrap_or(0)
 }
 
 /// A fast non-cryptographic hasher: a fingerprint only has to tell parameter sets of one statement
@@ -437,11 +448,27 @@ fn charge_error() {
     }
 }
 
-#[pgrx::pg_guard]
+/// Called for every transaction event (pre-commit, commit, …): only abort and commit matter, and
+/// the others return before pgrx's guard is set up.
 unsafe extern "C-unwind" fn xact_callback(
     event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
+    arg: *mut std::ffi::c_void,
 ) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+    ) {
+        // SAFETY: forwarded from PostgreSQL.
+        unsafe { xact_end(event, arg) }
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn xact_end(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             charge_error();

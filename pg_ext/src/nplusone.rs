@@ -36,14 +36,20 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
         return;
     }
     // SAFETY: forwarded from the caller; IsTransactionBlock reads backend-local state.
-    let (fp, in_block) = unsafe { (fingerprint(qd), crate::fast_ffi::IsTransactionBlock()) };
+    // SAFETY: reads backend-local state.
+    let in_block = unsafe { crate::fast_ffi::IsTransactionBlock() };
     let stmt = Statement {
         query_id: key.queryid,
-        fingerprint: fp,
+        fingerprint: 0,
         in_transaction_block: in_block,
         now_ms,
     };
-    let outcome = LOCAL.with(|l| l.borrow_mut().detector.observe(cfg, stmt));
+    // SAFETY: the QueryDesc is the running statement's (ExecutorEnd).
+    let outcome = LOCAL.with(|l| {
+        l.borrow_mut()
+            .detector
+            .observe_lazily(cfg, stmt, || unsafe { fingerprint(qd) })
+    });
     match outcome {
         Outcome::Nothing => {}
         Outcome::Detected(e) => {

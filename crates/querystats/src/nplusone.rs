@@ -69,6 +69,17 @@ pub struct Detector {
 
 impl Detector {
     pub fn observe(&mut self, cfg: Config, s: Statement) -> Outcome {
+        self.observe_lazily(cfg, s, || s.fingerprint)
+    }
+
+    /// As [`Detector::observe`], with the parameter fingerprint computed only when it matters:
+    /// not for a statement whose burst is already reported (`s.fingerprint` is ignored).
+    pub fn observe_lazily(
+        &mut self,
+        cfg: Config,
+        s: Statement,
+        fingerprint: impl FnOnce() -> u64,
+    ) -> Outcome {
         if cfg.threshold == 0 || s.query_id == 0 {
             return Outcome::Nothing;
         }
@@ -110,8 +121,9 @@ impl Detector {
             g.event.count += 1;
             return Outcome::Grew(g.event);
         }
-        if !g.fingerprints.contains(&s.fingerprint) {
-            g.fingerprints.push(s.fingerprint);
+        let fp = fingerprint();
+        if !g.fingerprints.contains(&fp) {
+            g.fingerprints.push(fp);
         }
         g.event.count = g.fingerprints.len() as u32;
         if g.fingerprints.len() as u32 >= cfg.threshold {
@@ -125,6 +137,10 @@ impl Detector {
     /// The transaction block ended (commit or abort): its bursts are over. Returns the final state
     /// of the bursts that had been reported, so their counts can be written out exactly.
     pub fn end_transaction(&mut self) -> Vec<Event> {
+        // Autocommit statements never open a transaction group: nothing to do (the common case).
+        if !self.groups.iter().any(|g| g.in_transaction) {
+            return Vec::new();
+        }
         let done = self
             .groups
             .iter()
@@ -159,6 +175,24 @@ mod tests {
             in_transaction_block: tx,
             now_ms,
         }
+    }
+
+    #[test]
+    fn fingerprints_are_not_computed_once_a_burst_is_reported() {
+        let mut d = Detector::default();
+        let mut computed = 0;
+        for i in 0..30u64 {
+            let s = stmt(7, 0, false, i);
+            d.observe_lazily(CFG, s, || {
+                computed += 1;
+                i
+            });
+        }
+        assert_eq!(
+            computed, 10,
+            "only until the 10th distinct execution reported it"
+        );
+        assert_eq!(d.end_transaction(), Vec::new());
     }
 
     #[test]
