@@ -77,6 +77,8 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                 let shared = shared.clone();
                 let stop = stop_rx.clone();
                 tokio::spawn(async move {
+                    // Counts the client out even if its task panics.
+                    let _active = Active(shared.clone());
                     if active > u64::from(shared.config().listen.max_clients) {
                         let mut out = Vec::new();
                         protocol::put_error(&mut out, "FATAL", "53300", "sorry, too many clients already");
@@ -85,7 +87,6 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                     } else {
                         Session::new(shared.clone(), stream, peer, stop).run().await;
                     }
-                    shared.counters.clients_active.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             _ = hup.recv() => reload(&shared, &path),
@@ -109,6 +110,15 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
         shared.counters.clients_active.load(Ordering::Relaxed)
     ));
     Ok(())
+}
+
+/// One open client connection, in `clients_active` while it lives.
+struct Active(std::sync::Arc<Shared>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.counters.clients_active.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn reload(shared: &Shared, path: &std::path::Path) {

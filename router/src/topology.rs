@@ -197,11 +197,11 @@ impl Topology {
         self.primary.ok_or(Unavailable::NoPrimary)
     }
 
-    fn replica_usable(&self, i: usize, barrier: Barrier) -> bool {
+    fn replica_usable(&self, i: usize, barrier: Barrier, now_ms: u64) -> bool {
         let n = &self.nodes[i];
         n.reachable
             && n.role == Some(Role::Replica)
-            && !n.breaker.blocks(self.now_ms())
+            && !n.breaker.blocks(now_ms)
             && n.lag_s.is_some_and(|l| l <= self.max_lag_s)
             && barrier.allows(n.replay_lsn)
     }
@@ -215,7 +215,7 @@ impl Topology {
     ) -> Result<usize, Unavailable> {
         let now = self.now_ms();
         let candidates: Vec<Candidate> = (0..self.nodes.len())
-            .filter(|&i| Some(i) != exclude && self.replica_usable(i, barrier))
+            .filter(|&i| Some(i) != exclude && self.replica_usable(i, barrier, now))
             .map(|i| Candidate {
                 node: i,
                 weight: self.nodes[i].weight,
