@@ -117,7 +117,10 @@ struct Active(std::sync::Arc<Shared>);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.counters.clients_active.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .counters
+            .clients_active
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
