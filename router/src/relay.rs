@@ -51,29 +51,55 @@ impl Session {
         }
     }
 
-    /// Applies the client's settings (application_name, TimeZone, ...) the connection lacks.
-    pub(crate) async fn sync_settings(&self, conn: &mut ServerConn) -> Result<(), SetupError> {
-        let mut sql = String::new();
-        for (k, v) in &self.params {
-            let current = conn
-                .params
+    /// Applies the client's settings (application_name, TimeZone, search_path, ...) the
+    /// connection lacks. Returns whether an [`UNREPORTED`](crate::session::UNREPORTED) setting was
+    /// applied: the connection must then be reset before it is pooled again.
+    pub(crate) async fn sync_settings(
+        &mut self,
+        conn: &mut ServerConn,
+    ) -> Result<bool, SetupError> {
+        let current = |conn: &ServerConn, k: &str| {
+            conn.params
                 .iter()
                 .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
-                .map(|(_, cv)| cv.as_str());
-            if current != Some(v.as_str()) {
-                sql.push_str(&format!("SET {k} = {};", quote_literal(v)));
+                .map(|(_, cv)| cv.clone())
+        };
+        let mut sql = String::new();
+        let mut unreported = false;
+        for (k, v) in &self.params {
+            if current(conn, k).as_deref() != Some(v.as_str()) {
+                // set_config takes the value as SHOW prints it (list settings such as
+                // search_path included), where SET would quote it as one element.
+                sql.push_str(&format!(
+                    "SELECT pg_catalog.set_config({}, {}, false);",
+                    quote_literal(k),
+                    quote_literal(v)
+                ));
+                unreported |= crate::session::UNREPORTED.contains(&k.as_str());
             }
         }
         if sql.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         conn.run_silently(&sql).await?;
-        for (k, v) in &self.params {
-            if !conn.params.keys().any(|ck| ck.eq_ignore_ascii_case(k)) {
-                conn.params.insert(k.clone(), v.clone());
+        for (k, v) in self.params.iter_mut() {
+            match conn
+                .params
+                .iter_mut()
+                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
+            {
+                // Reported settings come back as the server spells them ("iso, mdy" → "ISO,
+                // MDY"): the client's copy takes that form, so they compare equal next time.
+                Some((ck, cv)) if !crate::session::UNREPORTED.contains(&ck.as_str()) => {
+                    *v = cv.clone();
+                }
+                Some((_, cv)) => *cv = v.clone(),
+                None => {
+                    conn.params.insert(k.clone(), v.clone());
+                }
             }
         }
-        Ok(())
+        Ok(unreported)
     }
 
     /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
@@ -92,11 +118,14 @@ impl Session {
         let b = body(msg);
         match tag {
             b'Q' => {
+                att.touched_unreported |= crate::session::mentions_unreported(b);
                 out.extend_from_slice(msg);
                 att.pending.push_back(Expect::Query);
                 att.batch_open = false;
             }
-            b'P' => match p::parse_parse(b) {
+            b'P' => match p::parse_parse(b).inspect(|m| {
+                att.touched_unreported |= crate::session::mentions_unreported(m.query);
+            }) {
                 Ok(m) if !m.name.is_empty() => {
                     let hash = statement_hash(m.query, m.param_types);
                     let class = match std::str::from_utf8(m.query) {
@@ -338,7 +367,10 @@ impl Session {
                         && !att.batch_open
                         && !att.copy_in;
                     if idle && !self.session_mode() {
-                        self.detach(att, true);
+                        self.flush_client().await?;
+                        let clean = !(att.touched_unreported || att.applied_unreported)
+                            || self.take_back_unreported(&mut att).await;
+                        self.detach(att, clean);
                         self.flush_client().await?;
                         // During a shutdown the serve loop now tells the client (57P01).
                         return Ok(PumpEnd::Detached);
@@ -390,6 +422,46 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// After a client statement that may have changed an unreported setting, or after the router
+    /// applied one for the client: remember the client's values (read back only when its own
+    /// statement may have changed them) and put the connection back to its defaults. False when
+    /// that failed (the connection is then closed rather than pooled).
+    async fn take_back_unreported(&mut self, att: &mut Attached) -> bool {
+        for name in crate::session::UNREPORTED {
+            if att.touched_unreported {
+                let value = match att.conn.show(name).await {
+                    Ok(v) => v,
+                    Err(_) => return false,
+                };
+                match self.params.iter_mut().find(|(k, _)| k == name) {
+                    Some(slot) => slot.1 = value,
+                    None => self.params.push((name.to_string(), value)),
+                }
+            }
+            if att
+                .conn
+                .run_silently(&format!("RESET {name}"))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            // Remember the default, so clients that want it need no set_config.
+            let default = match att.conn.defaults.get(*name) {
+                Some(d) => d.clone(),
+                None => match att.conn.show(name).await {
+                    Ok(d) => {
+                        att.conn.defaults.insert(name.to_string(), d.clone());
+                        d
+                    }
+                    Err(_) => return false,
+                },
+            };
+            att.conn.params.insert(name.to_string(), default);
+        }
+        true
     }
 
     /// Gives the attached connection back (or closes it) and notes a write for read-your-writes.

@@ -32,6 +32,8 @@ pub struct ServerConn {
     pub params: HashMap<String, String>,
     /// Hashes of the statements prepared on this connection under `dbopt_<hash>` names.
     pub prepared: HashSet<u64>,
+    /// Defaults of unreported settings, learned after the first RESET.
+    pub defaults: HashMap<String, String>,
     /// Bytes read from the server but not yet handled.
     pub rbuf: BytesMut,
     pub created: Instant,
@@ -92,6 +94,7 @@ impl ServerConn {
             secret: 0,
             params: HashMap::new(),
             prepared: HashSet::new(),
+            defaults: HashMap::new(),
             rbuf: BytesMut::with_capacity(16 * 1024),
             created: Instant::now(),
             epoch,
@@ -260,6 +263,48 @@ impl ServerConn {
                         None => Err(SetupError::Refused(
                             "connection left inside a transaction".into(),
                         )),
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl ServerConn {
+    /// `SHOW name`: the setting's current value on this connection.
+    pub async fn show(&mut self, name: &str) -> Result<String, SetupError> {
+        let mut out = Vec::new();
+        protocol::put_query(&mut out, &format!("SHOW {name}"));
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|e| SetupError::Lost(e.to_string()))?;
+        let (mut value, mut failure) = (None, None);
+        loop {
+            let (tag, msg) = self
+                .read_message()
+                .await
+                .map_err(|e| SetupError::Lost(e.to_string()))?;
+            match tag {
+                b'D' => {
+                    let mut r = Reader::new(body(&msg));
+                    let cols = r.i16("column count").unwrap_or(0);
+                    let len = r.i32("value length").unwrap_or(-1);
+                    if cols == 1 && len >= 0 {
+                        if let Ok(v) = r.take(len as usize, "value") {
+                            value = Some(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                }
+                b'E' => failure = Some(protocol::error_fields(body(&msg)).1),
+                b'Z' => {
+                    return match (failure, value) {
+                        (Some(f), _) => Err(SetupError::Refused(f)),
+                        (None, Some(v)) => Ok(v),
+                        (None, None) => {
+                            Err(SetupError::Refused(format!("SHOW {name} returned no row")))
+                        }
                     }
                 }
                 _ => {}

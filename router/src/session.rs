@@ -44,6 +44,36 @@ pub(crate) const TRACKED: &[&str] = &[
     "extra_float_digits",
 ];
 
+/// Tracked settings PostgreSQL 15 does not report with ParameterStatus: the router reads them back
+/// (`SHOW`) after a client's statement mentions them, and resets them before the server connection
+/// goes back to the pool, so one client's `SET search_path` neither leaks to others nor gets lost.
+pub(crate) const UNREPORTED: &[&str] = &["search_path", "extra_float_digits"];
+
+/// Does `sql` mention a setting of [`UNREPORTED`] (then it may have changed it)?
+pub(crate) fn mentions_unreported(sql: &[u8]) -> bool {
+    UNREPORTED.iter().any(|name| {
+        sql.windows(name.len())
+            .any(|w| w.eq_ignore_ascii_case(name.as_bytes()))
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreported_settings_are_noticed_in_any_case() {
+        assert!(mentions_unreported(b"SET search_path = tenant1, public"));
+        assert!(mentions_unreported(b"set SEARCH_PATH to default"));
+        assert!(mentions_unreported(
+            b"SELECT set_config('extra_float_digits', '3', false)"
+        ));
+        assert!(!mentions_unreported(b"SELECT * FROM paths"));
+        assert!(!mentions_unreported(b""));
+    }
+}
+
 /// A reply owed to the client, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Expect {
@@ -82,6 +112,10 @@ pub(crate) struct Attached {
     pub(crate) batch_open: bool,
     pub(crate) tx_status: u8,
     pub(crate) copy_in: bool,
+    /// A statement of the client mentioned an [`UNREPORTED`] setting.
+    pub(crate) touched_unreported: bool,
+    /// The router applied an [`UNREPORTED`] setting for the client.
+    pub(crate) applied_unreported: bool,
     /// Something of this batch reached the client (a retry is no longer invisible).
     pub(crate) relayed: bool,
     pub(crate) started: Instant,
@@ -112,6 +146,9 @@ pub(crate) struct Close;
 
 pub(crate) type Step<T> = Result<T, Close>;
 
+/// The server-side identity of a prepared statement: its text and parameter types. Clients with
+/// different search_paths may share one: PostgreSQL re-plans a cached statement, names resolved
+/// anew, when it runs under another search_path than it was planned with (plancache.c).
 pub(crate) fn statement_hash(query: &[u8], param_types: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     query.hash(&mut h);
@@ -576,6 +613,7 @@ impl Session {
         let decision = decide(&class, auth.critical, session_mode);
         let mut exclude = retry_of;
         let mut broken = 0;
+        let applied_unreported: bool;
         let (pool, conn, node) = loop {
             let picked = {
                 let mut t = self.shared.topology();
@@ -610,7 +648,7 @@ impl Session {
             {
                 Ok((pool, mut conn)) => {
                     match self.sync_settings(&mut conn).await {
-                        Ok(()) => {}
+                        Ok(applied) => applied_unreported = applied,
                         Err(SetupError::Lost(e)) if broken < 3 => {
                             // A connection that died while idle (its node restarted): another.
                             broken += 1;
@@ -661,6 +699,8 @@ impl Session {
             batch_open: true,
             tx_status: b'I',
             copy_in: false,
+            touched_unreported: false,
+            applied_unreported,
             relayed: false,
             started: Instant::now(),
         };

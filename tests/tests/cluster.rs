@@ -38,6 +38,7 @@ fn ha_stack_end_to_end() {
     router::reads_go_to_replicas_and_writes_to_the_primary(&stack);
     router::prepared_statements_work_under_transaction_pooling(&stack);
     router::reads_see_the_clients_own_writes(&stack);
+    router::search_path_follows_its_client_only(&stack);
     router::psql_pgbench_and_psycopg_work_through_the_router(&stack);
     router::auth_cancel_and_bad_input(&stack);
     router::metrics_and_reload(&stack);

@@ -207,6 +207,50 @@ pub fn reads_see_the_clients_own_writes(stack: &Stack) {
     });
 }
 
+/// `SET search_path` (django-tenants does it on every request) follows the client to every server
+/// connection, reads on replicas included, and never leaks to another client (who runs the same
+/// prepared text: PostgreSQL re-plans it under that client's search_path).
+pub fn search_path_follows_its_client_only(stack: &Stack) {
+    let mut a = stack.router("app").expect("connect");
+    a.batch_execute(
+        "CREATE SCHEMA IF NOT EXISTS tenant1;
+         CREATE TABLE IF NOT EXISTS tenant1.items (n int);
+         TRUNCATE tenant1.items; INSERT INTO tenant1.items VALUES (42)",
+    )
+    .unwrap();
+    a.batch_execute("SET search_path = tenant1, public")
+        .unwrap();
+    // Let the replicas replay the table so the reads below can use them.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut on_replica = 0;
+    for _ in 0..20 {
+        let row = a
+            .query_one("SELECT n, pg_is_in_recovery() FROM items", &[])
+            .expect("unqualified name resolved through the client's search_path");
+        assert_eq!(row.get::<_, i32>(0), 42);
+        on_replica += usize::from(row.get::<_, bool>(1));
+    }
+    assert!(on_replica > 0, "some of the reads ran on replicas");
+    let sp: String = a.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(sp, "tenant1, public");
+
+    let mut b = stack.router("app").expect("connect");
+    for _ in 0..20 {
+        let e = b
+            .query_one("SELECT n, pg_is_in_recovery() FROM items", &[])
+            .unwrap_err();
+        assert_eq!(e.code().map(|c| c.code()), Some("42P01"), "{e}");
+    }
+    let sp: String = b.query_one("SHOW search_path", &[]).unwrap().get(0);
+    assert_eq!(
+        sp, "\"$user\", public",
+        "the other client keeps the default"
+    );
+    a.batch_execute("RESET search_path").unwrap();
+    let e = a.query_one("SELECT n FROM items", &[]).unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42P01"), "{e}");
+}
+
 pub fn psql_pgbench_and_psycopg_work_through_the_router(stack: &Stack) {
     let dsn = stack.router_dsn("app");
     let psql = |args: &[&str], input: &str| {
