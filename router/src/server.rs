@@ -233,19 +233,42 @@ impl ServerConn {
 
     /// Runs a simple query whose results nobody needs (SET, DISCARD ALL); fails on an error.
     pub async fn run_silently(&mut self, sql: &str) -> Result<(), SetupError> {
+        self.simple_query(sql).await.map(|_| ())
+    }
+
+    /// `SHOW name`: the setting's current value on this connection.
+    pub async fn show(&mut self, name: &str) -> Result<String, SetupError> {
+        self.simple_query(&format!("SHOW {name}"))
+            .await?
+            .ok_or_else(|| SetupError::Refused(format!("SHOW {name} returned no row")))
+    }
+
+    /// Runs `sql` (the router's own, never a client's) to the end: ParameterStatus is recorded,
+    /// an error or a transaction left open fails it; returns the first column of the first row.
+    async fn simple_query(&mut self, sql: &str) -> Result<Option<String>, SetupError> {
         let mut out = Vec::new();
         protocol::put_query(&mut out, sql);
         self.stream
             .write_all(&out)
             .await
             .map_err(|e| SetupError::Lost(e.to_string()))?;
-        let mut failure = None;
+        let (mut value, mut failure) = (None, None);
         loop {
             let (tag, msg) = self
                 .read_message()
                 .await
                 .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
+                b'D' if value.is_none() => {
+                    let mut r = Reader::new(body(&msg));
+                    let cols = r.i16("column count").unwrap_or(0);
+                    let len = r.i32("value length").unwrap_or(-1);
+                    if cols >= 1 && len >= 0 {
+                        if let Ok(v) = r.take(len as usize, "value") {
+                            value = Some(String::from_utf8_lossy(v).into_owned());
+                        }
+                    }
+                }
                 b'E' => failure = Some(protocol::error_fields(body(&msg)).1),
                 b'S' => {
                     let mut r = Reader::new(body(&msg));
@@ -259,52 +282,10 @@ impl ServerConn {
                 b'Z' => {
                     return match failure {
                         Some(f) => Err(SetupError::Refused(f)),
-                        None if body(&msg) == b"I" => Ok(()),
+                        None if body(&msg) == b"I" => Ok(value),
                         None => Err(SetupError::Refused(
                             "connection left inside a transaction".into(),
                         )),
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-}
-
-impl ServerConn {
-    /// `SHOW name`: the setting's current value on this connection.
-    pub async fn show(&mut self, name: &str) -> Result<String, SetupError> {
-        let mut out = Vec::new();
-        protocol::put_query(&mut out, &format!("SHOW {name}"));
-        self.stream
-            .write_all(&out)
-            .await
-            .map_err(|e| SetupError::Lost(e.to_string()))?;
-        let (mut value, mut failure) = (None, None);
-        loop {
-            let (tag, msg) = self
-                .read_message()
-                .await
-                .map_err(|e| SetupError::Lost(e.to_string()))?;
-            match tag {
-                b'D' => {
-                    let mut r = Reader::new(body(&msg));
-                    let cols = r.i16("column count").unwrap_or(0);
-                    let len = r.i32("value length").unwrap_or(-1);
-                    if cols == 1 && len >= 0 {
-                        if let Ok(v) = r.take(len as usize, "value") {
-                            value = Some(String::from_utf8_lossy(v).into_owned());
-                        }
-                    }
-                }
-                b'E' => failure = Some(protocol::error_fields(body(&msg)).1),
-                b'Z' => {
-                    return match (failure, value) {
-                        (Some(f), _) => Err(SetupError::Refused(f)),
-                        (None, Some(v)) => Ok(v),
-                        (None, None) => {
-                            Err(SetupError::Refused(format!("SHOW {name} returned no row")))
-                        }
                     }
                 }
                 _ => {}
