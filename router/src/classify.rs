@@ -45,6 +45,17 @@ pub struct Class {
     pub critical: bool,
 }
 
+impl Class {
+    /// A batch that must go to the primary, for `reason`, with no hint.
+    pub fn write(reason: &'static str) -> Class {
+        Class {
+            kind: Kind::Write(reason),
+            hint: None,
+            critical: false,
+        }
+    }
+}
+
 /// Names of functions known not to write: non-volatile ones, plus read-only volatile ones.
 #[derive(Debug, Clone, Default)]
 pub struct FunctionCatalog {

@@ -44,7 +44,8 @@ pub const BACKOFF_MAX_MS: u64 = 2000;
 
 #[derive(Default)]
 pub struct Pools {
-    map: Mutex<HashMap<(usize, String), Arc<Pool>>>,
+    /// node → database → pool (looked up on every batch: no allocation on a hit).
+    map: Mutex<HashMap<usize, HashMap<String, Arc<Pool>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -54,7 +55,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pools {
     pub fn get(&self, node: usize, database: &str, limits: PoolLimits) -> Arc<Pool> {
         let mut map = lock(&self.map);
-        map.entry((node, database.to_string()))
+        let by_db = map.entry(node).or_default();
+        if let Some(p) = by_db.get(database) {
+            return p.clone();
+        }
+        by_db
+            .entry(database.to_string())
             .or_insert_with(|| {
                 Arc::new(Pool {
                     node,
@@ -73,7 +79,10 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        let mut v: Vec<Arc<Pool>> = lock(&self.map).values().cloned().collect();
+        let mut v: Vec<Arc<Pool>> = lock(&self.map)
+            .values()
+            .flat_map(|by_db| by_db.values().cloned())
+            .collect();
         v.sort_by(|a, b| (a.node, &a.database).cmp(&(b.node, &b.database)));
         v
     }
@@ -133,7 +142,7 @@ impl Shared {
             let epoch = {
                 let mut t = self.topology();
                 if let Err(u) = t.admit_attempt(node) {
-                    return Err(unavailable(u));
+                    return Err(unavailable_error(u));
                 }
                 t.stamp(node)
             };
@@ -323,7 +332,8 @@ impl Shared {
     }
 }
 
-fn unavailable(u: Unavailable) -> AcquireError {
+/// The error a client gets when routing found no node to use.
+pub fn unavailable_error(u: Unavailable) -> AcquireError {
     match u {
         Unavailable::NoPrimary => AcquireError {
             code: "08006",
@@ -339,10 +349,6 @@ fn unavailable(u: Unavailable) -> AcquireError {
             node_failed: true,
         },
     }
-}
-
-pub fn unavailable_error(u: Unavailable) -> AcquireError {
-    unavailable(u)
 }
 
 /// SQLSTATEs the router passes on from a server refusing a login.

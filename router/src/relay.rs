@@ -128,14 +128,7 @@ impl Session {
             }) {
                 Ok(m) if !m.name.is_empty() => {
                     let hash = statement_hash(m.query, m.param_types);
-                    let class = match std::str::from_utf8(m.query) {
-                        Ok(sql) => self.shared.classify_cached(sql),
-                        Err(_) => crate::classify::Class {
-                            kind: crate::classify::Kind::Write("query text is not UTF-8"),
-                            hint: None,
-                            critical: false,
-                        },
-                    };
+                    let class = self.class_of_text(m.query);
                     let stmt = Statement {
                         hash,
                         server_name: server_name(hash),
@@ -467,11 +460,11 @@ impl Session {
     /// Gives the attached connection back (or closes it) and notes a write for read-your-writes.
     pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
         self.shared.set_cancel_target(self.key, None);
+        let now = self.shared.now_ms();
         if att.decision.writes {
-            self.barrier = Barrier::WroteAt(self.shared.now_ms());
+            self.barrier = Barrier::WroteAt(now);
         }
         self.retry_batch = None;
-        let now = self.shared.now_ms();
         att.pool.release(att.conn, reusable, now);
     }
 

@@ -529,14 +529,10 @@ impl Session {
         }
     }
 
-    fn class_of_text(&self, text: &[u8]) -> Class {
+    pub(crate) fn class_of_text(&self, text: &[u8]) -> Class {
         match std::str::from_utf8(text) {
             Ok(sql) => self.shared.classify_cached(sql),
-            Err(_) => Class {
-                kind: Kind::Write("query text is not UTF-8"),
-                hint: None,
-                critical: false,
-            },
+            Err(_) => Class::write("query text is not UTF-8"),
         }
     }
 
@@ -563,20 +559,11 @@ impl Session {
                 b'B' => {
                     if let Ok(m) = p::parse_bind(b) {
                         let c = if m.statement.is_empty() {
-                            unnamed.unwrap_or(Class {
-                                kind: Kind::Write("unnamed statement of an earlier batch"),
-                                hint: None,
-                                critical: false,
-                            })
+                            unnamed.unwrap_or(Class::write("unnamed statement of an earlier batch"))
                         } else {
-                            self.statements.get(m.statement).map_or(
-                                Class {
-                                    kind: Kind::Write("unknown prepared statement"),
-                                    hint: None,
-                                    critical: false,
-                                },
-                                |s| s.class,
-                            )
+                            self.statements
+                                .get(m.statement)
+                                .map_or(Class::write("unknown prepared statement"), |s| s.class)
                         };
                         classes.push(c);
                     }

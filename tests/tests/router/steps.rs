@@ -441,13 +441,10 @@ fn fuzz_session(stack: &Stack, out: &mut Vec<u8>, junk: &[u8]) {
     s.read_exact(&mut head).unwrap();
     assert_eq!(&head[..9], &[b'R', 0, 0, 0, 12, 0, 0, 0, 5], "md5 request");
     let salt = [head[9], head[10], head[11], head[12]];
-    let inner = format!(
-        "{:x}",
-        md5_digest(format!("{}app_md5", stack.info.app_password).as_bytes())
+    let response = format!(
+        "{}\0",
+        dbopt_router::auth::md5_response("app_md5", &stack.info.app_password, salt)
     );
-    let mut salted = inner.into_bytes();
-    salted.extend_from_slice(&salt);
-    let response = format!("md5{:x}\0", md5_digest(&salted));
     let mut msg = vec![b'p'];
     msg.extend_from_slice(&((4 + response.len()) as i32).to_be_bytes());
     msg.extend_from_slice(response.as_bytes());
@@ -467,18 +464,6 @@ fn fuzz_session(stack: &Stack, out: &mut Vec<u8>, junk: &[u8]) {
     let _ = s.write_all(junk);
     let _ = s.shutdown(std::net::Shutdown::Write);
     let _ = s.read_to_end(out);
-}
-
-fn md5_digest(data: &[u8]) -> Md5Hex {
-    Md5Hex(md5::compute(data).0)
-}
-
-struct Md5Hex([u8; 16]);
-
-impl std::fmt::LowerHex for Md5Hex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
-    }
 }
 
 pub fn metrics_and_reload(stack: &Stack) {
