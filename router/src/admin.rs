@@ -164,9 +164,10 @@ pub fn metrics(shared: &Shared) -> String {
             };
             let _ = writeln!(
                 o,
-                "{name}{{node=\"{}\",database=\"{}\"}} {v}",
+                "{name}{{node=\"{}\",database=\"{}\",role=\"{}\"}} {v}",
                 esc(&names[p.node]),
-                esc(&p.database)
+                esc(&p.database),
+                esc(&p.login.role)
             );
         }
     }
@@ -202,9 +203,10 @@ pub fn metrics(shared: &Shared) -> String {
             };
             let _ = writeln!(
                 o,
-                "{name}{{node=\"{}\",database=\"{}\"}} {v}",
+                "{name}{{node=\"{}\",database=\"{}\",role=\"{}\"}} {v}",
                 esc(&names[p.node]),
-                esc(&p.database)
+                esc(&p.database),
+                esc(&p.login.role)
             );
         }
     }
@@ -275,6 +277,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 json!({
                     "node": names[p.node],
                     "database": p.database,
+                    "role": p.login.role,
                     "open": st.open(),
                     "in_use": st.in_use(),
                     "idle": st.idle(),

@@ -8,7 +8,15 @@
 //! of common ones. Everything else — DML, DDL, `SET`, `SHOW`, `LISTEN`, `COPY`, `CALL`, `DO`, a text
 //! the parser rejects — is a [`Kind::Write`] and goes to the primary.
 //!
-//! Routing hints in comments: `/* dbopt:primary */`, `/* dbopt:replica */`, `/* dbopt:critical */`.
+//! Routing hints in comments: `/* dbopt:primary */`, `/* dbopt:replica */`, `/* dbopt:critical */`,
+//! found with PostgreSQL's own scanner (so text inside `'…'`, `E'…'`, `$$…$$` or `"…"` is never a
+//! hint). A replica hint can only move a statement whose one doubt is a function call
+//! ([`Kind::MayWrite`]); DML, DDL and the rest stay on the primary whatever a comment says.
+//!
+//! Each class also says whether the statement may leave state in the server session beyond its
+//! transaction ([`Class::session`]: `SET`, `RESET`, `set_config`, `DISCARD`, `LISTEN`, temporary
+//! objects, SQL `PREPARE`, cursors, `DO`/`CALL`, functions that are not known to be harmless).
+//! The session then checks the connection before another client may use it.
 
 use std::collections::HashSet;
 
@@ -23,6 +31,9 @@ pub enum Kind {
     Read,
     /// Anything else; the reason is shown in logs and tests.
     Write(&'static str),
+    /// Reads, except that it calls a function not known to be read-only: goes to the primary,
+    /// unless a `dbopt:replica` hint vouches for the function.
+    MayWrite(&'static str),
     /// `BEGIN READ ONLY` / `START TRANSACTION READ ONLY`.
     BeginReadOnly,
     /// Any other `BEGIN` / `START TRANSACTION`.
@@ -43,6 +54,8 @@ pub struct Class {
     pub kind: Kind,
     pub hint: Option<Hint>,
     pub critical: bool,
+    /// May leave state in the server session (settings, locks, temporary objects, ...).
+    pub session: bool,
 }
 
 impl Class {
@@ -52,6 +65,7 @@ impl Class {
             kind: Kind::Write(reason),
             hint: None,
             critical: false,
+            session: true,
         }
     }
 }
@@ -62,6 +76,47 @@ pub struct FunctionCatalog {
     /// Lower-case names, unqualified (`count`) and qualified (`pg_catalog.count`).
     safe: HashSet<String>,
 }
+
+/// Functions that certainly write (a sequence, a notification) or assign a transaction id (so
+/// fail on a replica although `pg_proc` marks `txid_current` STABLE): no hint moves them.
+const XID_ASSIGNING: &[&str] = &[
+    "txid_current",
+    "pg_current_xact_id",
+    "nextval",
+    "setval",
+    "pg_notify",
+    "lo_create",
+    "lo_creat",
+    "lo_import",
+    "lo_unlink",
+    "lo_from_bytea",
+    "lo_put",
+];
+
+/// Functions that are volatile or write but leave nothing in the session beyond the transaction
+/// (no settings, session locks, temporary objects): calling them needs no session check.
+const SESSION_HARMLESS: &[&str] = &[
+    "nextval",
+    "setval",
+    "currval",
+    "lastval",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_notify",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "pg_sleep",
+    "random",
+    "clock_timestamp",
+    "timeofday",
+    "gen_random_uuid",
+    "pg_cancel_backend",
+];
 
 /// Built-in functions that are read-only, used until the catalogue of the primary is loaded.
 const BUILTIN_SAFE: &[&str] = &[
@@ -192,7 +247,8 @@ impl FunctionCatalog {
         let mut unsafe_names = HashSet::new();
         for (schema, name, non_volatile) in rows {
             let (schema, name) = (schema.to_lowercase(), name.to_lowercase());
-            let read_only = non_volatile || VOLATILE_READ_ONLY.contains(&name.as_str());
+            let read_only = (non_volatile || VOLATILE_READ_ONLY.contains(&name.as_str()))
+                && !XID_ASSIGNING.contains(&name.as_str());
             if read_only {
                 safe.insert(format!("{schema}.{name}"));
                 safe.insert(name);
@@ -222,37 +278,109 @@ impl FunctionCatalog {
 /// Classifies a whole query text (one or more statements).
 pub fn classify(sql: &str, functions: &FunctionCatalog) -> Class {
     let (hint, critical) = hints(sql);
+    let (kind, session) = kind_of(sql, functions);
     Class {
-        kind: kind_of(sql, functions),
+        kind,
         hint,
         critical,
+        session,
     }
 }
 
-fn kind_of(sql: &str, functions: &FunctionCatalog) -> Kind {
+fn kind_of(sql: &str, functions: &FunctionCatalog) -> (Kind, bool) {
     let parsed = match pg_query::parse(sql) {
         Ok(p) => p,
-        Err(_) => return Kind::Write("the parser rejected it"),
+        // PostgreSQL will reject it too; nothing runs, but check the session all the same.
+        Err(_) => return (Kind::Write("the parser rejected it"), true),
     };
     let stmts = &parsed.protobuf.stmts;
-    let kinds: Vec<Kind> = stmts
+    let nodes: Vec<&NodeEnum> = stmts
         .iter()
         .filter_map(|s| s.stmt.as_ref().and_then(|n| n.node.as_ref()))
-        .map(|node| statement_kind(node, functions))
         .collect();
-    match kinds.as_slice() {
+    let kinds: Vec<Kind> = nodes.iter().map(|n| statement_kind(n, functions)).collect();
+    let session = nodes.iter().any(|n| touches_session(n, functions));
+    let kind = match kinds.as_slice() {
         [] => Kind::Empty,
         [one] => *one,
         many => {
             if let Some(w) = many.iter().find(|k| matches!(k, Kind::Write(_))) {
                 *w
+            } else if let Some(m) = many.iter().find(|k| matches!(k, Kind::MayWrite(_))) {
+                if many.iter().all(|k| matches!(k, Kind::Read | Kind::Empty | Kind::MayWrite(_))) {
+                    *m
+                } else {
+                    Kind::Write("several statements including transaction control")
+                }
             } else if many.iter().all(|k| matches!(k, Kind::Read | Kind::Empty)) {
                 Kind::Read
             } else {
                 Kind::Write("several statements including transaction control")
             }
         }
+    };
+    (kind, session)
+}
+
+/// May `node` leave state in the session beyond its transaction?
+fn touches_session(node: &NodeEnum, functions: &FunctionCatalog) -> bool {
+    match node {
+        NodeEnum::VariableSetStmt(v) => !v.is_local,
+        NodeEnum::DiscardStmt(_)
+        | NodeEnum::ListenStmt(_)
+        | NodeEnum::UnlistenStmt(_)
+        | NodeEnum::PrepareStmt(_)
+        | NodeEnum::DeallocateStmt(_)
+        | NodeEnum::DeclareCursorStmt(_)
+        | NodeEnum::ClosePortalStmt(_)
+        | NodeEnum::DoStmt(_)
+        | NodeEnum::CallStmt(_)
+        | NodeEnum::LoadStmt(_)
+        | NodeEnum::ExecuteStmt(_)
+        | NodeEnum::AlterSystemStmt(_) => true,
+        NodeEnum::ExplainStmt(e) => e
+            .query
+            .as_ref()
+            .and_then(|q| q.node.as_ref())
+            .is_some_and(|inner| touches_session(inner, functions)),
+        _ => {
+            let json = match serde_json::to_value(node) {
+                Ok(v) => v,
+                Err(_) => return true,
+            };
+            let mut touches = false;
+            visit(&json, &mut |key, v| {
+                if touches {
+                    return;
+                }
+                match key {
+                    // CREATE TEMP TABLE / VIEW / SEQUENCE, SELECT INTO TEMP.
+                    "relpersistence" if v.as_str() == Some("t") => touches = true,
+                    "FuncCall" => {
+                        let name = function_name(v);
+                        let bare = name.last().map(|n| n.to_lowercase()).unwrap_or_default();
+                        touches = !functions.is_safe(&name)
+                            && !SESSION_HARMLESS.contains(&bare.as_str());
+                    }
+                    _ => {}
+                }
+            });
+            touches
+        }
     }
+}
+
+fn function_name(call: &Value) -> Vec<String> {
+    call.get("funcname")
+        .and_then(Value::as_array)
+        .map(|parts| {
+            parts
+                .iter()
+                .filter_map(|p| p.pointer("/node/String/sval").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn statement_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
@@ -328,19 +456,13 @@ fn query_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
                 verdict = Kind::Write("data-modifying CTE")
             }
             "FuncCall" => {
-                let name: Vec<String> = v
-                    .get("funcname")
-                    .and_then(Value::as_array)
-                    .map(|parts| {
-                        parts
-                            .iter()
-                            .filter_map(|p| p.pointer("/node/String/sval").and_then(Value::as_str))
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                if !functions.is_safe(&name) {
-                    verdict = Kind::Write("calls a function that may write (volatile or unknown)");
+                let name = function_name(v);
+                let bare = name.last().map(|n| n.to_lowercase()).unwrap_or_default();
+                if XID_ASSIGNING.contains(&bare.as_str()) {
+                    verdict = Kind::Write("calls a function that writes or assigns a transaction id");
+                } else if !functions.is_safe(&name) {
+                    verdict =
+                        Kind::MayWrite("calls a function that may write (volatile or unknown)");
                 }
             }
             _ => {}
@@ -362,15 +484,28 @@ fn visit(v: &Value, f: &mut impl FnMut(&str, &Value)) {
     }
 }
 
-/// Routing hints and the critical flag from comments (`/* dbopt:replica */`, `-- dbopt:primary`).
+/// Routing hints and the critical flag from comments (`/* dbopt:replica */`, `-- dbopt:primary`),
+/// found by PostgreSQL's scanner: only real comments count, never text in a string or identifier.
 pub fn hints(sql: &str) -> (Option<Hint>, bool) {
     if !sql.contains("dbopt:") {
         return (None, false);
     }
+    let Ok(scanned) = pg_query::scan(sql) else {
+        // Unterminated comment or string, NUL byte: no hints (the statement fails anyway).
+        return (None, false);
+    };
+    let comment = |t: i32| {
+        t == pg_query::protobuf::Token::SqlComment as i32
+            || t == pg_query::protobuf::Token::CComment as i32
+    };
     let mut hint = None;
     let mut critical = false;
-    for comment in comments(sql) {
-        for word in comment.split(|c: char| c.is_whitespace() || c == ',' || c == '*') {
+    for token in scanned.tokens.iter().filter(|t| comment(t.token)) {
+        let Some(text) = sql.get(token.start as usize..token.end as usize) else {
+            continue;
+        };
+        let words = text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '*' | '/' | '-'));
+        for word in words {
             match word {
                 "dbopt:primary" => hint = Some(Hint::Primary),
                 "dbopt:replica" if hint.is_none() => hint = Some(Hint::Replica),
@@ -380,39 +515,6 @@ pub fn hints(sql: &str) -> (Option<Hint>, bool) {
         }
     }
     (hint, critical)
-}
-
-/// The comments of a query text, skipping string literals and quoted identifiers.
-fn comments(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                let end = b[i..]
-                    .iter()
-                    .position(|&c| c == b'\n')
-                    .map_or(b.len(), |p| i + p);
-                out.push(&sql[i + 2..end]);
-                i = end;
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                let end = sql[i + 2..].find("*/").map_or(b.len(), |p| i + 2 + p);
-                out.push(&sql[i + 2..end]);
-                i = (end + 2).min(b.len());
-            }
-            q @ (b'\'' | b'"') => {
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += 1;
-                }
-                i += 1;
-            }
-            _ => i += 1,
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -165,7 +165,7 @@ const TABLE: &[(&str, R)] = &[
 fn short(k: Kind) -> R {
     match k {
         Kind::Read => R::Rd,
-        Kind::Write(_) => R::Wr,
+        Kind::Write(_) | Kind::MayWrite(_) => R::Wr,
         Kind::BeginReadOnly => R::Bro,
         Kind::Begin => R::Bg,
         Kind::Empty => R::Em,
@@ -205,14 +205,14 @@ fn catalogue_decides_unknown_functions() {
     let k = |sql: &str| classify(sql, &catalog).kind;
     assert_eq!(k("SELECT price_of(1)"), Kind::Read);
     assert_eq!(k("SELECT app.price_of(1)"), Kind::Read);
-    assert!(matches!(k("SELECT app.bump()"), Kind::Write(_)));
-    assert!(matches!(k("SELECT bump()"), Kind::Write(_)));
+    assert!(matches!(k("SELECT app.bump()"), Kind::MayWrite(_)));
+    assert!(matches!(k("SELECT bump()"), Kind::MayWrite(_)));
     // Volatile but read-only.
     assert_eq!(k("SELECT random()"), Kind::Read);
     assert_eq!(k("SELECT pg_is_in_recovery()"), Kind::Read);
     assert!(matches!(k("SELECT nextval('s')"), Kind::Write(_)));
     // Safe in one schema only: unqualified is not provably safe.
-    assert!(matches!(k("SELECT mixed()"), Kind::Write(_)));
+    assert!(matches!(k("SELECT mixed()"), Kind::MayWrite(_)));
     assert_eq!(k("SELECT other.mixed()"), Kind::Read);
 }
 
@@ -239,9 +239,85 @@ fn hints_in_comments() {
     // Inside a string literal it is data, not a hint.
     assert_eq!(hints("SELECT '/* dbopt:primary */'"), (None, false));
     assert_eq!(hints("/*dbopt:critical*/SELECT 1"), (None, true));
-    // An unterminated comment does not panic.
-    assert_eq!(
-        hints("SELECT 1 /* dbopt:primary"),
-        (Some(Hint::Primary), false)
-    );
+    // An unterminated comment does not panic; the statement fails on the server anyway.
+    assert_eq!(hints("SELECT 1 /* dbopt:primary"), (None, false));
+    // Dollar-quoted, escape-string and identifier text is data, whatever it looks like.
+    assert_eq!(hints("select $$ /* dbopt:replica */ $$, 1"), (None, false));
+    assert_eq!(hints("select $x$ -- dbopt:replica\n $x$"), (None, false));
+    assert_eq!(hints("select E'\\' /* dbopt:replica */ '"), (None, false));
+    assert_eq!(hints("select 1 as \"/* dbopt:critical */\""), (None, false));
+    assert_eq!(hints("select 1 -- dbopt:replica\n"), (Some(Hint::Replica), false));
+    assert_eq!(hints("select\0 1 /* dbopt:replica */"), (None, false));
+}
+
+#[test]
+fn a_replica_hint_never_moves_a_write() {
+    use crate::route::{decide, Target};
+    let f = FunctionCatalog::builtin();
+    let target = |sql: &str| decide(&classify(sql, &f), false, false).target;
+    assert_eq!(target("/* dbopt:replica */ SELECT report()"), Target::Replica);
+    for sql in [
+        "/* dbopt:replica */ INSERT INTO t VALUES (1)",
+        "/* dbopt:replica */ CREATE TABLE t (a int)",
+        "/* dbopt:replica */ DROP TABLE t",
+        "/* dbopt:replica */ SELECT nextval('s')",
+        "/* dbopt:replica */ SELECT txid_current()",
+        "/* dbopt:replica */ SELECT pg_current_xact_id()",
+        "/* dbopt:replica */ SELECT * FROM t FOR UPDATE",
+        "/* dbopt:replica */ BEGIN",
+        "/* dbopt:replica */ SET x.y = 1",
+        "select $$ /* dbopt:replica */ $$, nextval('s')",
+        "/* dbopt:replica */ WITH d AS (DELETE FROM t RETURNING 1) SELECT * FROM d",
+    ] {
+        assert_eq!(target(sql), Target::Primary, "{sql}");
+    }
+    // STABLE in pg_proc, but assigns an xid: never read-only, even from the loaded catalogue.
+    let catalog = FunctionCatalog::from_rows([
+        ("pg_catalog".to_string(), "txid_current".to_string(), true),
+        ("pg_catalog".to_string(), "pg_current_xact_id".to_string(), true),
+    ]);
+    assert!(matches!(classify("SELECT txid_current()", &catalog).kind, Kind::Write(_)));
+    assert!(matches!(classify("SELECT pg_current_xact_id()", &catalog).kind, Kind::Write(_)));
+}
+
+#[test]
+fn statements_that_leave_session_state_are_flagged() {
+    let f = FunctionCatalog::builtin();
+    let session = |sql: &str| classify(sql, &f).session;
+    for sql in [
+        "SET TimeZone = 'UTC'",
+        "RESET ALL",
+        "SET ROLE other",
+        "SET SESSION AUTHORIZATION other",
+        "SET session_replication_role = replica",
+        "SELECT set_config('a.b', 'c', false)",
+        "SELECT pg_advisory_lock(1)",
+        "SELECT pg_try_advisory_lock(1)",
+        "LISTEN ch",
+        "CREATE TEMP TABLE t (a int)",
+        "CREATE TEMPORARY VIEW v AS SELECT 1",
+        "SELECT 1 INTO TEMP t2",
+        "PREPARE p AS SELECT 1",
+        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        "DISCARD ALL",
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "CALL proc()",
+        "SELECT my_function()",
+        "UPDATE t SET a = 1; SET work_mem = '1GB'",
+        "this is not sql",
+    ] {
+        assert!(session(sql), "{sql}");
+    }
+    for sql in [
+        "SELECT 1",
+        "SET LOCAL statement_timeout = 5",
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 2",
+        "INSERT INTO t VALUES (nextval('s'), now())",
+        "SELECT pg_advisory_xact_lock(1)",
+        "CREATE TABLE t (a int)",
+        "BEGIN",
+        "COMMIT",
+    ] {
+        assert!(!session(sql), "{sql}");
+    }
 }

@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Databases clients may connect to (an allow-list; any other name is refused with 3D000
+    /// before a server is contacted). Empty: only `server.database`. Must come before the first
+    /// `[table]` of the file, as TOML wants for top-level keys.
+    #[serde(default)]
+    pub databases: Vec<String>,
     /// Where clients connect, and the admin HTTP endpoint.
     pub listen: Listen,
     /// Pool sizes and timeouts, for every pool unless a user overrides the mode.
@@ -44,6 +49,29 @@ pub struct Listen {
     /// Most client connections accepted at once.
     #[serde(default = "defaults::max_clients")]
     pub max_clients: u32,
+    /// A connection must finish its startup and authentication within this many milliseconds.
+    #[serde(default = "defaults::handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Most connections still in their startup/authentication at once; more are closed at once.
+    /// Kept apart from `max_clients`, so half-open sockets cannot lock authenticated clients out.
+    #[serde(default = "defaults::max_handshakes")]
+    pub max_handshakes: u32,
+    /// TLS for clients; none when absent (SSLRequest is then answered `N`).
+    #[serde(default)]
+    pub tls: Option<Tls>,
+}
+
+/// Client TLS: PEM files, read at start.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain (PEM), leaf first.
+    pub cert_file: String,
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// Refuse clients that do not ask for TLS (28000), except on loopback when false.
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// Pooling mode: a server connection per transaction (default) or per client session.
@@ -73,6 +101,11 @@ pub struct PoolSettings {
     pub max_waiting: u32,
     /// A warning is logged (rate-limited) when a pool is busier than this.
     pub warn_utilisation_percent: u8,
+    /// A client idle inside a transaction this long is disconnected (25P03), its transaction
+    /// rolled back and its server connection returned. 0: never.
+    pub idle_in_transaction_timeout_s: u64,
+    /// A client idle outside a transaction this long is disconnected (57P05). 0: never.
+    pub client_idle_timeout_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -148,11 +181,40 @@ pub struct User {
     /// Every statement of this user uses the critical pool.
     #[serde(default)]
     pub critical: bool,
+    /// The PostgreSQL role this user's work runs as (default: the user's own name). Pools are
+    /// per role, so no client runs with another's privileges.
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// Password of `server_user` (default: the user's own password).
+    #[serde(default)]
+    pub server_password: Option<String>,
+    /// May run as a superuser role. Without it the router refuses a server login that turns out
+    /// to be a superuser, and `--check-config` refuses a superuser name it can see.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+impl User {
+    /// The PostgreSQL role this user's work runs as.
+    pub fn server_role(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The password the router gives PostgreSQL for [`User::server_role`].
+    pub fn server_secret(&self) -> Option<&str> {
+        self.server_password.as_deref().or(self.password.as_deref())
+    }
 }
 
 mod defaults {
     pub fn max_clients() -> u32 {
         1000
+    }
+    pub fn handshake_timeout_ms() -> u64 {
+        5000
+    }
+    pub fn max_handshakes() -> u32 {
+        64
     }
     pub fn database() -> String {
         "postgres".into()
@@ -173,6 +235,8 @@ impl Default for PoolSettings {
             wait_timeout_ms: 5000,
             max_waiting: 1000,
             warn_utilisation_percent: 80,
+            idle_in_transaction_timeout_s: 60,
+            client_idle_timeout_s: 0,
         }
     }
 }
@@ -261,6 +325,29 @@ impl Config {
         }
         if self.listen.max_clients == 0 {
             return Err(bad("listen.max_clients", "must be at least 1"));
+        }
+        if self.listen.max_handshakes == 0 {
+            return Err(bad("listen.max_handshakes", "must be at least 1"));
+        }
+        if !(100..=60_000).contains(&self.listen.handshake_timeout_ms) {
+            return Err(bad("listen.handshake_timeout_ms", "must be in 100..=60000"));
+        }
+        if let Some(t) = &self.listen.tls {
+            if t.cert_file.is_empty() {
+                return Err(bad("listen.tls.cert_file", "must not be empty"));
+            }
+            if t.key_file.is_empty() {
+                return Err(bad("listen.tls.key_file", "must not be empty"));
+            }
+        }
+        let mut dbs = HashSet::new();
+        for (i, d) in self.databases.iter().enumerate() {
+            if d.is_empty() || d.len() > 63 {
+                return Err(bad(format!("databases[{i}]"), "must be 1 to 63 bytes"));
+            }
+            if !dbs.insert(d.as_str()) {
+                return Err(bad(format!("databases[{i}]"), format!("{d:?} is listed twice")));
+            }
         }
 
         let p = &self.pool;
@@ -406,10 +493,36 @@ impl Config {
                 }
                 _ => {}
             }
+            if u.server_user.as_deref() == Some("") {
+                return Err(bad(format!("users[{i}].server_user"), "must not be empty"));
+            }
+            if !u.admin && u.server_role() == SUPERUSER {
+                return Err(bad(
+                    format!("users[{i}].server_user"),
+                    format!(
+                        "user {:?} would run as the superuser {SUPERUSER:?}: map it to a \
+                         least-privileged role, or set admin = true",
+                        u.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }
+
+    /// The databases clients may use (the allow-list, or `server.database` alone).
+    pub fn allowed_databases(&self) -> Vec<String> {
+        if self.databases.is_empty() {
+            vec![self.server.database.clone()]
+        } else {
+            self.databases.clone()
+        }
+    }
 }
+
+/// The superuser every cluster has; no non-admin user may be mapped onto it. Other superusers
+/// are caught by `--check-config` (it asks the nodes) and at login (`is_superuser`).
+pub const SUPERUSER: &str = "postgres";
 
 fn check_addr(field: &str, value: &str) -> Result<(), ConfigError> {
     value.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
@@ -532,6 +645,19 @@ mod tests {
                 "[[nodes]]\nname = \"n\"\nhost = \"h\"\nport = 5\nweight = 0",
                 "nodes[2].weight",
             ),
+            (
+                "[[users]]\nname = \"b\"\npassword = \"x\"\nserver_user = \"postgres\"",
+                "users[1].server_user",
+            ),
+            (
+                "[[users]]\nname = \"postgres\"\npassword = \"x\"",
+                "users[1].server_user",
+            ),
+            (
+                "[[users]]\nname = \"b\"\npassword = \"x\"\nserver_user = \"\"",
+                "users[1].server_user",
+            ),
+            ("[listen.tls]\ncert_file = \"\"\nkey_file = \"k\"", "listen.tls.cert_file"),
         ];
         for (extra, field) in cases {
             let e = Config::parse(&with(extra)).expect_err(extra);
@@ -549,6 +675,24 @@ mod tests {
         assert!(e.to_string().contains("port"), "{e}");
         let e = Config::parse(&with("[pool]\nmax_size = -1")).expect_err("negative");
         assert!(e.to_string().contains("max_size"), "{e}");
+    }
+
+    #[test]
+    fn users_run_as_their_own_role_unless_mapped() {
+        let c = Config::parse(&with(
+            "[[users]]\nname = \"dba\"\npassword = \"x\"\nserver_user = \"postgres\"\n\
+             server_password = \"y\"\nadmin = true",
+        ))
+        .expect("an admin may be a superuser");
+        assert_eq!((c.users[0].server_role(), c.users[0].server_secret()), ("app", Some("app-secret")));
+        assert_eq!((c.users[1].server_role(), c.users[1].server_secret()), ("postgres", Some("y")));
+        assert_eq!(c.allowed_databases(), vec!["postgres".to_string()]);
+        let c = Config::parse(&format!("databases = [\"app\", \"reports\"]\n{GOOD}")).expect("list");
+        assert_eq!(c.allowed_databases(), vec!["app".to_string(), "reports".to_string()]);
+        let e = Config::parse(&format!("databases = [\"app\", \"app\"]\n{GOOD}")).expect_err("dup");
+        assert_eq!(e.field.as_deref(), Some("databases[1]"));
+        // The effective configuration prints (top-level keys before tables).
+        assert!(toml::to_string_pretty(&c).is_ok());
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! - [`protocol`] — framing and the messages the router reads or writes (pure, fuzzed).
 //! - [`auth`] — SCRAM-SHA-256 and md5, the server side (clients authenticate to the router).
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
+//! - [`isolation`] — what one client leaves in a server session never reaches another (pure).
+//! - [`startup`] — a session's startup packet, TLS, authentication and login checks.
+//! - [`tls`] — the TLS acceptor and the client stream.
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 
 pub mod admin;
@@ -16,6 +19,7 @@ pub mod classify;
 pub mod config;
 pub mod log;
 pub mod monitor;
+pub mod isolation;
 pub mod pool;
 pub mod pools;
 pub mod protocol;
@@ -25,4 +29,6 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod startup;
+pub mod tls;
 pub mod topology;

@@ -1,5 +1,9 @@
 //! Log lines on stderr: `2026-11-26T21:04:05.123Z LEVEL message`. Warnings and errors always;
 //! info unless `DBOPT_ROUTER_QUIET` is set.
+//!
+//! Messages carry client-chosen text (user and database names, addresses, server errors), so
+//! every control character is escaped when the line is written: one call is one line, and a
+//! user name with a newline cannot forge another.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,8 +40,41 @@ pub fn timestamp() -> String {
     )
 }
 
+/// `msg` with control characters (and backslashes) escaped, so it stays on one line.
+pub fn escape(msg: &str) -> std::borrow::Cow<'_, str> {
+    if !msg.chars().any(|c| c.is_control() || c == '\\') {
+        return std::borrow::Cow::Borrowed(msg);
+    }
+    let mut out = String::with_capacity(msg.len() + 8);
+    for c in msg.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn line(level: &str, msg: &str) {
-    eprintln!("{} {level} {msg}", timestamp());
+    eprintln!("{} {level} {}", timestamp(), escape(msg));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn control_characters_cannot_start_a_new_line() {
+        assert_eq!(escape("plain user"), "plain user");
+        assert_eq!(
+            escape("x\n2026-01-01T00:00:00.000Z ERROR forged\r\t\u{1b}[31m\\"),
+            "x\\n2026-01-01T00:00:00.000Z ERROR forged\\r\\t\\u{1b}[31m\\\\"
+        );
+    }
 }
 
 pub fn info(msg: &str) {

@@ -1,4 +1,6 @@
-//! The async pools: one per (node, database), around the bookkeeping of [`crate::pool`]. Getting
+//! The async pools: one per (node, database, server role), around the bookkeeping of
+//! [`crate::pool`]. A pool holds connections logged in as one role only, so a client never gets a
+//! connection with another user's privileges. Getting
 //! a connection takes an idle one, opens one (up to 3 tries with exponential backoff and jitter,
 //! each admitted by the node's circuit breaker), or waits in a bounded queue until one is given
 //! back or `wait_timeout_ms` passes (SQLSTATE 53300).
@@ -16,9 +18,23 @@ use crate::server::{ConnectError, ServerConn, ServerTarget};
 use crate::shared::Shared;
 use crate::topology::Unavailable;
 
+/// As whom a pool's connections log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Login {
+    pub role: String,
+    pub password: Option<String>,
+    /// May be a superuser (`users.admin`); otherwise a superuser login is refused.
+    pub admin: bool,
+}
+
 pub struct Pool {
     pub node: usize,
     pub database: String,
+    pub login: Login,
+    /// When a client last took a connection (router clock, ms): unused pools are dropped.
+    pub last_used_ms: AtomicU64,
+    /// The last attempt to open a connection failed (bad database, role, password).
+    pub failing: std::sync::atomic::AtomicBool,
     pub state: Mutex<PoolState<ServerConn>>,
     notify: Notify,
     pub waiting: AtomicU32,
@@ -42,10 +58,12 @@ pub const CONNECT_TRIES: u32 = 3;
 pub const BACKOFF_BASE_MS: u64 = 100;
 pub const BACKOFF_MAX_MS: u64 = 2000;
 
+type ByRole = HashMap<String, Arc<Pool>>;
+
 #[derive(Default)]
 pub struct Pools {
-    /// node → database → pool (looked up on every batch: no allocation on a hit).
-    map: Mutex<HashMap<usize, HashMap<String, Arc<Pool>>>>,
+    /// node → database → role → pool (looked up on every batch: no allocation on a hit).
+    map: Mutex<HashMap<usize, HashMap<String, ByRole>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -53,18 +71,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pools {
-    pub fn get(&self, node: usize, database: &str, limits: PoolLimits) -> Arc<Pool> {
+    pub fn get(&self, node: usize, database: &str, login: &Login, limits: PoolLimits) -> Arc<Pool> {
         let mut map = lock(&self.map);
         let by_db = map.entry(node).or_default();
-        if let Some(p) = by_db.get(database) {
-            return p.clone();
+        if let Some(p) = by_db.get(database).and_then(|r| r.get(&login.role)) {
+            if p.login == *login {
+                return p.clone();
+            }
         }
-        by_db
-            .entry(database.to_string())
-            .or_insert_with(|| {
-                Arc::new(Pool {
+        // A new pool, or a login whose password or admin flag changed (SIGHUP): the old pool's
+        // connections stay with the clients that hold them and close when given back.
+        let pool = Arc::new(Pool {
                     node,
                     database: database.to_string(),
+                    login: login.clone(),
+                    last_used_ms: AtomicU64::new(0),
+                    failing: std::sync::atomic::AtomicBool::new(false),
                     state: Mutex::new(PoolState::new(limits)),
                     notify: Notify::new(),
                     waiting: AtomicU32::new(0),
@@ -73,18 +95,38 @@ impl Pools {
                     timeouts: AtomicU64::new(0),
                     connects: AtomicU64::new(0),
                     connect_failures: AtomicU64::new(0),
-                })
-            })
-            .clone()
+                });
+        by_db
+            .entry(database.to_string())
+            .or_default()
+            .insert(login.role.clone(), pool.clone());
+        pool
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
         let mut v: Vec<Arc<Pool>> = lock(&self.map)
             .values()
-            .flat_map(|by_db| by_db.values().cloned())
+            .flat_map(|by_db| by_db.values().flat_map(|r| r.values().cloned()))
             .collect();
-        v.sort_by(|a, b| (a.node, &a.database).cmp(&(b.node, &b.database)));
+        v.sort_by(|a, b| {
+            (a.node, &a.database, &a.login.role).cmp(&(b.node, &b.database, &b.login.role))
+        });
         v
+    }
+
+    /// Drops a pool from the map (its idle connections close with it).
+    pub fn remove(&self, pool: &Arc<Pool>) {
+        let mut map = lock(&self.map);
+        if let Some(by_role) = map.get_mut(&pool.node).and_then(|d| d.get_mut(&pool.database)) {
+            if by_role.get(&pool.login.role).is_some_and(|p| Arc::ptr_eq(p, pool)) {
+                by_role.remove(&pool.login.role);
+            }
+            if by_role.is_empty() {
+                if let Some(d) = map.get_mut(&pool.node) {
+                    d.remove(&pool.database);
+                }
+            }
+        }
     }
 }
 
@@ -114,13 +156,12 @@ impl Pool {
 }
 
 impl Shared {
-    fn target(&self, node: usize, database: &str) -> ServerTarget {
-        let config = self.config();
+    fn target(&self, node: usize, database: &str, login: &Login) -> ServerTarget {
         ServerTarget {
             node,
             addr: self.topology().nodes[node].addr.clone(),
-            user: config.server.user.clone(),
-            password: config.server.password.clone(),
+            user: login.role.clone(),
+            password: login.password.clone(),
             database: database.to_string(),
         }
     }
@@ -130,8 +171,9 @@ impl Shared {
         &self,
         node: usize,
         database: &str,
+        login: &Login,
     ) -> Result<ServerConn, AcquireError> {
-        let target = self.target(node, database);
+        let target = self.target(node, database, login);
         let timeout = Duration::from_millis(self.config().health.timeout_ms);
         let mut last = String::new();
         for attempt in 0..CONNECT_TRIES {
@@ -149,7 +191,23 @@ impl Shared {
             match ServerConn::connect(&target, timeout, epoch).await {
                 Ok(c) => {
                     self.topology().record(node, true);
-                    self.remember_server_params(&c);
+                    if !login.admin && c.params.get("is_superuser").map(String::as_str) == Some("on") {
+                        log::error(&format!(
+                            "refusing a server login as {:?} on {}: it is a superuser and the \
+                             router user is not admin",
+                            login.role,
+                            target.addr
+                        ));
+                        return Err(AcquireError {
+                            code: "28000",
+                            message: format!(
+                                "dbopt-router: role \"{}\" is a superuser; only users with \
+                                 admin = true may run as one",
+                                login.role
+                            ),
+                            node_failed: false,
+                        });
+                    }
                     return Ok(c);
                 }
                 Err(ConnectError::Refused { code, message }) => {
@@ -188,9 +246,11 @@ impl Shared {
         &self,
         node: usize,
         database: &str,
+        login: &Login,
         critical: bool,
     ) -> Result<(Arc<Pool>, ServerConn), AcquireError> {
-        let pool = self.pools.get(node, database, self.pool_limits());
+        let pool = self.pools.get(node, database, login, self.pool_limits());
+        pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
         let (is_primary, epoch) = {
             let t = self.topology();
             (t.primary == Some(node), t.stamp(node))
@@ -214,13 +274,15 @@ impl Shared {
                     self.after_take(&pool, waited);
                     return Ok((pool, c));
                 }
-                Take::Open => match self.open_server(node, database).await {
+                Take::Open => match self.open_server(node, database, login).await {
                     Ok(c) => {
+                        pool.failing.store(false, Ordering::Relaxed);
                         pool.connects.fetch_add(1, Ordering::Relaxed);
                         self.after_take(&pool, waited);
                         return Ok((pool, c));
                     }
                     Err(e) => {
+                        pool.failing.store(true, Ordering::Relaxed);
                         pool.connect_failures.fetch_add(1, Ordering::Relaxed);
                         pool.forget();
                         return Err(e);
@@ -282,12 +344,12 @@ impl Shared {
         }
     }
 
-    /// Opens connections up to `min_size` in every pool of `database` (pre-warming).
-    pub async fn warm(self: &Arc<Self>, node: usize, database: &str) {
-        let pool = self.pools.get(node, database, self.pool_limits());
+    /// Opens connections up to `min_size` in `pool` (pre-warming).
+    pub async fn warm(self: &Arc<Self>, pool: &Arc<Pool>) {
+        let (node, database) = (pool.node, pool.database.as_str());
         let n = pool.lock().reserve_warm();
         for _ in 0..n {
-            match self.open_server(node, database).await {
+            match self.open_server(node, database, &pool.login).await {
                 Ok(c) => {
                     pool.connects.fetch_add(1, Ordering::Relaxed);
                     let now = self.now_ms();
@@ -312,10 +374,22 @@ impl Shared {
     }
 
     /// Closes idle connections above min that timed out, retires connections of an old
-    /// epoch, and tops every pool up to min. Runs every few seconds.
+    /// epoch, drops pools nobody used for `idle_timeout_s` or whose logins fail, and tops every
+    /// other pool up to min. Runs every few seconds.
     pub async fn maintain_pools(self: &Arc<Self>) {
         let now = self.now_ms();
+        let idle_ms = self.config().pool.idle_timeout_s.saturating_mul(1000);
         for pool in self.pools.all() {
+            let unused = pool.lock().in_use() == 0 && pool.waiting.load(Ordering::Relaxed) == 0;
+            let last = pool.last_used_ms.load(Ordering::Relaxed);
+            if unused
+                && (pool.failing.load(Ordering::Relaxed) || now.saturating_sub(last) >= idle_ms)
+            {
+                self.pools.remove(&pool);
+                let closed = pool.lock().drain_idle();
+                drop(closed);
+                continue;
+            }
             let epoch = self.topology().stamp(pool.node);
             let closed = {
                 let mut st = pool.lock();
@@ -326,7 +400,7 @@ impl Shared {
             drop(closed); // dropping closes the sockets
             let reachable = self.topology().nodes[pool.node].reachable;
             if reachable {
-                self.warm(pool.node, &pool.database).await;
+                self.warm(&pool).await;
             }
         }
     }

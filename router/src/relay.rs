@@ -6,7 +6,9 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
+use crate::isolation::{parse_state, plan_sync, STATE_SQL};
 use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
@@ -21,10 +23,6 @@ pub(crate) enum PumpEnd {
     Detached,
     /// The server broke before any reply of a read: run this batch again, avoiding that node.
     Retry(Vec<(u8, Vec<u8>)>, usize),
-}
-
-fn quote_literal(v: &str) -> String {
-    format!("'{}'", v.replace('\'', "''"))
 }
 
 fn server_name(hash: u64) -> Vec<u8> {
@@ -51,55 +49,17 @@ impl Session {
         }
     }
 
-    /// Applies the client's settings (application_name, TimeZone, search_path, ...) the
-    /// connection lacks. Returns whether an [`UNREPORTED`](crate::session::UNREPORTED) setting was
-    /// applied: the connection must then be reset before it is pooled again.
-    pub(crate) async fn sync_settings(
-        &mut self,
-        conn: &mut ServerConn,
-    ) -> Result<bool, SetupError> {
-        let current = |conn: &ServerConn, k: &str| {
-            conn.params
-                .iter()
-                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
-                .map(|(_, cv)| cv.clone())
-        };
-        let mut sql = String::new();
-        let mut unreported = false;
-        for (k, v) in &self.params {
-            if current(conn, k).as_deref() != Some(v.as_str()) {
-                // set_config takes the value as SHOW prints it (list settings such as
-                // search_path included), where SET would quote it as one element.
-                sql.push_str(&format!(
-                    "SELECT pg_catalog.set_config({}, {}, false);",
-                    quote_literal(k),
-                    quote_literal(v)
-                ));
-                unreported |= crate::session::UNREPORTED.contains(&k.as_str());
-            }
+    /// Gives the connection exactly the client's session settings (see [`crate::isolation`]):
+    /// resets what another client left, applies what this one set. No round trip when they match.
+    pub(crate) async fn sync_settings(&mut self, conn: &mut ServerConn) -> Result<(), SetupError> {
+        let plan = plan_sync(&conn.session, &self.settings);
+        if plan.is_empty() {
+            return Ok(());
         }
-        if sql.is_empty() {
-            return Ok(false);
-        }
-        conn.run_silently(&sql).await?;
-        for (k, v) in self.params.iter_mut() {
-            match conn
-                .params
-                .iter_mut()
-                .find(|(ck, _)| ck.eq_ignore_ascii_case(k))
-            {
-                // Reported settings come back as the server spells them ("iso, mdy" → "ISO,
-                // MDY"): the client's copy takes that form, so they compare equal next time.
-                Some((ck, cv)) if !crate::session::UNREPORTED.contains(&ck.as_str()) => {
-                    *v = cv.clone();
-                }
-                Some((_, cv)) => *cv = v.clone(),
-                None => {
-                    conn.params.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        Ok(unreported)
+        Counters::inc(&self.shared.counters.settings_syncs);
+        conn.apply(&plan).await?;
+        conn.session = self.settings.clone();
+        Ok(())
     }
 
     /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
@@ -111,24 +71,42 @@ impl Session {
     }
 
     /// One client message, rewritten for the attached server connection into `out`.
-    pub(crate) fn translate(&mut self, att: &mut Attached, tag: u8, msg: &[u8], out: &mut Vec<u8>) {
+    /// `classify`: note what the statement does to the session and whether it writes (the
+    /// first batch of an attachment was classified as a whole already).
+    pub(crate) fn translate(
+        &mut self,
+        att: &mut Attached,
+        tag: u8,
+        msg: &[u8],
+        out: &mut Vec<u8>,
+        classify: bool,
+    ) {
         if att.pending.is_empty() {
             att.started = Instant::now();
         }
         let b = body(msg);
+        let note = |att: &mut Attached, class: Class| {
+            if classify {
+                att.touched |= class.session;
+                att.wrote |= !matches!(class.kind, Kind::Read | Kind::Empty | Kind::BeginReadOnly);
+            }
+        };
         match tag {
             b'Q' => {
-                att.touched_unreported |= crate::session::mentions_unreported(b);
+                if classify {
+                    if let Ok(q) = p::parse_query(b) {
+                        note(att, self.class_of_text(q));
+                    }
+                }
                 out.extend_from_slice(msg);
                 att.pending.push_back(Expect::Query);
                 att.batch_open = false;
             }
-            b'P' => match p::parse_parse(b).inspect(|m| {
-                att.touched_unreported |= crate::session::mentions_unreported(m.query);
-            }) {
+            b'P' => match p::parse_parse(b) {
                 Ok(m) if !m.name.is_empty() => {
                     let hash = statement_hash(m.query, m.param_types);
                     let class = self.class_of_text(m.query);
+                    note(att, class);
                     let stmt = Statement {
                         hash,
                         server_name: server_name(hash),
@@ -145,7 +123,10 @@ impl Session {
                     self.statements
                         .insert(m.name.to_vec(), std::sync::Arc::new(stmt));
                 }
-                _ => {
+                other => {
+                    if let (true, Ok(m)) = (classify, other) {
+                        note(att, self.class_of_text(m.query));
+                    }
                     out.extend_from_slice(msg);
                     att.pending.push_back(Expect::Parse(None));
                 }
@@ -156,6 +137,7 @@ impl Session {
                     .and_then(|m| Some((m, self.statements.get(m.statement)?.clone())))
                 {
                     Some((m, stmt)) => {
+                        note(att, stmt.class);
                         Self::ensure_prepared(att, &stmt, out);
                         p::put_bind(out, m.portal, &stmt.server_name, m.rest);
                     }
@@ -272,20 +254,14 @@ impl Session {
                 true
             }
             b'S' => {
+                // The client's own statement changed a reported setting: it sees the report;
+                // its settings map is read back after the batch (the statement was flagged).
                 let mut r = Reader::new(body(msg));
                 if let (Ok(k), Ok(v)) = (r.cstr("name"), r.cstr("value")) {
-                    let (k, v) = (
+                    att.conn.params.insert(
                         String::from_utf8_lossy(k).into_owned(),
                         String::from_utf8_lossy(v).into_owned(),
                     );
-                    let lower = k.to_lowercase();
-                    if crate::session::TRACKED.contains(&lower.as_str()) {
-                        match self.params.iter_mut().find(|(pk, _)| *pk == lower) {
-                            Some(slot) => slot.1 = v.clone(),
-                            None => self.params.push((lower, v.clone())),
-                        }
-                    }
-                    att.conn.params.insert(k, v);
                 }
                 true
             }
@@ -305,6 +281,7 @@ impl Session {
             || att.batch_open
             || att.tx_status != b'I'
             || att.copy_in
+            || !att.pins.is_empty()
     }
 
     fn session_mode(&self) -> bool {
@@ -318,23 +295,74 @@ impl Session {
         enum Event {
             Server(std::io::Result<usize>),
             Client(std::io::Result<usize>),
+            IdleInTransaction,
+            ClientIdle,
         }
         loop {
             let Some(mut att) = self.attached.take() else {
                 return Ok(PumpEnd::Detached);
             };
             let readable = self.takes_more(&att);
+            // Only the client can be idle: the server has answered everything and waits.
+            let waiting_for_client = att.pending.is_empty() && !att.batch_open && !att.copy_in;
+            let pool = &self.shared.config().pool;
+            let timer = match (waiting_for_client, att.tx_status != b'I') {
+                (true, true) if pool.idle_in_transaction_timeout_s > 0 => {
+                    Some((pool.idle_in_transaction_timeout_s, Event::IdleInTransaction))
+                }
+                (true, false) if pool.client_idle_timeout_s > 0 => {
+                    Some((pool.client_idle_timeout_s, Event::ClientIdle))
+                }
+                _ => None,
+            };
             let event = {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
                 let conn = &mut att.conn;
+                let expire = async {
+                    match timer {
+                        Some((s, e)) => {
+                            tokio::time::sleep(std::time::Duration::from_secs(s)).await;
+                            e
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     biased;
                     r = conn.stream.read_buf(&mut conn.rbuf) => Event::Server(r),
                     r = client.read_buf(cbuf), if readable => Event::Client(r),
+                    e = expire => e,
                 }
             };
             match event {
+                Event::IdleInTransaction | Event::ClientIdle => {
+                    Counters::inc(&self.shared.counters.idle_timeouts);
+                    let in_tx = matches!(event, Event::IdleInTransaction);
+                    log::warn(&format!(
+                        "client {} (user \"{}\"): {}; disconnected",
+                        self.peer,
+                        self.user,
+                        if in_tx { "idle in transaction too long" } else { "idle too long" }
+                    ));
+                    if in_tx {
+                        // Roll back so the connection can serve others; leave() checks it.
+                        let ok = att.conn.run_silently("ROLLBACK").await.is_ok();
+                        att.tx_status = if ok { b'I' } else { b'E' };
+                    }
+                    self.attached = Some(att);
+                    return Err(if in_tx {
+                        self.fatal(
+                            "25P03",
+                            "terminating connection due to idle-in-transaction timeout (dbopt-router pool.idle_in_transaction_timeout_s)",
+                        )
+                    } else {
+                        self.fatal(
+                            "57P05",
+                            "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
+                        )
+                    });
+                }
                 Event::Server(Ok(n)) if n > 0 => {
                     if self.retry_batch.is_some() && att.relayed {
                         self.retry_batch = None;
@@ -361,8 +389,13 @@ impl Session {
                         && !att.copy_in;
                     if idle && !self.session_mode() {
                         self.flush_client().await?;
-                        let clean = !(att.touched_unreported || att.applied_unreported)
-                            || self.take_back_unreported(&mut att).await;
+                        let clean = !(att.touched || !att.pins.is_empty())
+                            || self.check_session(&mut att).await;
+                        if clean && !att.pins.is_empty() {
+                            // Pinned: the client keeps this connection until it undoes that.
+                            self.attached = Some(att);
+                            continue;
+                        }
                         self.detach(att, clean);
                         self.flush_client().await?;
                         // During a shutdown the serve loop now tells the client (57P01).
@@ -392,7 +425,7 @@ impl Session {
                                 if att.pending.is_empty() && !att.batch_open {
                                     att.batch_open = true;
                                 }
-                                self.translate(&mut att, tag, &msg, &mut to_server);
+                                self.translate(&mut att, tag, &msg, &mut to_server, true);
                             }
                             Ok(None) => break,
                             Err(e) => {
@@ -417,43 +450,25 @@ impl Session {
         }
     }
 
-    /// After a client statement that may have changed an unreported setting, or after the router
-    /// applied one for the client: remember the client's values (read back only when its own
-    /// statement may have changed them) and put the connection back to its defaults. False when
-    /// that failed (the connection is then closed rather than pooled).
-    async fn take_back_unreported(&mut self, att: &mut Attached) -> bool {
-        for name in crate::session::UNREPORTED {
-            if att.touched_unreported {
-                let value = match att.conn.show(name).await {
-                    Ok(v) => v,
-                    Err(_) => return false,
-                };
-                match self.params.iter_mut().find(|(k, _)| k == name) {
-                    Some(slot) => slot.1 = value,
-                    None => self.params.push((name.to_string(), value)),
-                }
-            }
-            if att
-                .conn
-                .run_silently(&format!("RESET {name}"))
-                .await
-                .is_err()
-            {
-                return false;
-            }
-            // Remember the default, so clients that want it need no set_config.
-            let default = match att.conn.defaults.get(*name) {
-                Some(d) => d.clone(),
-                None => match att.conn.show(name).await {
-                    Ok(d) => {
-                        att.conn.defaults.insert(name.to_string(), d.clone());
-                        d
-                    }
-                    Err(_) => return false,
-                },
-            };
-            att.conn.params.insert(name.to_string(), default);
+    /// After a statement that may have changed the session: read the client's settings back
+    /// and find what pins it ([`crate::isolation::STATE_SQL`]). False when that failed (the
+    /// connection is then closed rather than pooled).
+    async fn check_session(&mut self, att: &mut Attached) -> bool {
+        Counters::inc(&self.shared.counters.session_checks);
+        let state = match att.conn.rows(STATE_SQL).await {
+            Ok(rows) => parse_state(&rows),
+            Err(_) => None,
+        };
+        let Some(state) = state else {
+            return false;
+        };
+        if att.pins.is_empty() && !state.pins.is_empty() {
+            Counters::inc(&self.shared.counters.pins);
         }
+        att.conn.session = state.settings.clone();
+        self.settings = state.settings;
+        att.pins = state.pins;
+        att.touched = false;
         true
     }
 
@@ -461,7 +476,7 @@ impl Session {
     pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
         self.shared.set_cancel_target(self.key, None);
         let now = self.shared.now_ms();
-        if att.decision.writes {
+        if att.decision.writes || att.wrote {
             self.barrier = Barrier::WroteAt(now);
         }
         self.retry_batch = None;
@@ -507,9 +522,11 @@ impl Session {
         if let Some(mut att) = self.attached.take() {
             let idle = att.pending.is_empty() && att.tx_status == b'I' && !att.copy_in;
             let mut reusable = idle;
-            if idle && self.session_mode() {
+            if idle && (self.session_mode() || att.touched || !att.pins.is_empty()) {
+                // Whatever the client left (role, locks, LISTEN, temporary tables, settings).
                 reusable = att.conn.run_silently("DISCARD ALL").await.is_ok();
                 att.conn.prepared.clear();
+                att.conn.session.clear();
             }
             let now = self.shared.now_ms();
             att.pool.release(att.conn, reusable, now);

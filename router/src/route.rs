@@ -26,9 +26,11 @@ pub fn combine(classes: &[Class]) -> Class {
         kind: Kind::Empty,
         hint: None,
         critical: false,
+        session: false,
     };
     for c in classes {
         out.critical |= c.critical;
+        out.session |= c.session;
         out.hint = match (out.hint, c.hint) {
             (Some(Hint::Primary), _) | (_, Some(Hint::Primary)) => Some(Hint::Primary),
             (a, b) => a.or(b),
@@ -37,6 +39,8 @@ pub fn combine(classes: &[Class]) -> Class {
             (Kind::Write(r), _) | (_, Kind::Write(r)) => Kind::Write(r),
             (Kind::Empty, k) | (k, Kind::Empty) => k,
             (Kind::Read, Kind::Read) => Kind::Read,
+            (Kind::MayWrite(r), Kind::Read | Kind::MayWrite(_))
+            | (Kind::Read, Kind::MayWrite(r)) => Kind::MayWrite(r),
             // A transaction start with more statements in the same batch: keep it on the primary.
             _ => Kind::Write("transaction control with other statements"),
         };
@@ -58,24 +62,18 @@ pub fn decide(class: &Class, user_critical: bool, session_mode: bool) -> Decisio
     if session_mode {
         return primary(false);
     }
-    match class.hint {
-        Some(Hint::Primary) => return primary(false),
-        Some(Hint::Replica) => {
-            return Decision {
-                target: Target::Replica,
-                critical: false,
-                writes,
-            }
-        }
-        None => {}
-    }
-    match class.kind {
-        Kind::Read | Kind::Empty | Kind::BeginReadOnly => Decision {
-            target: Target::Replica,
-            critical: false,
-            writes: false,
-        },
-        Kind::Begin | Kind::Write(_) => primary(false),
+    let replica = Decision {
+        target: Target::Replica,
+        critical: false,
+        writes: false,
+    };
+    match (class.hint, class.kind) {
+        (Some(Hint::Primary), _) => primary(false),
+        // A hint vouches for a function the router does not know; it never moves DML, DDL,
+        // transaction control or anything else that certainly writes.
+        (Some(Hint::Replica), Kind::MayWrite(_)) => replica,
+        (_, Kind::Read | Kind::Empty | Kind::BeginReadOnly) => replica,
+        (_, Kind::Begin | Kind::Write(_) | Kind::MayWrite(_)) => primary(false),
     }
 }
 

@@ -29,11 +29,15 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
         Some(a) => Some(TcpListener::bind(a).await?),
         None => None,
     };
-    let shared = Shared::new(config.clone());
+    let tls = match &config.listen.tls {
+        Some(t) => Some(
+            crate::tls::acceptor(t).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        ),
+        None => None,
+    };
+    let shared = Shared::new(config.clone(), tls);
+    // Pools open when their first client comes (one per node, database and role).
     for node in 0..config.nodes.len() {
-        shared
-            .pools
-            .get(node, &config.server.database, shared.pool_limits());
         tokio::spawn(crate::monitor::watch_node(shared.clone(), node));
     }
     if let Some(l) = admin {
@@ -73,20 +77,25 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                 let _ = stream.set_nodelay(true);
                 let c = &shared.counters;
                 Counters::inc(&c.clients_total);
-                let active = c.clients_active.fetch_add(1, Ordering::Relaxed) + 1;
+                // Connections still starting up have a budget of their own, so sockets that
+                // never finish their startup cannot lock authenticated clients out.
+                let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
+                    Counters::inc(&c.handshake_rejects);
+                    tokio::spawn(async move {
+                        let mut out = Vec::new();
+                        protocol::put_error(&mut out, "FATAL", "53300", "too many connections are starting up; try again");
+                        let mut stream = stream;
+                        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
+                    });
+                    continue;
+                };
+                c.clients_active.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let stop = stop_rx.clone();
                 tokio::spawn(async move {
                     // Counts the client out even if its task panics.
                     let _active = Active(shared.clone());
-                    if active > u64::from(shared.config().listen.max_clients) {
-                        let mut out = Vec::new();
-                        protocol::put_error(&mut out, "FATAL", "53300", "sorry, too many clients already");
-                        let mut stream = stream;
-                        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
-                    } else {
-                        Session::new(shared.clone(), stream, peer, stop).run().await;
-                    }
+                    Session::new(shared.clone(), stream, peer, stop).run(handshake).await;
                 });
             }
             _ = hup.recv() => reload(&shared, &path),

@@ -3,6 +3,7 @@
 //! and the per-connection caches the session relies on (prepared statements, settings).
 
 use std::collections::{HashMap, HashSet};
+
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -32,8 +33,9 @@ pub struct ServerConn {
     pub params: HashMap<String, String>,
     /// Hashes of the statements prepared on this connection under `dbopt_<hash>` names.
     pub prepared: HashSet<u64>,
-    /// Defaults of unreported settings, learned after the first RESET.
-    pub defaults: HashMap<String, String>,
+    /// Session-level settings on this connection, as far as the router knows (see
+    /// [`crate::isolation`]): what the last client set, read back or applied.
+    pub session: crate::isolation::Settings,
     /// Bytes read from the server but not yet handled.
     pub rbuf: BytesMut,
     pub created: Instant,
@@ -94,7 +96,7 @@ impl ServerConn {
             secret: 0,
             params: HashMap::new(),
             prepared: HashSet::new(),
-            defaults: HashMap::new(),
+            session: Default::default(),
             rbuf: BytesMut::with_capacity(16 * 1024),
             created: Instant::now(),
             epoch,
@@ -231,45 +233,66 @@ impl ServerConn {
         }
     }
 
-    /// Runs a simple query whose results nobody needs (SET, DISCARD ALL); fails on an error.
+    /// Runs a simple query whose results nobody needs (DISCARD ALL); fails on an error.
     pub async fn run_silently(&mut self, sql: &str) -> Result<(), SetupError> {
-        self.simple_query(sql).await.map(|_| ())
-    }
-
-    /// `SHOW name`: the setting's current value on this connection.
-    pub async fn show(&mut self, name: &str) -> Result<String, SetupError> {
-        self.simple_query(&format!("SHOW {name}"))
-            .await?
-            .ok_or_else(|| SetupError::Refused(format!("SHOW {name} returned no row")))
-    }
-
-    /// Runs `sql` (the router's own, never a client's) to the end: ParameterStatus is recorded,
-    /// an error or a transaction left open fails it; returns the first column of the first row.
-    async fn simple_query(&mut self, sql: &str) -> Result<Option<String>, SetupError> {
         let mut out = Vec::new();
         protocol::put_query(&mut out, sql);
+        self.exchange(&out, 1).await.map(|_| ())
+    }
+
+    /// Runs the router's own query `sql` (a constant, never a client's text) and returns its
+    /// rows, every column as text (`None` for NULL).
+    pub async fn rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SetupError> {
+        let mut out = Vec::new();
+        protocol::put_query(&mut out, sql);
+        self.exchange(&out, 1).await
+    }
+
+    /// Brings the connection's session settings to `plan`: `RESET` of quoted names, and
+    /// `set_config($1, $2, false)` with the names and values as parameters, in one round trip.
+    pub async fn apply(&mut self, plan: &crate::isolation::SyncPlan) -> Result<(), SetupError> {
+        let mut out = Vec::new();
+        for name in &plan.reset {
+            protocol::put_parse(&mut out, b"", crate::isolation::reset_sql(name).as_bytes(), &[0, 0]);
+            put_bind_text(&mut out, &[]);
+            put_execute(&mut out);
+        }
+        if !plan.set.is_empty() {
+            protocol::put_parse(&mut out, b"", b"SELECT pg_catalog.set_config($1, $2, false)", &[0, 0]);
+            for (name, value) in &plan.set {
+                put_bind_text(&mut out, &[name.as_bytes(), value.as_bytes()]);
+                put_execute(&mut out);
+            }
+        }
+        put_msg(&mut out, b'S', |_| {});
+        self.exchange(&out, 1).await.map(|_| ())
+    }
+
+    /// Sends `out` and reads until `ready` ReadyForQuery messages came back: ParameterStatus is
+    /// recorded, an error or a transaction left open fails it; returns the data rows.
+    async fn exchange(
+        &mut self,
+        out: &[u8],
+        mut ready: usize,
+    ) -> Result<Vec<Vec<Option<String>>>, SetupError> {
         self.stream
-            .write_all(&out)
+            .write_all(out)
             .await
             .map_err(|e| SetupError::Lost(e.to_string()))?;
-        let (mut value, mut failure) = (None, None);
+        let (mut rows, mut failure) = (Vec::new(), None);
         loop {
             let (tag, msg) = self
                 .read_message()
                 .await
                 .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
-                b'D' if value.is_none() => {
-                    let mut r = Reader::new(body(&msg));
-                    let cols = r.i16("column count").unwrap_or(0);
-                    let len = r.i32("value length").unwrap_or(-1);
-                    if cols >= 1 && len >= 0 {
-                        if let Ok(v) = r.take(len as usize, "value") {
-                            value = Some(String::from_utf8_lossy(v).into_owned());
-                        }
-                    }
+                b'D' => rows.push(data_row(body(&msg)).ok_or_else(|| {
+                    SetupError::Lost("malformed DataRow from the server".into())
+                })?),
+                b'E' => {
+                    let (code, message) = protocol::error_fields(body(&msg));
+                    failure.get_or_insert(Refusal { code, message });
                 }
-                b'E' => failure = Some(protocol::error_fields(body(&msg)).1),
                 b'S' => {
                     let mut r = Reader::new(body(&msg));
                     if let (Ok(k), Ok(v)) = (r.cstr("name"), r.cstr("value")) {
@@ -280,18 +303,68 @@ impl ServerConn {
                     }
                 }
                 b'Z' => {
+                    ready -= 1;
+                    if ready > 0 {
+                        continue;
+                    }
                     return match failure {
                         Some(f) => Err(SetupError::Refused(f)),
-                        None if body(&msg) == b"I" => Ok(value),
-                        None => Err(SetupError::Refused(
-                            "connection left inside a transaction".into(),
-                        )),
-                    }
+                        None if body(&msg) == b"I" => Ok(rows),
+                        None => Err(SetupError::Refused(Refusal {
+                            code: "25001".into(),
+                            message: "connection left inside a transaction".into(),
+                        })),
+                    };
                 }
                 _ => {}
             }
         }
     }
+}
+
+fn put_bind_text(out: &mut Vec<u8>, params: &[&[u8]]) {
+    put_msg(out, b'B', |b| {
+        protocol::put_cstr(b, b"");
+        protocol::put_cstr(b, b"");
+        b.extend_from_slice(&0i16.to_be_bytes()); // all parameters in text
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for p in params {
+            b.extend_from_slice(&(p.len() as i32).to_be_bytes());
+            b.extend_from_slice(p);
+        }
+        b.extend_from_slice(&0i16.to_be_bytes()); // results in text
+    });
+}
+
+fn put_execute(out: &mut Vec<u8>) {
+    put_msg(out, b'E', |b| {
+        protocol::put_cstr(b, b"");
+        b.extend_from_slice(&0i32.to_be_bytes());
+    });
+}
+
+/// The columns of a DataRow body as text.
+fn data_row(b: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut r = Reader::new(b);
+    let cols = r.i16("column count").ok()?;
+    let mut row = Vec::with_capacity(cols.max(0) as usize);
+    for _ in 0..cols {
+        let len = r.i32("value length").ok()?;
+        if len < 0 {
+            row.push(None);
+        } else {
+            let v = r.take(len as usize, "value").ok()?;
+            row.push(Some(String::from_utf8_lossy(v).into_owned()));
+        }
+    }
+    Some(row)
+}
+
+/// An error the server answered with.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
 }
 
 /// Why preparing a connection for a client failed.
@@ -300,7 +373,7 @@ pub enum SetupError {
     /// The connection broke: use another one.
     Lost(String),
     /// The server refused the statement (e.g. a client setting with a bad value).
-    Refused(String),
+    Refused(Refusal),
 }
 
 /// Sends a CancelRequest for backend `pid` to `addr` (a fresh connection, as the protocol wants).

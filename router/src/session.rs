@@ -14,65 +14,25 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
-use crate::auth::{md5_check, ScramExchange, ScramVerifier};
 use crate::classify::{Class, Kind};
-use crate::config::{AuthMethod, PoolMode};
+use crate::config::PoolMode;
+use crate::isolation::Settings;
 use crate::log;
 use crate::pools::{unavailable_error, Pool};
-use crate::protocol::{self as p, body, ProtocolError, Reader, Startup};
+use crate::protocol::{self as p, body, ProtocolError};
 use crate::relay::PumpEnd;
 use crate::route::{combine, decide, Barrier, Decision, Target};
 use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
-
-/// Client settings the router carries over to whichever server connection a client gets.
-pub(crate) const TRACKED: &[&str] = &[
-    "application_name",
-    "client_encoding",
-    "datestyle",
-    "timezone",
-    "intervalstyle",
-    "search_path",
-    "extra_float_digits",
-];
-
-/// Tracked settings PostgreSQL 15 does not report with ParameterStatus: the router reads them back
-/// (`SHOW`) after a client's statement mentions them, and resets them before the server connection
-/// goes back to the pool, so one client's `SET search_path` neither leaks to others nor gets lost.
-pub(crate) const UNREPORTED: &[&str] = &["search_path", "extra_float_digits"];
-
-/// Does `sql` mention a setting of [`UNREPORTED`] (then it may have changed it)?
-pub(crate) fn mentions_unreported(sql: &[u8]) -> bool {
-    UNREPORTED.iter().any(|name| {
-        sql.windows(name.len())
-            .any(|w| w.eq_ignore_ascii_case(name.as_bytes()))
-    })
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unreported_settings_are_noticed_in_any_case() {
-        assert!(mentions_unreported(b"SET search_path = tenant1, public"));
-        assert!(mentions_unreported(b"set SEARCH_PATH to default"));
-        assert!(mentions_unreported(
-            b"SELECT set_config('extra_float_digits', '3', false)"
-        ));
-        assert!(!mentions_unreported(b"SELECT * FROM paths"));
-        assert!(!mentions_unreported(b""));
-    }
-}
+use crate::tls::ClientStream;
 
 /// A reply owed to the client, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +72,13 @@ pub(crate) struct Attached {
     pub(crate) batch_open: bool,
     pub(crate) tx_status: u8,
     pub(crate) copy_in: bool,
-    /// A statement of the client mentioned an [`UNREPORTED`] setting.
-    pub(crate) touched_unreported: bool,
-    /// The router applied an [`UNREPORTED`] setting for the client.
-    pub(crate) applied_unreported: bool,
+    /// A statement that may have changed the server session ran: check it before the
+    /// connection serves another client ([`crate::isolation`]).
+    pub(crate) touched: bool,
+    /// What pins the client to this connection (a role, a session lock, ...): empty when free.
+    pub(crate) pins: Vec<String>,
+    /// Something that writes ran (a read-your-writes barrier follows), whatever the first batch was.
+    pub(crate) wrote: bool,
     /// Something of this batch reached the client (a retry is no longer invisible).
     pub(crate) relayed: bool,
     pub(crate) started: Instant,
@@ -123,7 +86,7 @@ pub(crate) struct Attached {
 
 pub struct Session {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) client: TcpStream,
+    pub(crate) client: ClientStream,
     pub(crate) peer: SocketAddr,
     pub(crate) cbuf: BytesMut,
     pub(crate) out: Vec<u8>,
@@ -132,8 +95,8 @@ pub struct Session {
     pub(crate) auth: Option<UserAuth>,
     pub(crate) key: (i32, i32),
     pub(crate) statements: HashMap<Vec<u8>, Arc<Statement>>,
-    /// Tracked settings as the client wants them (lower-case names).
-    pub(crate) params: Vec<(String, String)>,
+    /// The client's session-level settings (startup parameters, then whatever its `SET`s left).
+    pub(crate) settings: Settings,
     pub(crate) barrier: Barrier,
     pub(crate) attached: Option<Attached>,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
@@ -159,13 +122,13 @@ pub(crate) fn statement_hash(query: &[u8], param_types: &[u8]) -> u64 {
 impl Session {
     pub fn new(
         shared: Arc<Shared>,
-        client: TcpStream,
+        client: tokio::net::TcpStream,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Session {
             shared,
-            client,
+            client: ClientStream::Plain(client),
             peer,
             cbuf: BytesMut::with_capacity(8192),
             out: Vec::with_capacity(8192),
@@ -174,7 +137,7 @@ impl Session {
             auth: None,
             key: (0, 0),
             statements: HashMap::new(),
-            params: Vec::new(),
+            settings: Settings::new(),
             barrier: Barrier::None,
             attached: None,
             retry_batch: None,
@@ -182,20 +145,33 @@ impl Session {
         }
     }
 
-    pub async fn run(mut self) {
-        let handshake = Duration::from_secs(15);
-        let ok = match tokio::time::timeout(handshake, self.startup()).await {
+    /// Runs the session to its end. `handshake` is this connection's slot among those still
+    /// starting up: it is given back once the client has authenticated (or failed to).
+    pub async fn run(mut self, handshake: OwnedSemaphorePermit) {
+        let config = self.shared.config();
+        let limit = Duration::from_millis(config.listen.handshake_timeout_ms);
+        let ok = match tokio::time::timeout(limit, self.startup()).await {
             Ok(r) => r.is_ok(),
             Err(_) => {
                 p::put_error(&mut self.out, "FATAL", "08P01", "authentication timed out");
                 false
             }
         };
+        drop(handshake);
         if ok {
-            let _ = self.serve().await;
+            let sessions = &self.shared.counters.sessions;
+            let n = sessions.fetch_add(1, Ordering::Relaxed) + 1;
+            let _counted = SessionCount(self.shared.clone());
+            if n > u64::from(config.listen.max_clients) {
+                p::put_error(&mut self.out, "FATAL", "53300", "sorry, too many clients already");
+            } else if self.finish_login().await.is_ok() {
+                let _ = self.serve().await;
+            }
+            let _ = self.flush_client().await;
+            self.leave().await;
+        } else {
+            let _ = self.flush_client().await;
         }
-        let _ = self.flush_client().await;
-        self.leave().await;
     }
 
     // ---- client I/O ----
@@ -204,7 +180,10 @@ impl Session {
         if self.out.is_empty() {
             return Ok(());
         }
-        let r = self.client.write_all(&self.out).await;
+        let mut r = self.client.write_all(&self.out).await;
+        if r.is_ok() && self.client.is_tls() {
+            r = self.client.flush().await;
+        }
         self.out.clear();
         r.map_err(|_| Close)
     }
@@ -221,7 +200,7 @@ impl Session {
     }
 
     /// Reads more bytes from the client; `Close` on EOF.
-    async fn fill(&mut self) -> Step<()> {
+    pub(crate) async fn fill(&mut self) -> Step<()> {
         match self.client.read_buf(&mut self.cbuf).await {
             Ok(0) | Err(_) => Err(Close),
             Ok(_) => Ok(()),
@@ -246,245 +225,28 @@ impl Session {
         }
     }
 
-    // ---- startup ----
-
-    async fn startup(&mut self) -> Step<()> {
-        let params = loop {
-            while self.cbuf.len() < 4 {
-                self.fill().await?;
-            }
-            let len = match p::startup_len([self.cbuf[0], self.cbuf[1], self.cbuf[2], self.cbuf[3]])
-            {
-                Ok(l) => l,
-                Err(e) => return Err(self.protocol_error(e)),
-            };
-            while self.cbuf.len() < len {
-                self.fill().await?;
-            }
-            let packet = self.cbuf[4..len].to_vec();
-            self.cbuf.advance(len);
-            match p::parse_startup(&packet) {
-                Err(e) => return Err(self.protocol_error(e)),
-                Ok(Startup::Ssl) | Ok(Startup::GssEnc) => {
-                    // No TLS/GSS yet: the client may continue in clear text.
-                    self.client.write_all(b"N").await.map_err(|_| Close)?;
-                }
-                Ok(Startup::Cancel { pid, secret }) => {
-                    self.forward_cancel(pid, secret).await;
-                    return Err(Close);
-                }
-                Ok(Startup::Params(params)) => break params,
-            }
-        };
-        let mut user = None;
-        let mut database = None;
-        for (k, v) in params {
-            match k.as_str() {
-                "user" => user = Some(v),
-                "database" => database = Some(v),
-                "replication" if v != "false" && v != "0" => {
-                    return Err(self.fatal(
-                        "08P01",
-                        "replication connections are not supported through dbopt-router",
-                    ));
-                }
-                _ => {
-                    let key = k.to_lowercase();
-                    if TRACKED.contains(&key.as_str()) {
-                        self.params.push((key, v));
-                    }
-                }
-            }
-        }
-        let Some(user) = user.filter(|u| !u.is_empty()) else {
-            return Err(self.fatal(
-                "28000",
-                "no PostgreSQL user name specified in startup packet",
-            ));
-        };
-        self.database = database
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| user.clone());
-        self.user = user;
-        if self
-            .shared
-            .shutting_down
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return Err(self.fatal("57P01", "dbopt-router is shutting down"));
-        }
-        self.authenticate().await?;
-
-        // Login done: AuthenticationOk, ParameterStatus, BackendKeyData, ReadyForQuery.
-        p::put_auth(&mut self.out, 0, &[]);
-        let mut server = self.shared.server_params();
-        if server.is_empty() {
-            server = vec![
-                ("server_version".into(), "15".into()),
-                ("server_encoding".into(), "UTF8".into()),
-                ("client_encoding".into(), "UTF8".into()),
-                ("DateStyle".into(), "ISO, MDY".into()),
-                ("integer_datetimes".into(), "on".into()),
-                ("standard_conforming_strings".into(), "on".into()),
-            ];
-        }
-        for (k, v) in &server {
-            let own = self
-                .params
-                .iter()
-                .find(|(c, _)| *c == k.to_lowercase())
-                .map(|(_, v)| v.as_str());
-            let v = match (k.as_str(), own) {
-                (_, Some(own)) => own,
-                ("application_name", None) => "",
-                ("session_authorization", None) => &self.user,
-                _ => v.as_str(),
-            };
-            p::put_parameter_status(&mut self.out, k, v);
-        }
-        self.key = self.register_cancel_key();
-        p::put_backend_key(&mut self.out, self.key.0, self.key.1);
-        p::put_ready(&mut self.out, b'I');
-        self.flush_client().await
-    }
-
-    fn register_cancel_key(&self) -> (i32, i32) {
-        let mut map = self.shared.cancel.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let key: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
-            if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
-                e.insert(None);
-                return key;
-            }
-        }
-    }
-
-    async fn forward_cancel(&self, pid: i32, secret: i32) {
-        let target = self
-            .shared
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(pid, secret))
-            .cloned()
-            .flatten();
-        if let Some(t) = target {
-            Counters::inc(&self.shared.counters.cancels);
-            if let Err(e) = crate::server::send_cancel(&t.addr, t.pid, t.secret).await {
-                log::warn(&format!("forwarding a cancel request to {}: {e}", t.addr));
-            }
-        }
-    }
-
-    async fn read_password_message(&mut self) -> Step<Vec<u8>> {
-        let (tag, msg) = loop {
-            match p::frame(&self.cbuf) {
-                Ok(Some((tag, len))) => {
-                    let m = self.cbuf[..len].to_vec();
-                    self.cbuf.advance(len);
-                    break (tag, m);
-                }
-                Ok(None) => self.fill().await?,
-                Err(e) => return Err(self.protocol_error(e)),
-            }
-        };
-        if tag != b'p' {
-            return Err(self.protocol_error(ProtocolError(format!(
-                "expected a password message, got '{}'",
-                p::shown_tag(tag)
-            ))));
-        }
-        Ok(body(&msg).to_vec())
-    }
-
-    fn auth_failed(&mut self) -> Close {
-        Counters::inc(&self.shared.counters.auth_failures);
-        log::warn(&format!(
-            "client {}: password authentication failed for user \"{}\"",
-            self.peer, self.user
-        ));
-        self.fatal(
-            "28P01",
-            &format!("password authentication failed for user \"{}\"", self.user),
-        )
-    }
-
-    async fn authenticate(&mut self) -> Step<()> {
-        let users = self.shared.users();
-        let auth = users.get(&self.user).cloned();
-        let method = auth.as_ref().map_or(AuthMethod::ScramSha256, |a| a.method);
-        match method {
-            AuthMethod::Trust => {}
-            AuthMethod::Md5 => {
-                let salt: [u8; 4] = rand::random();
-                p::put_auth(&mut self.out, 5, &salt);
-                self.flush_client().await?;
-                let reply = self.read_password_message().await?;
-                let mut r = Reader::new(&reply);
-                let given = r.cstr("password").unwrap_or(b"");
-                let ok = auth
-                    .as_ref()
-                    .and_then(|a| a.password.as_deref())
-                    .is_some_and(|pw| md5_check(&self.user, pw, salt, given));
-                if !ok {
-                    return Err(self.auth_failed());
-                }
-            }
-            AuthMethod::ScramSha256 => {
-                // Unknown users go through an exchange that cannot succeed, as PostgreSQL does,
-                // so a client cannot tell which user names exist.
-                let verifier = auth
-                    .as_ref()
-                    .and_then(|a| a.scram.clone())
-                    .unwrap_or_else(|| {
-                        ScramVerifier::with_random_salt(&format!("{:x}", rand::random::<u128>()))
-                    });
-                p::put_auth(&mut self.out, 10, b"SCRAM-SHA-256\0\0");
-                self.flush_client().await?;
-                let first = self.read_password_message().await?;
-                let mut r = Reader::new(&first);
-                let mech = r.cstr("SASL mechanism").unwrap_or(b"");
-                if mech != b"SCRAM-SHA-256" {
-                    return Err(self.fatal("28000", "SASL mechanism SCRAM-SHA-256 is required"));
-                }
-                let len = r.i32("SASL data length").unwrap_or(-1);
-                if len < 0 || len as usize != r.rest().len() {
-                    return Err(
-                        self.protocol_error(ProtocolError("malformed SASLInitialResponse".into()))
-                    );
-                }
-                let (exchange, server_first) = match ScramExchange::start(&verifier, r.rest()) {
-                    Ok(x) => x,
-                    Err(e) => return Err(self.fatal("08P01", &e)),
-                };
-                p::put_auth(&mut self.out, 11, server_first.as_bytes());
-                self.flush_client().await?;
-                let fin = self.read_password_message().await?;
-                match exchange.finish(&fin) {
-                    Ok(server_final) if auth.is_some() => {
-                        p::put_auth(&mut self.out, 12, server_final.as_bytes());
-                    }
-                    _ => return Err(self.auth_failed()),
-                }
-            }
-        }
-        match auth {
-            Some(a) => {
-                self.auth = Some(a);
-                Ok(())
-            }
-            None => Err(self.auth_failed()),
-        }
-    }
-
     // ---- batches ----
 
     async fn serve(&mut self) -> Step<()> {
         loop {
             if self.attached.is_none() {
                 let mut stop = self.shutdown.clone();
+                let idle_s = self.shared.config().pool.client_idle_timeout_s;
+                let idle = async {
+                    if idle_s == 0 {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(idle_s)).await;
+                };
                 let batch = tokio::select! {
                     b = self.read_batch() => b?,
+                    _ = idle => {
+                        Counters::inc(&self.shared.counters.idle_timeouts);
+                        return Err(self.fatal(
+                            "57P05",
+                            "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
+                        ));
+                    }
                     _ = stop.changed() => {
                         // A client that has just been answered reads that answer first (an
                         // error right behind a ReadyForQuery confuses some drivers); whatever
@@ -516,6 +278,8 @@ impl Session {
                 _ => {}
             }
             size += msg.len();
+            // A Flush ends a batch too: the client waits for replies before it goes on (a
+            // pipeline). Such a batch goes to the primary, since what follows is unknown.
             let end = matches!(tag, b'Q' | b'S' | b'H');
             batch.push((tag, msg));
             if end {
@@ -597,10 +361,13 @@ impl Session {
         let auth = self.auth.clone().ok_or(Close)?;
         let session_mode = auth.pool_mode == PoolMode::Session;
         let class = self.batch_class(&batch);
-        let decision = decide(&class, auth.critical, session_mode);
+        let mut decision = decide(&class, auth.critical, session_mode);
+        if decision.target == Target::Replica && matches!(batch.last(), Some((b'H', _))) {
+            // An unfinished pipeline: whatever comes before its Sync runs on the same connection.
+            decision.target = Target::Primary;
+        }
         let mut exclude = retry_of;
         let mut broken = 0;
-        let applied_unreported: bool;
         let (pool, conn, node) = loop {
             let picked = {
                 let mut t = self.shared.topology();
@@ -630,12 +397,12 @@ impl Session {
             };
             match self
                 .shared
-                .acquire(node, &self.database, decision.critical)
+                .acquire(node, &self.database, &auth.login, decision.critical)
                 .await
             {
                 Ok((pool, mut conn)) => {
                     match self.sync_settings(&mut conn).await {
-                        Ok(applied) => applied_unreported = applied,
+                        Ok(()) => {}
                         Err(SetupError::Lost(e)) if broken < 3 => {
                             // A connection that died while idle (its node restarted): another.
                             broken += 1;
@@ -647,10 +414,15 @@ impl Session {
                             ));
                             continue;
                         }
-                        Err(SetupError::Lost(e) | SetupError::Refused(e)) => {
-                            let code = "22023";
+                        Err(SetupError::Lost(e)) => {
                             pool.release(conn, false, 0);
-                            p::put_error(&mut self.out, "ERROR", code, &e);
+                            p::put_error(&mut self.out, "ERROR", "08006", &e);
+                            self.finish_refusal(&batch);
+                            return self.flush_client().await;
+                        }
+                        Err(SetupError::Refused(r)) => {
+                            pool.release(conn, false, 0);
+                            p::put_error(&mut self.out, "ERROR", &r.code, &r.message);
                             self.finish_refusal(&batch);
                             return self.flush_client().await;
                         }
@@ -686,8 +458,9 @@ impl Session {
             batch_open: true,
             tx_status: b'I',
             copy_in: false,
-            touched_unreported: false,
-            applied_unreported,
+            touched: class.session,
+            pins: Vec::new(),
+            wrote: decision.writes,
             relayed: false,
             started: Instant::now(),
         };
@@ -702,7 +475,8 @@ impl Session {
         let mut to_server =
             Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
         for (tag, msg) in &batch {
-            self.translate(&mut att, *tag, msg, &mut to_server);
+            // The batch's statements were classified above (touched, wrote).
+            self.translate(&mut att, *tag, msg, &mut to_server, false);
         }
         self.emit_synthetic(&mut att);
         self.attached = Some(att);
@@ -715,5 +489,14 @@ impl Session {
         // A failed write shows up as a failed read in the pump, which handles the loss.
         let _ = att.conn.stream.write_all(&to_server).await;
         self.flush_client().await
+    }
+}
+
+/// One authenticated session, counted against `listen.max_clients` while it lives.
+struct SessionCount(Arc<Shared>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.counters.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 }

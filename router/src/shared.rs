@@ -9,7 +9,7 @@ use crate::auth::ScramVerifier;
 use crate::classify::{classify, Class, FunctionCatalog};
 use crate::config::{AuthMethod, Config, PoolMode};
 use crate::pool::PoolLimits;
-use crate::pools::Pools;
+use crate::pools::{Login, Pools};
 use crate::topology::Topology;
 
 /// A configured client user, with its SCRAM verifier derived once.
@@ -20,6 +20,8 @@ pub struct UserAuth {
     pub scram: Option<ScramVerifier>,
     pub pool_mode: PoolMode,
     pub critical: bool,
+    /// How this user's work logs in to PostgreSQL.
+    pub login: Login,
 }
 
 pub fn users_of(config: &Config) -> HashMap<String, UserAuth> {
@@ -39,6 +41,11 @@ pub fn users_of(config: &Config) -> HashMap<String, UserAuth> {
                     scram,
                     pool_mode: u.pool_mode.unwrap_or(config.pool.mode),
                     critical: u.critical,
+                    login: Login {
+                        role: u.server_role().to_string(),
+                        password: u.server_secret().map(str::to_string),
+                        admin: u.admin,
+                    },
                 },
             )
         })
@@ -68,6 +75,18 @@ pub struct Counters {
     pub acquire_errors: AtomicU64,
     pub server_errors: AtomicU64,
     pub cancels: AtomicU64,
+    /// Authenticated sessions now (what `listen.max_clients` limits).
+    pub sessions: AtomicU64,
+    /// Connections closed because `listen.max_handshakes` were already starting up.
+    pub handshake_rejects: AtomicU64,
+    /// Clients disconnected by the idle or idle-in-transaction timeout.
+    pub idle_timeouts: AtomicU64,
+    /// Round trips that brought a connection's settings to its client's.
+    pub settings_syncs: AtomicU64,
+    /// Session checks after statements that may have changed the session.
+    pub session_checks: AtomicU64,
+    /// Times a client got pinned to its connection.
+    pub pins: AtomicU64,
 }
 
 impl Counters {
@@ -87,6 +106,10 @@ pub struct Shared {
     /// ParameterStatus values of the servers, sent to clients at login.
     server_params: Mutex<Vec<(String, String)>>,
     pub shutting_down: AtomicBool,
+    /// Client TLS, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Slots for connections that have not authenticated yet (`listen.max_handshakes`).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Classification by normalised text (literals do not change whether a statement reads).
     class_cache: Mutex<HashMap<String, Class>>,
 }
@@ -99,8 +122,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Shared> {
+    pub fn new(config: Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Arc<Shared> {
         Arc::new(Shared {
+            tls,
+            handshakes: Arc::new(tokio::sync::Semaphore::new(
+                config.listen.max_handshakes as usize,
+            )),
             users: RwLock::new(Arc::new(users_of(&config))),
             topology: Mutex::new(Topology::new(&config)),
             config: RwLock::new(Arc::new(config)),
