@@ -65,6 +65,7 @@ CREATE FUNCTION dbopt.replication_status(
     OUT flush_lag interval,
     OUT replay_lag interval,
     OUT replay_lag_bytes numeric, -- this node's WAL position minus the replica's replayed position
+                                  -- (NULL when the caller may not see positions)
     OUT sync_state text,        -- 'async', 'potential', 'sync', 'quorum'
     OUT reply_time timestamptz
 )
@@ -74,12 +75,13 @@ AS $$
     SELECT r.application_name::text, r.client_addr, r.client_port, r.state,
            r.sent_lsn, r.write_lsn, r.flush_lsn, r.replay_lsn,
            r.write_lag, r.flush_lag, r.replay_lag,
-           -- a cascading replica sends what it has received or replayed, whichever is further
-           greatest(pg_wal_lsn_diff(
+           -- a cascading replica sends what it has received or replayed, whichever is further;
+           -- NULL (not 0, "caught up") when the caller may not see the replica's position
+           CASE WHEN r.replay_lsn IS NOT NULL THEN greatest(pg_wal_lsn_diff(
                CASE WHEN pg_is_in_recovery()
                     THEN greatest(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())
                     ELSE pg_current_wal_lsn() END,
-               r.replay_lsn), 0),
+               r.replay_lsn), 0) END,
            r.sync_state, r.reply_time
     FROM pg_stat_replication AS r
     ORDER BY r.application_name

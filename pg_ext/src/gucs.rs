@@ -120,6 +120,9 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    // A misspelt `dbopt.` setting is an error, not a silently ignored placeholder.
+    // SAFETY: called once from _PG_init, after every dbopt setting is defined.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"dbopt".as_ptr()) };
 }
 
 pub fn max_statements() -> usize {

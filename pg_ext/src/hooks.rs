@@ -13,7 +13,6 @@ use std::ptr;
 
 use dbopt_querystats::normalize::normalize;
 use pgrx::pg_sys;
-use pgrx::pg_sys::ffi::pg_guard_ffi_boundary;
 
 use crate::shmem::{self, StatsKey};
 use crate::{fast_ffi, gucs, nplusone, slow};
@@ -72,22 +71,6 @@ pub fn init() {
 
 fn nesting() -> i32 {
     LOCAL.with(|l| l.nesting.get())
-}
-
-/// Raises the nesting level for the life of the guard (restored on unwind too).
-struct Nested;
-
-impl Nested {
-    fn enter() -> Nested {
-        LOCAL.with(|l| l.nesting.set(l.nesting.get() + 1));
-        Nested
-    }
-}
-
-impl Drop for Nested {
-    fn drop(&mut self) {
-        LOCAL.with(|l| l.nesting.set((l.nesting.get() - 1).max(0)));
-    }
 }
 
 fn is_parallel_worker() -> bool {
@@ -278,7 +261,10 @@ unsafe extern "C-unwind" fn before_end(qd: *mut pg_sys::QueryDesc) {
 
 /// Utility statements (DO, CALL, CREATE EXTENSION, …) run their inner statements one level down,
 /// so those count as nested, not as top-level statements of their own.
-#[pgrx::pg_guard]
+///
+/// No pgrx guard, as for Run and Finish: an error raised below passes through unchanged (all its
+/// fields, no backtrace), the frame owns nothing to clean up, and the abort callbacks restore the
+/// nesting level the decrement below would have.
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
     pstmt: *mut pg_sys::PlannedStmt,
@@ -290,14 +276,12 @@ unsafe extern "C-unwind" fn process_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let _nested = Nested::enter();
-    // SAFETY: chaining with PostgreSQL's own arguments.
+    shift_nesting(1);
+    // SAFETY: chaining with PostgreSQL's own arguments; this frame owns nothing to clean up.
     unsafe {
         match PREV_UTILITY {
-            Some(prev) => pg_guard_ffi_boundary(|| {
-                prev(pstmt, query, read_only_tree, context, params, env, dest, qc)
-            }),
-            None => pg_sys::standard_ProcessUtility(
+            Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
+            None => fast_ffi::standard_ProcessUtility(
                 pstmt,
                 query,
                 read_only_tree,
@@ -309,6 +293,7 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
+    shift_nesting(-1);
 }
 
 /// Adds one execution to the statement's counters; captures it if slow; feeds the N+1 detector.

@@ -157,7 +157,24 @@ pub unsafe fn capture(
             json_string(&text),
             plan.split_whitespace().collect::<Vec<_>>().join(" "),
         );
-        pgrx::log!("dbopt slow query: {line}");
+        log_without_statement(&format!("dbopt slow query: {line}"));
+    }
+}
+
+/// Writes `line` to the server log at LOG level without PostgreSQL's `STATEMENT:` line (which
+/// would repeat the raw text, literals included, whatever `dbopt.slow_query_log_parameters` says).
+fn log_without_statement(line: &str) {
+    let Ok(text) = std::ffi::CString::new(line) else {
+        return;
+    };
+    // SAFETY: the elog protocol as PostgreSQL's ereport() macro runs it: errstart, the message
+    // (through "%s", so nothing in it is a format), errhidestmt, errfinish. LOG never longjmps.
+    unsafe {
+        if crate::fast_ffi::errstart(pg_sys::LOG as i32, std::ptr::null()) {
+            crate::fast_ffi::errmsg_internal(c"%s".as_ptr(), text.as_ptr());
+            crate::fast_ffi::errhidestmt(true);
+            crate::fast_ffi::errfinish(c"slow.rs".as_ptr(), line!() as i32, c"log_slow".as_ptr());
+        }
     }
 }
 
@@ -172,7 +189,7 @@ fn slow_queries() -> TableIterator<
         name!(username, String),
         name!(datname, String),
         name!(application_name, String),
-        name!(client_addr, String),
+        name!(client_addr, Option<String>),
         name!(queryid, i64),
         name!(query, String),
         name!(rows, i64),
@@ -192,7 +209,8 @@ fn slow_queries() -> TableIterator<
             role_name(r.userid),
             database_name(r.dbid),
             r.app.get(),
-            r.client.get(),
+            // Hidden as pg_stat_activity hides other users' addresses.
+            visible.then(|| r.client.get()),
             r.queryid,
             if visible {
                 r.text.get()

@@ -74,7 +74,7 @@ fn esc(s: &str) -> String {
 pub fn metrics(shared: &Shared) -> String {
     let mut o = String::new();
     let c = &shared.counters;
-    let counters: [(&str, &str, &AtomicU64); 7] = [
+    let counters: [(&str, &str, &AtomicU64); 12] = [
         (
             "dbopt_router_clients_total",
             "Client connections accepted.",
@@ -109,6 +109,31 @@ pub fn metrics(shared: &Shared) -> String {
             "dbopt_router_cancels_total",
             "Cancel requests forwarded.",
             &c.cancels,
+        ),
+        (
+            "dbopt_router_handshake_evictions_total",
+            "Connections still starting up that a newer one displaced (listen.max_handshakes).",
+            &c.handshake_evictions,
+        ),
+        (
+            "dbopt_router_idle_timeouts_total",
+            "Clients disconnected by the idle or idle-in-transaction timeout.",
+            &c.idle_timeouts,
+        ),
+        (
+            "dbopt_router_settings_syncs_total",
+            "Round trips that gave a server connection its client's session settings.",
+            &c.settings_syncs,
+        ),
+        (
+            "dbopt_router_session_checks_total",
+            "Session checks after statements that may have changed the server session.",
+            &c.session_checks,
+        ),
+        (
+            "dbopt_router_pins_total",
+            "Times a client was pinned to its server connection (role, lock, LISTEN, temp table...).",
+            &c.pins,
         ),
     ];
     for (name, help, v) in counters {
@@ -330,6 +355,15 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "primary_fallback": c.routed_primary_fallback.load(Ordering::Relaxed),
         },
         "read_retries": c.read_retries.load(Ordering::Relaxed),
+        "sessions": {
+            "authenticated": c.sessions.load(Ordering::Relaxed),
+            "starting_up": shared.handshakes.len(),
+            "handshake_evictions": c.handshake_evictions.load(Ordering::Relaxed),
+            "idle_timeouts": c.idle_timeouts.load(Ordering::Relaxed),
+            "settings_syncs": c.settings_syncs.load(Ordering::Relaxed),
+            "session_checks": c.session_checks.load(Ordering::Relaxed),
+            "pins": c.pins.load(Ordering::Relaxed),
+        },
         "function_catalogue_names": t.functions.len(),
     })
 }

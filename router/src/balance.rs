@@ -3,10 +3,14 @@
 //! Each candidate's effective weight is
 //!
 //! ```text
-//! effective = weight × cpu_factor × latency_factor
+//! effective = weight × cpu_factor × latency_factor × load_factor
 //! cpu_factor     = 0.25 when the node's CPU ≥ cpu_high_percent, else 1
 //! latency_factor = clamp(best_ewma / own_ewma, 0.1, 1)   (1 while a node has no samples)
+//! load_factor    = 1 / (1 + reads in flight on the node)
 //! ```
+//!
+//! and a node whose pool has no free connection is not a candidate while another one has room
+//! (a read would only wait there, or fail with 53300).
 //!
 //! where `weight` is the configured capacity and `*_ewma` the exponentially weighted moving average
 //! (α = 0.2) of the node's recent read round trips, which halves for every second without a new
@@ -54,6 +58,10 @@ pub struct Candidate {
     pub weight: u32,
     pub cpu_percent: Option<f64>,
     pub ewma_ms: Option<f64>,
+    /// Reads the router has running on the node now.
+    pub in_flight: u32,
+    /// The node's pool for this client can hand out a connection without waiting.
+    pub has_room: bool,
 }
 
 pub const CPU_HIGH_FACTOR: f64 = 0.25;
@@ -78,7 +86,7 @@ pub fn effective_weights(candidates: &[Candidate], cpu_high_percent: f64) -> Vec
                 }
                 _ => 1.0,
             };
-            f64::from(c.weight) * cpu * latency
+            f64::from(c.weight) * cpu * latency / (1.0 + f64::from(c.in_flight))
         })
         .collect()
 }
@@ -92,6 +100,14 @@ pub struct Balancer {
 impl Balancer {
     /// Picks one of `candidates`; `None` when there are none (or all weigh 0).
     pub fn pick(&mut self, candidates: &[Candidate], cpu_high_percent: f64) -> Option<usize> {
+        let roomy: Vec<Candidate>;
+        let candidates =
+            if candidates.iter().any(|c| c.has_room) && candidates.iter().any(|c| !c.has_room) {
+                roomy = candidates.iter().filter(|c| c.has_room).copied().collect();
+                &roomy
+            } else {
+                candidates
+            };
         let weights = effective_weights(candidates, cpu_high_percent);
         let total: f64 = weights.iter().sum();
         if candidates.is_empty() || total <= 0.0 {
@@ -127,7 +143,35 @@ mod tests {
             weight,
             cpu_percent: None,
             ewma_ms: None,
+            in_flight: 0,
+            has_room: true,
         }
+    }
+
+    #[test]
+    fn a_full_pool_is_skipped_while_another_has_room() {
+        let mut b = Balancer::default();
+        let mut full = cand(1, 10);
+        full.has_room = false;
+        let s = shares(&mut b, &[full, cand(2, 1), cand(3, 1)], 100);
+        assert_eq!(s.get(&1), None);
+        assert_eq!((s[&2], s[&3]), (50, 50));
+        // When every pool is full, the weights decide (the read waits for a connection).
+        let mut full2 = cand(2, 1);
+        full2.has_room = false;
+        assert_eq!(
+            b.pick(&[full, full2], 80.0).map(|n| n == 1 || n == 2),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn reads_in_flight_lower_a_nodes_share() {
+        let mut b = Balancer::default();
+        let mut busy = cand(1, 1);
+        busy.in_flight = 3;
+        let s = shares(&mut b, &[busy, cand(2, 1)], 5000);
+        assert_eq!((s[&1], s[&2]), (1000, 4000));
     }
 
     fn shares(b: &mut Balancer, c: &[Candidate], n: usize) -> HashMap<usize, usize> {

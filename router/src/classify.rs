@@ -307,7 +307,10 @@ fn kind_of(sql: &str, functions: &FunctionCatalog) -> (Kind, bool) {
             if let Some(w) = many.iter().find(|k| matches!(k, Kind::Write(_))) {
                 *w
             } else if let Some(m) = many.iter().find(|k| matches!(k, Kind::MayWrite(_))) {
-                if many.iter().all(|k| matches!(k, Kind::Read | Kind::Empty | Kind::MayWrite(_))) {
+                if many
+                    .iter()
+                    .all(|k| matches!(k, Kind::Read | Kind::Empty | Kind::MayWrite(_)))
+                {
                     *m
                 } else {
                     Kind::Write("several statements including transaction control")
@@ -359,8 +362,8 @@ fn touches_session(node: &NodeEnum, functions: &FunctionCatalog) -> bool {
                     "FuncCall" => {
                         let name = function_name(v);
                         let bare = name.last().map(|n| n.to_lowercase()).unwrap_or_default();
-                        touches = !functions.is_safe(&name)
-                            && !SESSION_HARMLESS.contains(&bare.as_str());
+                        touches =
+                            !functions.is_safe(&name) && !SESSION_HARMLESS.contains(&bare.as_str());
                     }
                     _ => {}
                 }
@@ -459,7 +462,8 @@ fn query_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
                 let name = function_name(v);
                 let bare = name.last().map(|n| n.to_lowercase()).unwrap_or_default();
                 if XID_ASSIGNING.contains(&bare.as_str()) {
-                    verdict = Kind::Write("calls a function that writes or assigns a transaction id");
+                    verdict =
+                        Kind::Write("calls a function that writes or assigns a transaction id");
                 } else if !functions.is_safe(&name) {
                     verdict =
                         Kind::MayWrite("calls a function that may write (volatile or unknown)");

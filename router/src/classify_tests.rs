@@ -246,7 +246,10 @@ fn hints_in_comments() {
     assert_eq!(hints("select $x$ -- dbopt:replica\n $x$"), (None, false));
     assert_eq!(hints("select E'\\' /* dbopt:replica */ '"), (None, false));
     assert_eq!(hints("select 1 as \"/* dbopt:critical */\""), (None, false));
-    assert_eq!(hints("select 1 -- dbopt:replica\n"), (Some(Hint::Replica), false));
+    assert_eq!(
+        hints("select 1 -- dbopt:replica\n"),
+        (Some(Hint::Replica), false)
+    );
     assert_eq!(hints("select\0 1 /* dbopt:replica */"), (None, false));
 }
 
@@ -255,7 +258,10 @@ fn a_replica_hint_never_moves_a_write() {
     use crate::route::{decide, Target};
     let f = FunctionCatalog::builtin();
     let target = |sql: &str| decide(&classify(sql, &f), false, false).target;
-    assert_eq!(target("/* dbopt:replica */ SELECT report()"), Target::Replica);
+    assert_eq!(
+        target("/* dbopt:replica */ SELECT report()"),
+        Target::Replica
+    );
     for sql in [
         "/* dbopt:replica */ INSERT INTO t VALUES (1)",
         "/* dbopt:replica */ CREATE TABLE t (a int)",
@@ -274,10 +280,20 @@ fn a_replica_hint_never_moves_a_write() {
     // STABLE in pg_proc, but assigns an xid: never read-only, even from the loaded catalogue.
     let catalog = FunctionCatalog::from_rows([
         ("pg_catalog".to_string(), "txid_current".to_string(), true),
-        ("pg_catalog".to_string(), "pg_current_xact_id".to_string(), true),
+        (
+            "pg_catalog".to_string(),
+            "pg_current_xact_id".to_string(),
+            true,
+        ),
     ]);
-    assert!(matches!(classify("SELECT txid_current()", &catalog).kind, Kind::Write(_)));
-    assert!(matches!(classify("SELECT pg_current_xact_id()", &catalog).kind, Kind::Write(_)));
+    assert!(matches!(
+        classify("SELECT txid_current()", &catalog).kind,
+        Kind::Write(_)
+    ));
+    assert!(matches!(
+        classify("SELECT pg_current_xact_id()", &catalog).kind,
+        Kind::Write(_)
+    ));
 }
 
 #[test]

@@ -52,8 +52,9 @@ pub struct Listen {
     /// A connection must finish its startup and authentication within this many milliseconds.
     #[serde(default = "defaults::handshake_timeout_ms")]
     pub handshake_timeout_ms: u64,
-    /// Most connections still in their startup/authentication at once; more are closed at once.
-    /// Kept apart from `max_clients`, so half-open sockets cannot lock authenticated clients out.
+    /// Most connections still in their startup/authentication at once; a newer one displaces
+    /// the one starting up longest. Kept apart from `max_clients`, so half-open sockets cannot
+    /// lock authenticated clients out.
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: u32,
     /// TLS for clients; none when absent (SSLRequest is then answered `N`).
@@ -346,7 +347,10 @@ impl Config {
                 return Err(bad(format!("databases[{i}]"), "must be 1 to 63 bytes"));
             }
             if !dbs.insert(d.as_str()) {
-                return Err(bad(format!("databases[{i}]"), format!("{d:?} is listed twice")));
+                return Err(bad(
+                    format!("databases[{i}]"),
+                    format!("{d:?} is listed twice"),
+                ));
             }
         }
 
@@ -657,7 +661,10 @@ mod tests {
                 "[[users]]\nname = \"b\"\npassword = \"x\"\nserver_user = \"\"",
                 "users[1].server_user",
             ),
-            ("[listen.tls]\ncert_file = \"\"\nkey_file = \"k\"", "listen.tls.cert_file"),
+            (
+                "[listen.tls]\ncert_file = \"\"\nkey_file = \"k\"",
+                "listen.tls.cert_file",
+            ),
         ];
         for (extra, field) in cases {
             let e = Config::parse(&with(extra)).expect_err(extra);
@@ -684,11 +691,21 @@ mod tests {
              server_password = \"y\"\nadmin = true",
         ))
         .expect("an admin may be a superuser");
-        assert_eq!((c.users[0].server_role(), c.users[0].server_secret()), ("app", Some("app-secret")));
-        assert_eq!((c.users[1].server_role(), c.users[1].server_secret()), ("postgres", Some("y")));
+        assert_eq!(
+            (c.users[0].server_role(), c.users[0].server_secret()),
+            ("app", Some("app-secret"))
+        );
+        assert_eq!(
+            (c.users[1].server_role(), c.users[1].server_secret()),
+            ("postgres", Some("y"))
+        );
         assert_eq!(c.allowed_databases(), vec!["postgres".to_string()]);
-        let c = Config::parse(&format!("databases = [\"app\", \"reports\"]\n{GOOD}")).expect("list");
-        assert_eq!(c.allowed_databases(), vec!["app".to_string(), "reports".to_string()]);
+        let c =
+            Config::parse(&format!("databases = [\"app\", \"reports\"]\n{GOOD}")).expect("list");
+        assert_eq!(
+            c.allowed_databases(),
+            vec!["app".to_string(), "reports".to_string()]
+        );
         let e = Config::parse(&format!("databases = [\"app\", \"app\"]\n{GOOD}")).expect_err("dup");
         assert_eq!(e.field.as_deref(), Some("databases[1]"));
         // The effective configuration prints (top-level keys before tables).

@@ -33,8 +33,15 @@ pub type Settings = BTreeMap<String, String>;
 ///
 /// `role`/`session_authorization` are not in `pg_settings`; a changed role shows as
 /// `current_user`/`session_user` differing from the role that logged in (`pg_stat_activity`).
+///
+/// Custom settings (`myapp.tenant`) are placeholders PostgreSQL keeps out of `pg_settings`: their
+/// names come in `$1` (a `text[]` of the dotted names the client's statements mention, see
+/// [`custom_names`]) and are read with `current_setting(name, true)`; empty means unset.
 pub const STATE_SQL: &str = "SELECT lower(name), setting FROM pg_catalog.pg_settings \
      WHERE source = 'session' \
+     UNION ALL SELECT lower(n), v FROM (SELECT n, pg_catalog.current_setting(n, true) AS v \
+     FROM pg_catalog.unnest($1::text[]) AS n) AS custom \
+     WHERE v <> '' AND lower(n) NOT IN (SELECT name FROM pg_catalog.pg_settings) \
      UNION ALL SELECT '', concat_ws(',', \
      CASE WHEN current_user <> session_user OR session_user <> (SELECT usename FROM \
      pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()) THEN 'role' END, \
@@ -47,6 +54,52 @@ pub const STATE_SQL: &str = "SELECT lower(name), setting FROM pg_catalog.pg_sett
      THEN 'PREPARE' END, \
      CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE is_holdable) \
      THEN 'WITH HOLD cursor' END)";
+
+/// Most custom setting names remembered per client (a bound on what a client can make the
+/// router carry).
+pub const MAX_CUSTOM_NAMES: usize = 64;
+
+/// Dotted names (`myapp.tenant`, `"MyApp"."Tenant"` → `myapp.tenant`) in `sql`: candidates for
+/// custom settings a statement may have set. Table names (`public.t`) come along too and are
+/// harmless: they are not settings, so [`STATE_SQL`] finds no value for them.
+pub fn custom_names(sql: &str, into: &mut std::collections::BTreeSet<String>) {
+    let b = sql.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'$';
+    let mut i = 0;
+    while i < b.len() && into.len() < MAX_CUSTOM_NAMES {
+        if !(b[i].is_ascii_alphabetic() || b[i] == b'_') || (i > 0 && ident(b[i - 1])) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && ident(b[i]) {
+            i += 1;
+        }
+        if i + 1 < b.len() && b[i] == b'.' && (b[i + 1].is_ascii_alphabetic() || b[i + 1] == b'_') {
+            i += 1;
+            while i < b.len() && ident(b[i]) {
+                i += 1;
+            }
+            if let Some(name) = sql.get(start..i) {
+                into.insert(name.to_ascii_lowercase());
+            }
+        }
+    }
+}
+
+/// The `$1` of [`STATE_SQL`]: names as a `text[]` literal (they are plain identifiers with a
+/// dot, so no element needs quoting).
+pub fn names_array(names: &std::collections::BTreeSet<String>) -> String {
+    let mut out = String::from("{");
+    for (i, n) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(n);
+    }
+    out.push('}');
+    out
+}
 
 /// What [`STATE_SQL`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -212,7 +265,9 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, OptionsErro
         // PostgreSQL treats - and _ alike in option names.
         let name = name.replace('-', "_").to_lowercase();
         if !valid_setting_name(&name) {
-            return Err(OptionsError(format!("invalid setting name {name:?} in options")));
+            return Err(OptionsError(format!(
+                "invalid setting name {name:?} in options"
+            )));
         }
         out.push((name, value.to_string()));
     }
@@ -261,7 +316,10 @@ mod tests {
         assert_eq!(parse_state(&[]), None);
         assert_eq!(parse_state(&[row("timezone", "UTC")]), None);
         assert_eq!(parse_state(&[vec![Some("".into())]]), None);
-        assert_eq!(parse_state(&[vec![None, Some("x".into())], row("", "")]), None);
+        assert_eq!(
+            parse_state(&[vec![None, Some("x".into())], row("", "")]),
+            None
+        );
     }
 
     #[test]
@@ -305,7 +363,31 @@ mod tests {
     fn reset_quotes_every_part_of_the_name() {
         assert_eq!(reset_sql("timezone"), "RESET \"timezone\"");
         assert_eq!(reset_sql("myapp.tenant"), "RESET \"myapp\".\"tenant\"");
-        assert_eq!(reset_sql("a\"; DROP TABLE t; --"), "RESET \"a\"\"; DROP TABLE t; --\"");
+        assert_eq!(
+            reset_sql("a\"; DROP TABLE t; --"),
+            "RESET \"a\"\"; DROP TABLE t; --\""
+        );
+    }
+
+    #[test]
+    fn custom_setting_names_are_collected() {
+        let mut names = std::collections::BTreeSet::new();
+        custom_names(
+            "SET myapp.tenant = '7'; SELECT set_config('Other.Thing', 'x', false) FROM public.t; \
+             select 1.5, a.b",
+            &mut names,
+        );
+        let got: Vec<&str> = names.iter().map(String::as_str).collect();
+        assert_eq!(got, ["a.b", "myapp.tenant", "other.thing", "public.t"]);
+        assert_eq!(
+            names_array(&names),
+            "{a.b,myapp.tenant,other.thing,public.t}"
+        );
+        for i in 0..200 {
+            custom_names(&format!("SET x{i}.y = 1"), &mut names);
+        }
+        assert_eq!(names.len(), MAX_CUSTOM_NAMES);
+        assert_eq!(names_array(&Default::default()), "{}");
     }
 
     #[test]

@@ -63,20 +63,6 @@ fn line(level: &str, msg: &str) {
     eprintln!("{} {level} {}", timestamp(), escape(msg));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::escape;
-
-    #[test]
-    fn control_characters_cannot_start_a_new_line() {
-        assert_eq!(escape("plain user"), "plain user");
-        assert_eq!(
-            escape("x\n2026-01-01T00:00:00.000Z ERROR forged\r\t\u{1b}[31m\\"),
-            "x\\n2026-01-01T00:00:00.000Z ERROR forged\\r\\t\\u{1b}[31m\\\\"
-        );
-    }
-}
-
 pub fn info(msg: &str) {
     if !QUIET.load(Ordering::Relaxed) {
         line("INFO", msg);
@@ -89,4 +75,18 @@ pub fn warn(msg: &str) {
 
 pub fn error(msg: &str) {
     line("ERROR", msg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn control_characters_cannot_start_a_new_line() {
+        assert_eq!(escape("plain user"), "plain user");
+        assert_eq!(
+            escape("x\n2026-01-01T00:00:00.000Z ERROR forged\r\t\u{1b}[31m\\"),
+            "x\\n2026-01-01T00:00:00.000Z ERROR forged\\r\\t\\u{1b}[31m\\\\"
+        );
+    }
 }

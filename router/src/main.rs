@@ -21,8 +21,9 @@ struct Cli {
     #[arg(short, long, value_name = "FILE", default_value = "dbopt-router.toml")]
     config: PathBuf,
 
-    /// Parse and validate the configuration, print the effective settings (defaults filled in)
-    /// and exit: 0 when valid, 1 with a message naming the bad field otherwise.
+    /// Parse and validate the configuration, ask the first node that answers whether a non-admin
+    /// user would run as a superuser, print the effective settings (defaults filled in) and exit:
+    /// 0 when valid, 1 with a message naming the bad field otherwise.
     #[arg(long)]
     check_config: bool,
 
@@ -55,6 +56,34 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("dbopt-router: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(dbopt_router::monitor::superuser_mappings(&config)) {
+            Ok(bad) if !bad.is_empty() => {
+                for (i, user, role) in bad {
+                    eprintln!(
+                        "dbopt-router: invalid configuration {}: users[{i}].server_user: user {user:?} \
+                         would run as {role:?}, a superuser: map it to a least-privileged role, or \
+                         set admin = true",
+                        cli.config.display()
+                    );
+                }
+                return ExitCode::FAILURE;
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!(
+                "dbopt-router: note: could not ask the nodes which roles are superusers ({e}); \
+                 the router refuses such logins for non-admin users when it runs"
+            ),
+        }
         match toml::to_string_pretty(&config) {
             Ok(text) => {
                 println!(

@@ -58,6 +58,61 @@ async fn connect(shared: &Shared, node: usize) -> Result<Client, String> {
     Ok(client)
 }
 
+/// Non-admin users whose server role is a superuser, as `(index, user, role)`, from the first
+/// node that answers (asked with the `[server]` login); `Err` when none answers.
+pub async fn superuser_mappings(
+    config: &crate::config::Config,
+) -> Result<Vec<(usize, String, String)>, String> {
+    let roles: Vec<String> = config
+        .users
+        .iter()
+        .filter(|u| !u.admin)
+        .map(|u| u.server_role().to_string())
+        .collect();
+    let mut last = String::from("no nodes");
+    for n in &config.nodes {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&n.host)
+            .port(n.port)
+            .user(&config.server.user)
+            .dbname(&config.server.database)
+            .application_name("dbopt-router --check-config")
+            .connect_timeout(Duration::from_millis(config.health.timeout_ms));
+        if let Some(p) = &config.server.password {
+            pg.password(p);
+        }
+        let client = match pg.connect(NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                client
+            }
+            Err(e) => {
+                last = format!("{}:{}: {e}", n.host, n.port);
+                continue;
+            }
+        };
+        let rows = with_timeout(
+            config.health.timeout_ms,
+            client.query(
+                "SELECT rolname::text FROM pg_catalog.pg_roles WHERE rolsuper AND rolname = ANY($1)",
+                &[&roles],
+            ),
+        )
+        .await?;
+        let supers: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        return Ok(config
+            .users
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| !u.admin && supers.iter().any(|s| s == u.server_role()))
+            .map(|(i, u)| (i, u.name.clone(), u.server_role().to_string()))
+            .collect());
+    }
+    Err(last)
+}
+
 async fn with_timeout<T>(
     ms: u64,
     f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,

@@ -82,20 +82,20 @@ impl Pools {
         // A new pool, or a login whose password or admin flag changed (SIGHUP): the old pool's
         // connections stay with the clients that hold them and close when given back.
         let pool = Arc::new(Pool {
-                    node,
-                    database: database.to_string(),
-                    login: login.clone(),
-                    last_used_ms: AtomicU64::new(0),
-                    failing: std::sync::atomic::AtomicBool::new(false),
-                    state: Mutex::new(PoolState::new(limits)),
-                    notify: Notify::new(),
-                    waiting: AtomicU32::new(0),
-                    waits: AtomicU64::new(0),
-                    wait_us_total: AtomicU64::new(0),
-                    timeouts: AtomicU64::new(0),
-                    connects: AtomicU64::new(0),
-                    connect_failures: AtomicU64::new(0),
-                });
+            node,
+            database: database.to_string(),
+            login: login.clone(),
+            last_used_ms: AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicBool::new(false),
+            state: Mutex::new(PoolState::new(limits)),
+            notify: Notify::new(),
+            waiting: AtomicU32::new(0),
+            waits: AtomicU64::new(0),
+            wait_us_total: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+        });
         by_db
             .entry(database.to_string())
             .or_default()
@@ -114,11 +114,34 @@ impl Pools {
         v
     }
 
+    /// Can the pool of (`node`, `database`, `role`) hand out a connection without waiting? True
+    /// when it does not exist yet (it would open one).
+    pub fn has_room(&self, node: usize, database: &str, role: &str) -> bool {
+        let map = lock(&self.map);
+        match map
+            .get(&node)
+            .and_then(|d| d.get(database))
+            .and_then(|r| r.get(role))
+        {
+            Some(pool) => {
+                let st = pool.lock();
+                st.idle() > 0 || st.open() < st.limits.max
+            }
+            None => true,
+        }
+    }
+
     /// Drops a pool from the map (its idle connections close with it).
     pub fn remove(&self, pool: &Arc<Pool>) {
         let mut map = lock(&self.map);
-        if let Some(by_role) = map.get_mut(&pool.node).and_then(|d| d.get_mut(&pool.database)) {
-            if by_role.get(&pool.login.role).is_some_and(|p| Arc::ptr_eq(p, pool)) {
+        if let Some(by_role) = map
+            .get_mut(&pool.node)
+            .and_then(|d| d.get_mut(&pool.database))
+        {
+            if by_role
+                .get(&pool.login.role)
+                .is_some_and(|p| Arc::ptr_eq(p, pool))
+            {
                 by_role.remove(&pool.login.role);
             }
             if by_role.is_empty() {
@@ -191,12 +214,13 @@ impl Shared {
             match ServerConn::connect(&target, timeout, epoch).await {
                 Ok(c) => {
                     self.topology().record(node, true);
-                    if !login.admin && c.params.get("is_superuser").map(String::as_str) == Some("on") {
+                    if !login.admin
+                        && c.params.get("is_superuser").map(String::as_str) == Some("on")
+                    {
                         log::error(&format!(
                             "refusing a server login as {:?} on {}: it is a superuser and the \
                              router user is not admin",
-                            login.role,
-                            target.addr
+                            login.role, target.addr
                         ));
                         return Err(AcquireError {
                             code: "28000",

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
-use crate::isolation::{parse_state, plan_sync, STATE_SQL};
+use crate::isolation::{custom_names, names_array, parse_state, plan_sync, STATE_SQL};
 use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
@@ -93,9 +93,17 @@ impl Session {
         };
         match tag {
             b'Q' => {
-                if classify {
-                    if let Ok(q) = p::parse_query(b) {
-                        note(att, self.class_of_text(q));
+                if let Ok(q) = p::parse_query(b) {
+                    let class = if classify {
+                        Some(self.class_of_text(q))
+                    } else {
+                        None
+                    };
+                    if let Some(c) = class {
+                        note(att, c);
+                    }
+                    if att.touched {
+                        self.note_custom_names(q);
                     }
                 }
                 out.extend_from_slice(msg);
@@ -107,6 +115,9 @@ impl Session {
                     let hash = statement_hash(m.query, m.param_types);
                     let class = self.class_of_text(m.query);
                     note(att, class);
+                    if class.session {
+                        self.note_custom_names(m.query);
+                    }
                     let stmt = Statement {
                         hash,
                         server_name: server_name(hash),
@@ -124,8 +135,12 @@ impl Session {
                         .insert(m.name.to_vec(), std::sync::Arc::new(stmt));
                 }
                 other => {
-                    if let (true, Ok(m)) = (classify, other) {
-                        note(att, self.class_of_text(m.query));
+                    if let (true, Ok(m)) = (classify || att.touched, other) {
+                        let class = self.class_of_text(m.query);
+                        note(att, class);
+                        if class.session {
+                            self.note_custom_names(m.query);
+                        }
                     }
                     out.extend_from_slice(msg);
                     att.pending.push_back(Expect::Parse(None));
@@ -182,6 +197,13 @@ impl Session {
             }
             // Flush and COPY data go through as they are.
             _ => out.extend_from_slice(msg),
+        }
+    }
+
+    /// Remembers the dotted names in a statement that may set a custom setting.
+    fn note_custom_names(&mut self, sql: &[u8]) {
+        if let Ok(text) = std::str::from_utf8(sql) {
+            custom_names(text, &mut self.custom_names);
         }
     }
 
@@ -343,7 +365,11 @@ impl Session {
                         "client {} (user \"{}\"): {}; disconnected",
                         self.peer,
                         self.user,
-                        if in_tx { "idle in transaction too long" } else { "idle too long" }
+                        if in_tx {
+                            "idle in transaction too long"
+                        } else {
+                            "idle too long"
+                        }
                     ));
                     if in_tx {
                         // Roll back so the connection can serve others; leave() checks it.
@@ -389,8 +415,8 @@ impl Session {
                         && !att.copy_in;
                     if idle && !self.session_mode() {
                         self.flush_client().await?;
-                        let clean = !(att.touched || !att.pins.is_empty())
-                            || self.check_session(&mut att).await;
+                        let needs_check = att.touched || !att.pins.is_empty();
+                        let clean = !needs_check || self.check_session(&mut att).await;
                         if clean && !att.pins.is_empty() {
                             // Pinned: the client keeps this connection until it undoes that.
                             self.attached = Some(att);
@@ -455,7 +481,12 @@ impl Session {
     /// connection is then closed rather than pooled).
     async fn check_session(&mut self, att: &mut Attached) -> bool {
         Counters::inc(&self.shared.counters.session_checks);
-        let state = match att.conn.rows(STATE_SQL).await {
+        let mut names = std::mem::take(&mut self.custom_names);
+        // Custom settings the client has keep being checked (a RESET removes them).
+        names.extend(self.settings.keys().filter(|k| k.contains('.')).cloned());
+        let array = names_array(&names);
+        self.custom_names = names;
+        let state = match att.conn.query_params(STATE_SQL, &[array.as_bytes()]).await {
             Ok(rows) => parse_state(&rows),
             Err(_) => None,
         };

@@ -15,7 +15,6 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::log;
-use crate::protocol;
 use crate::session::Session;
 use crate::shared::{reload_problem, Counters, Shared};
 
@@ -31,7 +30,8 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     };
     let tls = match &config.listen.tls {
         Some(t) => Some(
-            crate::tls::acceptor(t).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            crate::tls::acceptor(t)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
         ),
         None => None,
     };
@@ -77,18 +77,11 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                 let _ = stream.set_nodelay(true);
                 let c = &shared.counters;
                 Counters::inc(&c.clients_total);
-                // Connections still starting up have a budget of their own, so sockets that
-                // never finish their startup cannot lock authenticated clients out.
-                let Ok(handshake) = shared.handshakes.clone().try_acquire_owned() else {
-                    Counters::inc(&c.handshake_rejects);
-                    tokio::spawn(async move {
-                        let mut out = Vec::new();
-                        protocol::put_error(&mut out, "FATAL", "53300", "too many connections are starting up; try again");
-                        let mut stream = stream;
-                        let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &out).await;
-                    });
-                    continue;
-                };
+                // Connections still starting up have a budget of their own (crate::handshake).
+                let (handshake, displaced) = shared.handshakes.admit();
+                if displaced {
+                    Counters::inc(&c.handshake_evictions);
+                }
                 c.clients_active.fetch_add(1, Ordering::Relaxed);
                 let shared = shared.clone();
                 let stop = stop_rx.clone();

@@ -248,17 +248,42 @@ impl ServerConn {
         self.exchange(&out, 1).await
     }
 
+    /// Runs the router's own query `sql` with text parameters (extended protocol: values are
+    /// never pasted into the text) and returns its rows as text.
+    pub async fn query_params(
+        &mut self,
+        sql: &str,
+        params: &[&[u8]],
+    ) -> Result<Vec<Vec<Option<String>>>, SetupError> {
+        let mut out = Vec::new();
+        protocol::put_parse(&mut out, b"", sql.as_bytes(), &[0, 0]);
+        put_bind_text(&mut out, params);
+        put_execute(&mut out);
+        put_msg(&mut out, b'S', |_| {});
+        self.exchange(&out, 1).await
+    }
+
     /// Brings the connection's session settings to `plan`: `RESET` of quoted names, and
     /// `set_config($1, $2, false)` with the names and values as parameters, in one round trip.
     pub async fn apply(&mut self, plan: &crate::isolation::SyncPlan) -> Result<(), SetupError> {
         let mut out = Vec::new();
         for name in &plan.reset {
-            protocol::put_parse(&mut out, b"", crate::isolation::reset_sql(name).as_bytes(), &[0, 0]);
+            protocol::put_parse(
+                &mut out,
+                b"",
+                crate::isolation::reset_sql(name).as_bytes(),
+                &[0, 0],
+            );
             put_bind_text(&mut out, &[]);
             put_execute(&mut out);
         }
         if !plan.set.is_empty() {
-            protocol::put_parse(&mut out, b"", b"SELECT pg_catalog.set_config($1, $2, false)", &[0, 0]);
+            protocol::put_parse(
+                &mut out,
+                b"",
+                b"SELECT pg_catalog.set_config($1, $2, false)",
+                &[0, 0],
+            );
             for (name, value) in &plan.set {
                 put_bind_text(&mut out, &[name.as_bytes(), value.as_bytes()]);
                 put_execute(&mut out);
@@ -286,9 +311,11 @@ impl ServerConn {
                 .await
                 .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
-                b'D' => rows.push(data_row(body(&msg)).ok_or_else(|| {
-                    SetupError::Lost("malformed DataRow from the server".into())
-                })?),
+                b'D' => {
+                    rows.push(data_row(body(&msg)).ok_or_else(|| {
+                        SetupError::Lost("malformed DataRow from the server".into())
+                    })?)
+                }
                 b'E' => {
                     let (code, message) = protocol::error_fields(body(&msg));
                     failure.get_or_insert(Refusal { code, message });

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 
 use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
@@ -63,6 +63,9 @@ pub(crate) struct Statement {
 }
 
 pub(crate) struct Attached {
+    /// Counts this read on its node while attached (balancing looks at it); held for its Drop.
+    #[allow(dead_code)]
+    pub(crate) in_flight: Option<InFlight>,
     pub(crate) conn: ServerConn,
     pub(crate) pool: Arc<Pool>,
     pub(crate) node: usize,
@@ -97,6 +100,9 @@ pub struct Session {
     pub(crate) statements: HashMap<Vec<u8>, Arc<Statement>>,
     /// The client's session-level settings (startup parameters, then whatever its `SET`s left).
     pub(crate) settings: Settings,
+    /// Dotted names the client's session-changing statements mentioned: custom settings it may
+    /// have set (PostgreSQL lists those nowhere; see [`crate::isolation::custom_names`]).
+    pub(crate) custom_names: std::collections::BTreeSet<String>,
     pub(crate) barrier: Barrier,
     pub(crate) attached: Option<Attached>,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
@@ -138,6 +144,7 @@ impl Session {
             key: (0, 0),
             statements: HashMap::new(),
             settings: Settings::new(),
+            custom_names: Default::default(),
             barrier: Barrier::None,
             attached: None,
             retry_batch: None,
@@ -147,13 +154,24 @@ impl Session {
 
     /// Runs the session to its end. `handshake` is this connection's slot among those still
     /// starting up: it is given back once the client has authenticated (or failed to).
-    pub async fn run(mut self, handshake: OwnedSemaphorePermit) {
+    pub async fn run(mut self, mut handshake: crate::handshake::Ticket) {
         let config = self.shared.config();
         let limit = Duration::from_millis(config.listen.handshake_timeout_ms);
-        let ok = match tokio::time::timeout(limit, self.startup()).await {
-            Ok(r) => r.is_ok(),
-            Err(_) => {
-                p::put_error(&mut self.out, "FATAL", "08P01", "authentication timed out");
+        let ok = tokio::select! {
+            r = tokio::time::timeout(limit, self.startup()) => match r {
+                Ok(r) => r.is_ok(),
+                Err(_) => {
+                    p::put_error(&mut self.out, "FATAL", "08P01", "authentication timed out");
+                    false
+                }
+            },
+            _ = &mut handshake.displaced => {
+                p::put_error(
+                    &mut self.out,
+                    "FATAL",
+                    "53300",
+                    "too many connections are starting up (listen.max_handshakes); this one waited longest",
+                );
                 false
             }
         };
@@ -163,7 +181,12 @@ impl Session {
             let n = sessions.fetch_add(1, Ordering::Relaxed) + 1;
             let _counted = SessionCount(self.shared.clone());
             if n > u64::from(config.listen.max_clients) {
-                p::put_error(&mut self.out, "FATAL", "53300", "sorry, too many clients already");
+                p::put_error(
+                    &mut self.out,
+                    "FATAL",
+                    "53300",
+                    "sorry, too many clients already",
+                );
             } else if self.finish_login().await.is_ok() {
                 let _ = self.serve().await;
             }
@@ -368,7 +391,15 @@ impl Session {
         }
         let mut exclude = retry_of;
         let mut broken = 0;
+        let node_count = self.shared.topology().nodes.len();
         let (pool, conn, node) = loop {
+            let room: Vec<bool> = (0..node_count)
+                .map(|n| {
+                    self.shared
+                        .pools
+                        .has_room(n, &self.database, &auth.login.role)
+                })
+                .collect();
             let picked = {
                 let mut t = self.shared.topology();
                 match decision.target {
@@ -385,7 +416,7 @@ impl Session {
                             // Every replica has caught up with this client's writes.
                             self.barrier = Barrier::None;
                         }
-                        t.pick_for_read(self.barrier, exclude)
+                        t.pick_for_read(self.barrier, exclude, |n| room[n])
                     }
                     Target::Primary => t.primary_for_writes(),
                 }
@@ -449,7 +480,10 @@ impl Session {
                 Err(e) => return self.refuse(&batch, e).await,
             }
         };
+        let in_flight =
+            (decision.target == Target::Replica).then(|| InFlight::start(&self.shared, node));
         let mut att = Attached {
+            in_flight,
             conn,
             pool,
             node,
@@ -498,5 +532,22 @@ struct SessionCount(Arc<Shared>);
 impl Drop for SessionCount {
     fn drop(&mut self) {
         self.0.counters.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A read running on a node, counted in [`crate::topology::NodeState::in_flight`] until dropped.
+pub(crate) struct InFlight(Arc<Shared>, usize);
+
+impl InFlight {
+    fn start(shared: &Arc<Shared>, node: usize) -> InFlight {
+        shared.topology().nodes[node].in_flight += 1;
+        InFlight(shared.clone(), node)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut t = self.0.topology();
+        t.nodes[self.1].in_flight = t.nodes[self.1].in_flight.saturating_sub(1);
     }
 }

@@ -77,8 +77,8 @@ pub struct Counters {
     pub cancels: AtomicU64,
     /// Authenticated sessions now (what `listen.max_clients` limits).
     pub sessions: AtomicU64,
-    /// Connections closed because `listen.max_handshakes` were already starting up.
-    pub handshake_rejects: AtomicU64,
+    /// Connections still starting up that a newer one displaced (`listen.max_handshakes`).
+    pub handshake_evictions: AtomicU64,
     /// Clients disconnected by the idle or idle-in-transaction timeout.
     pub idle_timeouts: AtomicU64,
     /// Round trips that brought a connection's settings to its client's.
@@ -108,8 +108,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// Client TLS, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Slots for connections that have not authenticated yet (`listen.max_handshakes`).
-    pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Connections that have not authenticated yet (`listen.max_handshakes`).
+    pub handshakes: Arc<crate::handshake::Handshakes>,
     /// Classification by normalised text (literals do not change whether a statement reads).
     class_cache: Mutex<HashMap<String, Class>>,
 }
@@ -125,9 +125,7 @@ impl Shared {
     pub fn new(config: Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Arc<Shared> {
         Arc::new(Shared {
             tls,
-            handshakes: Arc::new(tokio::sync::Semaphore::new(
-                config.listen.max_handshakes as usize,
-            )),
+            handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),
             topology: Mutex::new(Topology::new(&config)),
             config: RwLock::new(Arc::new(config)),

@@ -153,7 +153,7 @@ impl Session {
         let auth = self.auth.clone().ok_or(Close)?;
         let node = {
             let mut t = self.shared.topology();
-            t.pick_for_read(crate::route::Barrier::None, None)
+            t.pick_for_read(crate::route::Barrier::None, None, |_| true)
         };
         let node = match node {
             Ok(n) => n,

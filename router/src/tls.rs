@@ -32,7 +32,12 @@ pub fn acceptor(cfg: &Tls) -> Result<TlsAcceptor, String> {
     let key_pem = read(&cfg.key_file)?;
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| format!("listen.tls.key_file {}: {e}", cfg.key_file))?
-        .ok_or_else(|| format!("listen.tls.key_file {}: no private key in the file", cfg.key_file))?;
+        .ok_or_else(|| {
+            format!(
+                "listen.tls.key_file {}: no private key in the file",
+                cfg.key_file
+            )
+        })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -44,6 +44,8 @@ pub struct NodeState {
     pub generation: u64,
     pub ewma: Ewma,
     pub breaker: Breaker,
+    /// Reads the router has running on the node now (balancing counts them).
+    pub in_flight: u32,
 }
 
 #[derive(Debug)]
@@ -208,10 +210,12 @@ impl Topology {
 
     /// A replica for a read, or the primary when none is usable (lag, breaker, read-your-writes).
     /// `exclude` skips a node that just failed (for a retry).
+    /// `has_room(node)`: that node's pool for the client can hand out a connection at once.
     pub fn pick_for_read(
         &mut self,
         barrier: Barrier,
         exclude: Option<usize>,
+        has_room: impl Fn(usize) -> bool,
     ) -> Result<usize, Unavailable> {
         let now = self.now_ms();
         let candidates: Vec<Candidate> = (0..self.nodes.len())
@@ -221,6 +225,8 @@ impl Topology {
                 weight: self.nodes[i].weight,
                 cpu_percent: self.nodes[i].cpu_percent,
                 ewma_ms: self.nodes[i].ewma.get(now),
+                in_flight: self.nodes[i].in_flight,
+                has_room: has_room(i),
             })
             .collect();
         let cpu_high = self.cpu_high_percent;
@@ -255,6 +261,7 @@ fn node_state(n: &Node, policy: BreakerPolicy) -> NodeState {
         generation: 0,
         ewma: Ewma::default(),
         breaker: Breaker::new(policy),
+        in_flight: 0,
     }
 }
 
@@ -341,20 +348,20 @@ mod tests {
         }
         let mut seen = [0; 3];
         for _ in 0..10 {
-            seen[t.pick_for_read(Barrier::None, None).unwrap()] += 1;
+            seen[t.pick_for_read(Barrier::None, None, |_| true).unwrap()] += 1;
         }
         assert_eq!(seen, [0, 5, 5]);
         t.nodes[1].lag_s = Some(30.0);
-        assert_eq!(t.pick_for_read(Barrier::None, None), Ok(2));
-        assert_eq!(t.pick_for_read(Barrier::None, Some(2)), Ok(0));
+        assert_eq!(t.pick_for_read(Barrier::None, None, |_| true), Ok(2));
+        assert_eq!(t.pick_for_read(Barrier::None, Some(2), |_| true), Ok(0));
         // Read-your-writes: replica 2 has not replayed far enough.
-        assert_eq!(t.pick_for_read(Barrier::Lsn(101), None), Ok(0));
-        assert_eq!(t.pick_for_read(Barrier::Lsn(100), None), Ok(2));
+        assert_eq!(t.pick_for_read(Barrier::Lsn(101), None, |_| true), Ok(0));
+        assert_eq!(t.pick_for_read(Barrier::Lsn(100), None, |_| true), Ok(2));
         // Breaker open on 2.
         for _ in 0..30 {
             t.record(2, false);
         }
-        assert_eq!(t.pick_for_read(Barrier::None, None), Ok(0));
+        assert_eq!(t.pick_for_read(Barrier::None, None, |_| true), Ok(0));
         assert!(t.admit_attempt(2).is_err());
     }
 }

@@ -70,4 +70,18 @@ with psycopg.connect(dsn, autocommit=True) as conn:
         curs = [conn.execute("SELECT %s::int * 2", (i,)) for i in range(10)]
     assert [c.fetchone()[0] for c in curs] == [i * 2 for i in range(10)]
     print("pipeline of 10 queries answered in order")
+
+    # Pipeline mode with reads and writes mixed, results fetched before the pipeline ends (a Flush
+    # mid-pipeline): everything runs where the writes can run.
+    conn.execute("CREATE TABLE IF NOT EXISTS py_pipe (id int PRIMARY KEY)")
+    conn.execute("TRUNCATE py_pipe")
+    for round_ in range(20):
+        with conn.pipeline() as p:
+            read = conn.execute("SELECT count(*) FROM py_pipe")
+            p.sync() if round_ % 2 else None
+            conn.execute("INSERT INTO py_pipe VALUES (%s)", (round_,))
+            read.fetchone()  # sends a Flush and waits, with the INSERT still to come
+            conn.execute("UPDATE py_pipe SET id = id WHERE id = %s", (round_,))
+    assert conn.execute("SELECT count(*) FROM py_pipe").fetchone()[0] == 20
+    print("20 pipelines mixing reads and writes (with mid-pipeline fetches) ran, no 25006")
 print("psycopg: all checks passed")

@@ -14,6 +14,9 @@ pub struct PlainPostgres {
 fn as_postgres(bin: &str, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
         .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        // As a careless operator might run it: any error that went through pgrx's guard would
+        // then carry a Rust backtrace to the client (the tests check that none does).
+        .env("RUST_BACKTRACE", "1")
         .arg(format!("{PG_BIN}/{bin}"))
         .args(args)
         .output()
@@ -64,6 +67,11 @@ impl PlainPostgres {
             String::from_utf8_lossy(&out.stderr)
         );
         pg
+    }
+
+    /// The server's log file so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
     }
 
     fn data(&self) -> String {

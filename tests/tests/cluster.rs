@@ -14,6 +14,8 @@ use dbopt_e2e::wait_for;
 
 #[path = "router/steps.rs"]
 mod router;
+#[path = "router/trust.rs"]
+mod trust;
 
 /// The replicas and whom each streams from, as `scripts/stack` lays the cluster out.
 const TOPOLOGY: &[(&str, &str)] = &[("node1", "node0"), ("node2", "node0"), ("node3", "node1")];
@@ -42,6 +44,16 @@ fn ha_stack_end_to_end() {
     router::psql_pgbench_and_psycopg_work_through_the_router(&stack);
     router::auth_cancel_and_bad_input(&stack);
     router::metrics_and_reload(&stack);
+
+    trust::every_client_runs_as_itself(&stack);
+    trust::settings_never_cross_clients(&stack);
+    trust::bad_startup_settings_fail_the_login(&stack);
+    trust::session_state_pins_or_is_reset(&stack);
+    trust::pipelines_with_writes_reach_the_primary(&stack);
+    trust::tls_clients_work(&stack);
+    trust::log_lines_cannot_be_forged(&stack);
+    trust::limits_hold_under_abuse(&stack);
+
     router::a_stopped_replica_leaves_and_rejoins(&stack);
 
     failover_promotes_a_replica_and_the_old_primary_rejoins(&stack);

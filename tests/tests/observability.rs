@@ -107,7 +107,19 @@ fn slow_queries_are_kept_with_their_plans() {
     );
     assert!(!row.get::<_, bool>(4));
     assert_eq!(row.get::<_, Option<String>>(5).as_deref(), Some("Result"));
-    assert_eq!(row.get::<_, String>(6), "127.0.0.1");
+    assert_eq!(
+        row.get::<_, Option<String>>(6).as_deref(),
+        Some("127.0.0.1")
+    );
+    // The LOG line carries the normalised text only: no STATEMENT line repeats the literal.
+    c.batch_execute("SELECT pg_sleep(0.12), 'SECRET-LITERAL-4711'")
+        .expect("slow with a literal");
+    let log = _pg.log_text();
+    assert!(log.contains("dbopt slow query"), "{log}");
+    assert!(
+        !log.contains("SECRET-LITERAL-4711"),
+        "literal in the server log:\n{log}"
+    );
 
     // With slow_query_analyze the plan carries actual rows per node.
     c.batch_execute("SET dbopt.slow_query_analyze = on; SELECT count(*) FROM generate_series(1, 100) g, pg_sleep(0.12)")
@@ -236,6 +248,16 @@ fn privileges_hold_for_a_non_superuser() {
     .expect("connect as dba");
     dba.batch_execute("SELECT dbopt.reset()")
         .expect("dbopt_admin members may reset");
+    // Other users' client addresses are hidden, as pg_stat_activity hides them.
+    c.batch_execute("SELECT pg_sleep(0.12)").expect("slow");
+    let shown: i64 = app
+        .query_one(
+            "SELECT count(*) FROM dbopt.slow_queries() WHERE username <> 'app' AND client_addr IS NOT NULL",
+            &[],
+        )
+        .expect("slow queries")
+        .get(0);
+    assert_eq!(shown, 0);
     // pg_read_all_stats members see every text.
     c.batch_execute("GRANT pg_read_all_stats TO app")
         .expect("grant");
@@ -290,6 +312,55 @@ fn bad_settings_get_clear_errors() {
         .batch_execute("SELECT * FROM dbopt.query_stats('x')")
         .expect_err("no such signature");
     assert_eq!(e.code(), Some(&SqlState::UNDEFINED_FUNCTION));
+    // The dbopt. prefix is reserved: a misspelt setting is an error, not a silent placeholder.
+    let e = c
+        .batch_execute("SET dbopt.slow_query_mss = 5")
+        .expect_err("misspelt");
+    let db = e.as_db_error().expect("server error");
+    assert!(
+        db.message().contains("dbopt.slow_query_mss"),
+        "{}",
+        db.message()
+    );
+}
+
+#[test]
+fn errors_pass_through_the_utility_hook_unchanged() {
+    let (_pg, mut c) = server(88, &[]);
+    let e = c
+        .batch_execute("DROP TABLE no_such_table")
+        .expect_err("missing");
+    let db = e.as_db_error().expect("server error");
+    assert_eq!(db.code(), &SqlState::UNDEFINED_TABLE);
+    assert_eq!(
+        db.detail(),
+        None,
+        "no Rust backtrace or anything else in DETAIL"
+    );
+    // A failing DDL keeps the fields ORMs read (schema, table, constraint).
+    c.batch_execute(
+        "CREATE TABLE parent (id int PRIMARY KEY); CREATE TABLE child (p int); \
+         INSERT INTO child VALUES (5)",
+    )
+    .expect("tables");
+    let e = c
+        .batch_execute(
+            "ALTER TABLE child ADD CONSTRAINT child_p_fk FOREIGN KEY (p) REFERENCES parent (id)",
+        )
+        .expect_err("orphan row");
+    let db = e.as_db_error().expect("server error");
+    assert_eq!(db.code(), &SqlState::FOREIGN_KEY_VIOLATION);
+    assert_eq!(db.schema(), Some("public"));
+    assert_eq!(db.table(), Some("child"));
+    assert_eq!(db.constraint(), Some("child_p_fk"));
+    assert!(
+        !db.detail().unwrap_or("").contains("backtrace")
+            && !db.detail().unwrap_or("").contains("pgrx"),
+        "{:?}",
+        db.detail()
+    );
+    // The session goes on, and nesting is right afterwards (a top-level statement is top-level).
+    c.batch_execute("SELECT 1").expect("still usable");
 }
 
 #[test]

@@ -121,8 +121,13 @@ fn start_router(pg_port: u16) -> Router {
 #[test]
 fn pools_sessions_reload_and_shutdown() {
     let pg = PlainPostgres::start(e2e_port(80), &[]);
+    // Every router user runs as its own, unprivileged role.
     pg.connect()
-        .batch_execute("CREATE TABLE t (id int)")
+        .batch_execute(
+            "CREATE TABLE t (id int);
+             CREATE ROLE app LOGIN; CREATE ROLE ops LOGIN; CREATE ROLE sess LOGIN;
+             GRANT ALL ON t TO app, ops, sess;",
+        )
         .unwrap();
     let mut router = start_router(e2e_port(80));
 
@@ -142,9 +147,20 @@ fn pools_sessions_reload_and_shutdown() {
     assert_eq!(db.code().code(), "53300", "{db}");
     assert!(db.message().contains("free within 500 ms"), "{db}");
     assert!(started.elapsed() >= Duration::from_millis(450));
-    // The critical user still gets the reserved connection at once.
+    // Critical work of the same user still gets the reserved connection at once.
+    let mut critical = router.connect("app").unwrap();
+    critical
+        .batch_execute("/* dbopt:critical */ INSERT INTO t VALUES (100)")
+        .unwrap();
+    drop(critical);
+    // The critical user has a pool of its own (its own role).
     let mut ops = router.connect("ops").unwrap();
-    ops.batch_execute("INSERT INTO t VALUES (100)").unwrap();
+    ops.batch_execute("INSERT INTO t VALUES (101)").unwrap();
+    let who: String = ops
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "ops");
     drop(ops);
     // Once a transaction ends, ordinary work goes on; the refused client's session survived.
     held[0].batch_execute("COMMIT").unwrap();

@@ -428,6 +428,14 @@ pub fn auth_cancel_and_bad_input(stack: &Stack) {
 /// `junk`, and collects what the router answers into `out`.
 fn fuzz_session(stack: &Stack, out: &mut Vec<u8>, junk: &[u8]) {
     out.clear();
+    let mut s = raw_login(stack);
+    let _ = s.write_all(junk);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.read_to_end(out);
+}
+
+/// A raw protocol connection logged in as the md5 user, after its first ReadyForQuery.
+pub fn raw_login(stack: &Stack) -> TcpStream {
     let addr = ([127, 0, 0, 1], stack.info.router_port).into();
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -461,9 +469,7 @@ fn fuzz_session(stack: &Stack, out: &mut Vec<u8>, junk: &[u8]) {
         );
         buf.extend_from_slice(&chunk[..n]);
     }
-    let _ = s.write_all(junk);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let _ = s.read_to_end(out);
+    s
 }
 
 pub fn metrics_and_reload(stack: &Stack) {
