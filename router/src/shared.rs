@@ -110,9 +110,15 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Connections that have not authenticated yet (`listen.max_handshakes`).
     pub handshakes: Arc<crate::handshake::Handshakes>,
+    /// ParameterStatus a login got, by (server role, the client's startup settings): a client
+    /// whose settings were already accepted logs in without a server round trip.
+    pub login_reports: Mutex<HashMap<(String, crate::isolation::Settings), Vec<(String, String)>>>,
     /// Classification by normalised text (literals do not change whether a statement reads).
     class_cache: Mutex<HashMap<String, Class>>,
 }
+
+/// Entries in the login report cache before it is emptied.
+pub const LOGIN_REPORTS_MAX: usize = 1000;
 
 /// Entries in the classification cache before it is emptied.
 pub const CLASS_CACHE_MAX: usize = 10_000;
@@ -135,6 +141,7 @@ impl Shared {
             server_params: Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
             class_cache: Mutex::new(HashMap::new()),
+            login_reports: Mutex::new(HashMap::new()),
         })
     }
 
@@ -217,6 +224,30 @@ impl Shared {
         if let Some(slot) = lock(&self.cancel).get_mut(&key) {
             *slot = target;
         }
+    }
+
+    /// What a login with these settings reported before, if it was accepted.
+    pub fn login_report(
+        &self,
+        role: &str,
+        settings: &crate::isolation::Settings,
+    ) -> Option<Vec<(String, String)>> {
+        lock(&self.login_reports)
+            .get(&(role.to_string(), settings.clone()))
+            .cloned()
+    }
+
+    pub fn remember_login_report(
+        &self,
+        role: &str,
+        settings: &crate::isolation::Settings,
+        report: Vec<(String, String)>,
+    ) {
+        let mut cache = lock(&self.login_reports);
+        if cache.len() >= LOGIN_REPORTS_MAX {
+            cache.clear();
+        }
+        cache.insert((role.to_string(), settings.clone()), report);
     }
 
     pub fn server_params(&self) -> Vec<(String, String)> {

@@ -147,10 +147,42 @@ impl Session {
 
     /// Tells the client it is in: AuthenticationOk, its settings checked on a server (a bad value
     /// is a FATAL error with the server's own SQLSTATE), ParameterStatus as that server reports
-    /// them with the client's settings applied, BackendKeyData and ReadyForQuery.
+    /// them with the client's settings applied, BackendKeyData and ReadyForQuery. Settings a
+    /// login of the same role already had accepted need no server (the report is remembered), so
+    /// logging in does not wait for a busy pool.
     pub(crate) async fn finish_login(&mut self) -> Step<()> {
         p::put_auth(&mut self.out, 0, &[]);
         let auth = self.auth.clone().ok_or(Close)?;
+        let reported = match self.shared.login_report(&auth.login.role, &self.settings) {
+            Some(r) => r,
+            None => {
+                let r = self.check_settings_on_a_server(&auth).await?;
+                self.shared
+                    .remember_login_report(&auth.login.role, &self.settings, r.clone());
+                r
+            }
+        };
+        for (k, v) in &reported {
+            // Writes go to the primary whichever node answered the check.
+            let v = match k.as_str() {
+                "in_hot_standby" => "off",
+                "application_name" if !self.settings.contains_key("application_name") => "",
+                _ => v.as_str(),
+            };
+            p::put_parameter_status(&mut self.out, k, v);
+        }
+        self.key = self.register_cancel_key();
+        p::put_backend_key(&mut self.out, self.key.0, self.key.1);
+        p::put_ready(&mut self.out, b'I');
+        self.flush_client().await
+    }
+
+    /// Applies the client's startup settings on a pooled connection; returns what the server then
+    /// reports (sorted), or ends the login with the server's error.
+    async fn check_settings_on_a_server(
+        &mut self,
+        auth: &crate::shared::UserAuth,
+    ) -> Step<Vec<(String, String)>> {
         let node = {
             let mut t = self.shared.topology();
             t.pick_for_read(crate::route::Barrier::None, None, |_| true)
@@ -185,19 +217,7 @@ impl Session {
         let now = self.shared.now_ms();
         pool.release(conn, true, now);
         reported.sort();
-        for (k, v) in &reported {
-            // Writes go to the primary whichever node answered here.
-            let v = match k.as_str() {
-                "in_hot_standby" => "off",
-                "application_name" if !self.settings.contains_key("application_name") => "",
-                _ => v.as_str(),
-            };
-            p::put_parameter_status(&mut self.out, k, v);
-        }
-        self.key = self.register_cancel_key();
-        p::put_backend_key(&mut self.out, self.key.0, self.key.1);
-        p::put_ready(&mut self.out, b'I');
-        self.flush_client().await
+        Ok(reported)
     }
 
     fn register_cancel_key(&self) -> (i32, i32) {

@@ -136,7 +136,10 @@ fn slow_queries_are_kept_with_their_plans() {
         .query_one("SELECT dbopt.slow_queries_reset()", &[])
         .expect("reset")
         .get(0);
-    assert_eq!(n, 2);
+    assert_eq!(
+        n, 3,
+        "the sleep, the sleep with a literal, the analyzed one"
+    );
     let n: i64 = c
         .query_one("SELECT count(*) FROM dbopt.slow_queries()", &[])
         .expect("count")

@@ -490,7 +490,7 @@ fn bad_input_gets_precise_errors_and_changes_nothing() {
         ),
         (
             &["DBOPT.CACHE.INVALIDATE", "0", "MATCH", "*", "COUNT", "0"],
-            "COUNT must be an integer between 1 and 100000",
+            "COUNT must be an integer between 1 and 4096",
         ),
         (
             &["DBOPT.CACHE.INVALIDATE", "0", "MATCH", "*", "LIMIT", "5"],
@@ -603,4 +603,54 @@ fn info_section_and_stats_agree() {
     assert_eq!(stat(&mut c, "cache_sets"), 1);
     assert_eq!(info_field(&mut c, "dbopt", "dbopt_cache_hits"), 1);
     assert_eq!(info_field(&mut c, "dbopt", "dbopt_cache_sets"), 1);
+}
+
+#[test]
+fn pattern_invalidation_respects_acl_key_patterns() {
+    let server = RedisServer::start(e2e_port(69), &[]);
+    let mut admin = server.conn();
+    for i in 0..50 {
+        for tenant in ["tenantA", "tenantB"] {
+            set(&mut admin, &format!("{tenant}:{i}"), 60_000, "v", &[], None);
+        }
+    }
+    redis::cmd("ACL")
+        .arg(&["SETUSER", "alice", "on", ">alice-pw", "~tenantA:*", "+@all"])
+        .query::<()>(&mut admin)
+        .expect("acl user");
+    let alice = redis::Client::open(format!("redis://alice:alice-pw@127.0.0.1:{}/", server.port))
+        .expect("url");
+    let mut alice = alice.get_connection().expect("alice logs in");
+    // A pattern that matches both tenants deletes only what alice may touch.
+    let mut cursor = "0".to_string();
+    let mut deleted = 0;
+    loop {
+        let (next, n): (String, i64) = redis::cmd("DBOPT.CACHE.INVALIDATE")
+            .arg(&cursor)
+            .arg("MATCH")
+            .arg("*")
+            .arg("COUNT")
+            .arg(4096)
+            .query(&mut alice)
+            .expect("invalidate as alice");
+        deleted += n;
+        cursor = next;
+        if cursor == "0" {
+            break;
+        }
+    }
+    assert_eq!(deleted, 50, "only tenantA's entries");
+    for i in 0..50 {
+        assert_eq!(
+            get(&mut admin, &format!("tenantB:{i}")).as_deref(),
+            Some("v")
+        );
+        assert_eq!(get(&mut admin, &format!("tenantA:{i}")), None);
+    }
+    // One call does bounded work: COUNT above 4096 is refused.
+    let e = redis::cmd("DBOPT.CACHE.INVALIDATE")
+        .arg(&["0", "MATCH", "*", "COUNT", "100000"])
+        .query::<redis::Value>(&mut admin)
+        .expect_err("too large");
+    assert!(e.to_string().contains("between 1 and 4096"), "{e}");
 }

@@ -493,7 +493,11 @@ pub fn metrics_and_reload(stack: &Stack) {
     let mut open = stack.router("app").expect("connect");
     let path = format!("{}/router.toml", stack.info.dir);
     let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str("\n[[users]]\nname = \"late\"\npassword = \"late-pw\"\n");
+    // It runs as the existing role app (mapped: its own password to the router, app's to PostgreSQL).
+    text.push_str(&format!(
+        "\n[[users]]\nname = \"late\"\npassword = \"late-pw\"\nserver_user = \"app\"\nserver_password = \"{}\"\n",
+        stack.info.app_password
+    ));
     std::fs::write(&path, text).unwrap();
     let pid = std::fs::read_to_string(format!("{}/run/router.pid", stack.info.dir)).unwrap();
     let ok = Command::new("kill")
@@ -510,6 +514,12 @@ pub fn metrics_and_reload(stack: &Stack) {
         "the reloaded user to log in",
         || postgres::Client::connect(&dsn, postgres::NoTls).ok(),
     );
+    let mut late = postgres::Client::connect(&dsn, postgres::NoTls).unwrap();
+    let who: String = late
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(who, "app", "late runs as the role it is mapped to");
     assert_eq!(open.query_one("SELECT 5", &[]).unwrap().get::<_, i32>(0), 5);
 }
 
