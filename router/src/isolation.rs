@@ -101,6 +101,44 @@ pub fn names_array(names: &std::collections::BTreeSet<String>) -> String {
     out
 }
 
+/// Settings the router turns off (`SET LOCAL`, in a transaction of its own) while it reads the
+/// session state, so that a client's short `statement_timeout` or a `search_path` that puts its
+/// own functions before `pg_catalog` can neither fail nor fool the check. Their session values are
+/// read first, by [`MASKED_SQL`], since `pg_settings` shows the local value afterwards. (That one
+/// statement still runs under the client's timeout: with a timeout of a millisecond or so it can
+/// fail, and the check fails closed — the connection is closed, never handed to another client.)
+pub const MASKED: &[&str] = &[
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "search_path",
+];
+
+/// Reads the [`MASKED`] settings: rows `(name, setting, source)`. One cheap statement (no table
+/// is read), run before they are masked.
+pub const MASKED_SQL: &str = "SELECT name, setting, source FROM pg_catalog.pg_settings \
+     WHERE name IN ('statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', \
+     'search_path')";
+
+/// The statements that mask them for the rest of the check's transaction.
+pub const MASK_SQL: &str = "SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; \
+     SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL search_path = pg_catalog";
+
+/// Puts the session values of the [`MASKED`] settings (rows of [`MASKED_SQL`]) into `state`,
+/// replacing what [`STATE_SQL`] saw under the mask.
+pub fn unmask(state: &mut SessionState, masked: &[Vec<Option<String>>]) {
+    for name in MASKED {
+        state.settings.remove(*name);
+    }
+    for row in masked {
+        if let [Some(name), Some(setting), Some(source)] = row.as_slice() {
+            if source == "session" && MASKED.contains(&name.as_str()) {
+                state.settings.insert(name.clone(), setting.clone());
+            }
+        }
+    }
+}
+
 /// What [`STATE_SQL`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SessionState {
@@ -309,6 +347,39 @@ mod tests {
         // A NULL setting value (possible for custom placeholders) is kept as empty.
         let null = parse_state(&[vec![Some("a.b".into()), None], row("", "")]).unwrap();
         assert_eq!(null.settings, settings(&[("a.b", "")]));
+    }
+
+    #[test]
+    fn masked_settings_take_their_session_values() {
+        let mut s = parse_state(&[
+            row("statement_timeout", "0"),
+            row("search_path", "pg_catalog"),
+            row("timezone", "UTC"),
+            row("", ""),
+        ])
+        .unwrap();
+        let masked = vec![
+            vec![
+                Some("statement_timeout".into()),
+                Some("1".into()),
+                Some("session".into()),
+            ],
+            vec![
+                Some("search_path".into()),
+                Some("\"$user\", public".into()),
+                Some("default".into()),
+            ],
+            vec![
+                Some("lock_timeout".into()),
+                Some("0".into()),
+                Some("default".into()),
+            ],
+        ];
+        unmask(&mut s, &masked);
+        assert_eq!(
+            s.settings,
+            settings(&[("statement_timeout", "1"), ("timezone", "UTC")])
+        );
     }
 
     #[test]

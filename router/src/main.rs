@@ -11,9 +11,11 @@ use dbopt_router::config::Config;
 ///
 /// Applications connect to it as to PostgreSQL. Reads outside transactions go to replicas (by
 /// weight, CPU and response time; never to one lagging more than health.max_replica_lag_s or
-/// behind the client's own last write); everything else goes to the primary. SIGHUP reloads the
-/// configuration; SIGTERM drains clients and exits. Metrics: GET /metrics and /status on
-/// listen.admin_address.
+/// behind the client's own last write); everything else goes to the primary. Each user runs as its
+/// own PostgreSQL role (only `admin = true` users may be superusers), and nothing one client sets in
+/// a server session (settings, roles, locks, LISTEN, temporary tables) reaches another. SIGHUP
+/// reloads the configuration; SIGTERM drains clients and exits. Metrics: GET /metrics and /status
+/// on listen.admin_address.
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-router", version, after_help = EXAMPLES)]
 struct Cli {
@@ -41,6 +43,7 @@ const EXAMPLES: &str = "Examples:
   dbopt-router --config router/dbopt-router.example.toml --check-config
   dbopt-router --config router/dbopt-router.example.toml
   psql 'host=127.0.0.1 port=25450 user=app password=app-secret dbname=postgres'
+  psql 'host=127.0.0.1 port=25450 user=app password=app-secret dbname=postgres sslmode=require'
   curl -s http://127.0.0.1:25451/status";
 
 fn main() -> ExitCode {

@@ -8,7 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
-use crate::isolation::{custom_names, names_array, parse_state, plan_sync, STATE_SQL};
+use crate::isolation::{
+    custom_names, names_array, parse_state, plan_sync, unmask, MASKED_SQL, MASK_SQL, STATE_SQL,
+};
 use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
@@ -337,7 +339,20 @@ impl Session {
                 }
                 _ => None,
             };
-            let event = {
+            // Notifications that came during the router's own statements go to the client now.
+            if !att.conn.notifications.is_empty() {
+                self.out.append(&mut att.conn.notifications);
+                if let Err(c) = self.flush_client().await {
+                    self.attached = Some(att);
+                    return Err(c);
+                }
+            }
+            // Messages the router's own exchange left behind (a notification that came right after
+            // its ReadyForQuery) are handled before waiting for more.
+            let buffered = matches!(p::frame(&att.conn.rbuf), Ok(Some(_)));
+            let event = if buffered {
+                Event::Server(Ok(usize::MAX))
+            } else {
                 let client = &mut self.client;
                 let cbuf = &mut self.cbuf;
                 let conn = &mut att.conn;
@@ -486,9 +501,31 @@ impl Session {
         names.extend(self.settings.keys().filter(|k| k.contains('.')).cloned());
         let array = names_array(&names);
         self.custom_names = names;
-        let state = match att.conn.query_params(STATE_SQL, &[array.as_bytes()]).await {
-            Ok(rows) => parse_state(&rows),
-            Err(_) => None,
+        // In a transaction of the router's own, with the client's timeouts and search_path masked
+        // (their session values read first).
+        let mut list: Vec<(&str, &[&[u8]])> = vec![
+            ("BEGIN ISOLATION LEVEL READ COMMITTED", &[]),
+            (MASKED_SQL, &[]),
+        ];
+        list.extend(MASK_SQL.split("; ").map(|s| (s, &[] as &[&[u8]])));
+        let params = [array.as_bytes()];
+        list.push((STATE_SQL, &params));
+        list.push(("COMMIT", &[]));
+        let state = match att.conn.statements(&list).await {
+            Ok(rows) => {
+                let (masked, rest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.len() == 3);
+                parse_state(&rest).map(|mut s| {
+                    unmask(&mut s, &masked);
+                    s
+                })
+            }
+            Err(e) => {
+                log::warn(&format!(
+                    "client {}: checking its server session failed ({e:?}); the connection is closed",
+                    self.peer
+                ));
+                None
+            }
         };
         let Some(state) = state else {
             return false;

@@ -38,6 +38,9 @@ pub struct ServerConn {
     pub session: crate::isolation::Settings,
     /// Bytes read from the server but not yet handled.
     pub rbuf: BytesMut,
+    /// Notifications (NotificationResponse messages) that arrived during the router's own
+    /// statements: they belong to the client, which gets them next.
+    pub notifications: Vec<u8>,
     pub created: Instant,
     /// (topology epoch, node generation) when opened: a role change, or the node going away,
     /// retires older connections.
@@ -98,6 +101,7 @@ impl ServerConn {
             prepared: HashSet::new(),
             session: Default::default(),
             rbuf: BytesMut::with_capacity(16 * 1024),
+            notifications: Vec::new(),
             created: Instant::now(),
             epoch,
         };
@@ -248,17 +252,18 @@ impl ServerConn {
         self.exchange(&out, 1).await
     }
 
-    /// Runs the router's own query `sql` with text parameters (extended protocol: values are
-    /// never pasted into the text) and returns its rows as text.
-    pub async fn query_params(
+    /// Runs the router's own statements in order, each with its text parameters, in one round
+    /// trip (one Sync); returns every data row, in order.
+    pub async fn statements(
         &mut self,
-        sql: &str,
-        params: &[&[u8]],
+        list: &[(&str, &[&[u8]])],
     ) -> Result<Vec<Vec<Option<String>>>, SetupError> {
         let mut out = Vec::new();
-        protocol::put_parse(&mut out, b"", sql.as_bytes(), &[0, 0]);
-        put_bind_text(&mut out, params);
-        put_execute(&mut out);
+        for (sql, params) in list {
+            protocol::put_parse(&mut out, b"", sql.as_bytes(), &[0, 0]);
+            put_bind_text(&mut out, params);
+            put_execute(&mut out);
+        }
         put_msg(&mut out, b'S', |_| {});
         self.exchange(&out, 1).await
     }
@@ -311,6 +316,7 @@ impl ServerConn {
                 .await
                 .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
+                b'A' => self.notifications.extend_from_slice(&msg),
                 b'D' => {
                     rows.push(data_row(body(&msg)).ok_or_else(|| {
                         SetupError::Lost("malformed DataRow from the server".into())

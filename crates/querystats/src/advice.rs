@@ -78,23 +78,52 @@ impl Columns {
 }
 
 /// Every sequential scan with a filter in a plan document (`{"Plan": …}` or `[{"Plan": …}]`).
+///
+/// A scan's schema is its `Schema` field (VERBOSE plans) or, for the plans dbopt captures, the
+/// document's `Relations` list (`[{"name": …, "schema": …}]`, every table the statement reads, taken
+/// from its range table); a scan whose table name is not there, or is there twice (two schemas),
+/// is skipped rather than guessed.
 pub fn seq_scans(plan: &Value) -> Vec<SeqScan> {
-    let root = match plan {
-        Value::Array(a) => a.first().and_then(|p| p.get("Plan")),
-        v => v.get("Plan"),
+    let doc = match plan {
+        Value::Array(a) => a.first().unwrap_or(&Value::Null),
+        v => v,
     };
+    let relations: Vec<(&str, &str)> = doc
+        .get("Relations")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|r| {
+                    Some((
+                        r.get("name").and_then(Value::as_str)?,
+                        r.get("schema").and_then(Value::as_str)?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let mut out = Vec::new();
-    if let Some(root) = root {
+    if let Some(root) = doc.get("Plan") {
         let total = root
             .get("Total Cost")
             .and_then(Value::as_f64)
             .unwrap_or(0.0);
-        walk(root, total, &mut out);
+        walk(root, total, &relations, &mut out);
     }
     out
 }
 
-fn walk(node: &Value, total_cost: f64, out: &mut Vec<SeqScan>) {
+/// The schema of `table` in a plan's relation list, when it names exactly one.
+fn schema_of<'a>(relations: &[(&str, &'a str)], table: &str) -> Option<&'a str> {
+    let mut found = relations
+        .iter()
+        .filter(|(n, _)| *n == table)
+        .map(|(_, s)| *s);
+    let first = found.next()?;
+    found.all(|s| s == first).then_some(first)
+}
+
+fn walk(node: &Value, total_cost: f64, relations: &[(&str, &str)], out: &mut Vec<SeqScan>) {
     let kind = node.get("Node Type").and_then(Value::as_str).unwrap_or("");
     if kind == "Seq Scan" {
         if let (Some(table), Some(filter)) = (
@@ -111,50 +140,56 @@ fn walk(node: &Value, total_cost: f64, out: &mut Vec<SeqScan>) {
                 .get("Total Cost")
                 .and_then(Value::as_f64)
                 .unwrap_or(0.0);
-            out.push(SeqScan {
-                schema: node
-                    .get("Schema")
-                    .and_then(Value::as_str)
-                    .unwrap_or("public")
-                    .to_string(),
-                table: table.to_string(),
-                filter: filter.to_string(),
-                rows_returned: actual.map_or_else(
-                    || node.get("Plan Rows").and_then(Value::as_f64).unwrap_or(0.0),
-                    |a| a * loops,
-                ),
-                rows_removed: node
-                    .get("Rows Removed by Filter")
-                    .and_then(Value::as_f64)
-                    .map(|r| r * loops),
-                cost_share: if total_cost > 0.0 {
-                    (cost / total_cost).clamp(0.0, 1.0)
-                } else {
-                    1.0
-                },
-            });
+            let schema = node
+                .get("Schema")
+                .and_then(Value::as_str)
+                .or_else(|| schema_of(relations, table));
+            if let Some(schema) = schema {
+                out.push(SeqScan {
+                    schema: schema.to_string(),
+                    table: table.to_string(),
+                    filter: filter.to_string(),
+                    rows_returned: actual.map_or_else(
+                        || node.get("Plan Rows").and_then(Value::as_f64).unwrap_or(0.0),
+                        |a| a * loops,
+                    ),
+                    rows_removed: node
+                        .get("Rows Removed by Filter")
+                        .and_then(Value::as_f64)
+                        .map(|r| r * loops),
+                    cost_share: if total_cost > 0.0 {
+                        (cost / total_cost).clamp(0.0, 1.0)
+                    } else {
+                        1.0
+                    },
+                });
+            }
         }
     }
     if let Some(children) = node.get("Plans").and_then(Value::as_array) {
         for c in children {
-            walk(c, total_cost, out);
+            walk(c, total_cost, relations, out);
         }
     }
 }
 
-/// Splits `s` on a top-level keyword (outside parentheses and quotes).
+/// Splits `s` on a top-level keyword (outside parentheses, string literals and quoted identifiers).
 fn split_top(s: &str, keyword: &str) -> Vec<String> {
-    let (mut depth, mut quote, mut start) = (0i32, false, 0usize);
+    let (mut depth, mut quote, mut start) = (0i32, None::<u8>, 0usize);
     let mut parts = Vec::new();
     let b = s.as_bytes();
     let k = keyword.as_bytes();
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'\'' => quote = !quote,
-            b'(' if !quote => depth += 1,
-            b')' if !quote => depth -= 1,
-            _ if !quote && depth == 0 && b[i..].starts_with(k) => {
+            // A doubled quote inside a quoted run toggles twice: it stays inside.
+            q @ (b'\'' | b'"') if quote.is_none_or(|open| open == q) => {
+                quote = if quote.is_some() { None } else { Some(q) };
+            }
+            _ if quote.is_some() => {}
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            _ if depth == 0 && b[i..].starts_with(k) => {
                 parts.push(s[start..i].trim().to_string());
                 i += k.len();
                 start = i;
@@ -166,6 +201,22 @@ fn split_top(s: &str, keyword: &str) -> Vec<String> {
     }
     parts.push(s[start..].trim().to_string());
     parts
+}
+
+/// The first position of `pat` in `s` outside string literals and quoted identifiers.
+fn find_unquoted(s: &str, pat: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    let mut quote = None::<u8>;
+    for i in 0..b.len() {
+        match b[i] {
+            q @ (b'\'' | b'"') if quote.is_none_or(|open| open == q) => {
+                quote = if quote.is_some() { None } else { Some(q) };
+            }
+            _ if quote.is_none() && b[i..].starts_with(pat.as_bytes()) => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// Removes parentheses that enclose the whole expression.
@@ -236,7 +287,7 @@ pub fn filter_columns(filter: &str) -> Option<Columns> {
         let ops = [" = ANY ", " <= ", " >= ", " = ", " < ", " > "];
         let Some((op, at)) = ops
             .iter()
-            .filter_map(|op| c.find(op).map(|at| (*op, at)))
+            .filter_map(|op| find_unquoted(c, op).map(|at| (*op, at)))
             .min_by_key(|(_, at)| *at)
         else {
             continue;
@@ -480,6 +531,38 @@ mod tests {
         let arr = Value::Array(vec![plan]);
         assert_eq!(seq_scans(&arr).len(), 1, "the [ {{Plan}} ] form too");
         assert!(seq_scans(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn schemas_come_from_the_plan_never_a_guess() {
+        let scan = |relations: &str| {
+            let plan: Value = serde_json::from_str(&format!(
+                r#"{{"Relations": {relations}, "Plan": {{"Node Type": "Seq Scan",
+                   "Relation Name": "orders", "Total Cost": 1.0, "Plan Rows": 1,
+                   "Filter": "(a = 1)"}}}}"#
+            ))
+            .expect("json");
+            seq_scans(&plan).first().map(|s| s.schema.clone())
+        };
+        assert_eq!(
+            scan(r#"[{"name": "orders", "schema": "tenant_7"}]"#).as_deref(),
+            Some("tenant_7")
+        );
+        assert_eq!(scan("[]"), None, "unknown: skipped, not assumed public");
+        assert_eq!(
+            scan(r#"[{"name": "orders", "schema": "a"}, {"name": "orders", "schema": "b"}]"#),
+            None,
+            "two schemas: ambiguous"
+        );
+    }
+
+    #[test]
+    fn quoted_identifiers_do_not_split_a_filter() {
+        // A column named to look like two conditions stays one column.
+        let c = filter_columns(r#"(("x AND y = 1" = 5) AND (b = 2))"#).expect("columns");
+        assert_eq!(c.equality, vec!["x AND y = 1".to_string(), "b".to_string()]);
+        let c = filter_columns(r#"(("it's" = 'a '' AND b = 1'))"#).expect("columns");
+        assert_eq!(c.equality, vec!["it's".to_string()]);
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn settings_never_cross_clients(stack: &Stack) {
     // statement_timeout, default_transaction_read_only, DateStyle, application_name and a custom
     // setting stay with the client that set them.
     a.batch_execute(
-        "SET statement_timeout = '1ms'; SET default_transaction_read_only = on; \
+        "SET statement_timeout = '300ms'; SET default_transaction_read_only = on; \
          SET DateStyle = 'SQL, DMY'; SET application_name = 'mallory'; SET myapp.tenant = '7'",
     )
     .unwrap();
