@@ -1,4 +1,13 @@
-//! `dbopt.index_advice()`: missing indexes, from the plans of captured slow queries.
+//! `dbopt.index_advice()`: missing indexes, from the plans of captured slow queries and of plans
+//! sampled from the whole workload (`dbopt.plan_sample_every`), ranked by the time the statements
+//! spent in total (`query_stats`).
+//!
+//! Safe to call as a DBA whatever other roles did: it reads only the captures the caller may see
+//! (as `slow_queries()` shows them), builds no SQL from plan or query text (catalog lookups take
+//! names as parameters; the hypothetical index is made of quoted identifiers), and plans a captured
+//! statement for hypopg only as that statement's owner, only when PostgreSQL's parser reads its text
+//! as exactly one SELECT/INSERT/UPDATE/DELETE. A candidate whose lookups fail is skipped; the
+//! others are still advised.
 //!
 //! Each filtered sequential scan on a table of at least `dbopt.advisor_min_rows` rows becomes a
 //! candidate index (equality columns first, then one range column), unless an existing valid,
@@ -17,6 +26,7 @@ use dbopt_querystats::normalize::highest_parameter;
 use pgrx::prelude::*;
 
 use crate::gucs;
+use crate::privilege::{may_see, role_name};
 use crate::{read_spi, shmem};
 
 #[derive(Clone)]
@@ -26,6 +36,8 @@ struct Candidate {
     queryids: Vec<i64>,
     /// A statement text to verify the candidate with (normalised, `$n` parameters).
     query: String,
+    /// The role that ran it (verification plans it as that role).
+    owner: u32,
     scans: i64,
     rows_removed: f64,
     rows_returned: f64,
@@ -59,8 +71,62 @@ fn table_info(
     Ok(Some((rows, indexes)))
 }
 
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
+/// Rows per distinct value of a column, from `pg_stats` (lower: more selective); `f64::MAX` when
+/// the column has no statistics.
+fn rows_per_value(schema: &str, table: &str, column: &str) -> f64 {
+    read_spi::one::<f64>(
+        "SELECT CASE WHEN s.n_distinct < 0 THEN 1.0 / -s.n_distinct
+                     WHEN s.n_distinct > 0 THEN greatest(c.reltuples, 1) / s.n_distinct END
+         FROM pg_catalog.pg_stats s
+         JOIN pg_catalog.pg_namespace n ON n.nspname = s.schemaname
+         JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = s.tablename
+         WHERE s.schemaname = $1 AND s.tablename = $2 AND s.attname = $3",
+        &[schema.into(), table.into(), column.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(f64::MAX)
+}
+
+/// Is `query` exactly one SELECT, INSERT, UPDATE or DELETE, as PostgreSQL's own parser reads it?
+fn single_plannable_statement(query: &str) -> bool {
+    let Ok(text) = std::ffi::CString::new(query) else {
+        return false;
+    };
+    pgrx::PgTryBuilder::new(|| {
+        // SAFETY: raw_parser only parses (no catalog access); the list it returns is palloc'd in
+        // the current memory context; a syntax error is an ERROR, caught below.
+        unsafe {
+            let list = pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+            if list.is_null() || (*list).length != 1 {
+                return false;
+            }
+            let raw = (*(*list).elements).ptr_value.cast::<pg_sys::RawStmt>();
+            if raw.is_null() || (*raw).stmt.is_null() {
+                return false;
+            }
+            matches!(
+                (*(*raw).stmt).type_,
+                pg_sys::NodeTag::T_SelectStmt
+                    | pg_sys::NodeTag::T_InsertStmt
+                    | pg_sys::NodeTag::T_UpdateStmt
+                    | pg_sys::NodeTag::T_DeleteStmt
+            )
+        }
+    })
+    .catch_others(|_| false)
+    .execute()
+}
+
+/// May the caller plan statements as `owner` (its own, a role it belongs to, or as superuser)?
+fn may_act_as(owner: u32) -> bool {
+    // SAFETY: privilege checks of the current user, no catalog writes.
+    unsafe {
+        let me = pg_sys::GetUserId();
+        u32::from(me) == owner
+            || pg_sys::superuser()
+            || pg_sys::has_privs_of_role(me, pg_sys::Oid::from(owner))
+    }
 }
 
 #[pg_extern(volatile)]
@@ -87,14 +153,22 @@ fn index_advice() -> Result<
     // Copy the plans out first: no SPI while holding the ring's lock.
     let mut plans = Vec::new();
     shmem::each_slow(|r| {
-        if r.dbid == db {
-            plans.push((r.queryid, r.plan.get(), r.text.get()));
+        // Only what the caller may see in slow_queries() (other roles' literals stay hidden).
+        if r.dbid == db && may_see(r.userid) {
+            plans.push((r.queryid, r.plan.get(), r.text.get(), r.userid));
+        }
+    });
+    // The whole workload: plans sampled from fast executions (dbopt.plan_sample_every), for
+    // statements no slow capture covers — a 13 ms scan run on every request is found here.
+    shmem::each_sample(|r| {
+        if r.dbid == db && may_see(r.userid) && !plans.iter().any(|p| p.0 == r.queryid) {
+            plans.push((r.queryid, r.plan.get(), r.text.get(), r.userid));
         }
     });
     let min_rows = gucs::advisor_min_rows() as f64;
     let mut candidates: BTreeMap<(String, String, Vec<String>), Candidate> = BTreeMap::new();
     let mut tables: BTreeMap<(String, String), Option<(f64, IndexColumns)>> = BTreeMap::new();
-    for (queryid, plan, text) in plans {
+    for (queryid, plan, text, owner) in plans {
         let Ok(plan) = serde_json::from_str::<serde_json::Value>(&plan) else {
             continue;
         };
@@ -104,7 +178,9 @@ fn index_advice() -> Result<
             };
             let tkey = (scan.schema.clone(), scan.table.clone());
             if !tables.contains_key(&tkey) {
-                tables.insert(tkey.clone(), table_info(&scan.schema, &scan.table)?);
+                // A table that cannot be looked up costs its own advice only.
+                let info = table_info(&scan.schema, &scan.table).ok().flatten();
+                tables.insert(tkey.clone(), info);
             }
             let Some((rows, indexes)) = tables.get(&tkey).and_then(Option::as_ref) else {
                 continue;
@@ -127,6 +203,7 @@ fn index_advice() -> Result<
                 filters: Vec::new(),
                 queryids: Vec::new(),
                 query: text.clone(),
+                owner,
                 scans: 0,
                 rows_removed: 0.0,
                 rows_returned: 0.0,
@@ -152,10 +229,15 @@ fn index_advice() -> Result<
             *m.entry(s.key.queryid).or_insert(0.0) += s.counters.exec.total_ms;
             m
         });
+    // Verification needs hypopg and the right to run the (superuser-only by default) helper.
     let hypopg = read_spi::one::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'hypopg')",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'hypopg')
+            AND pg_catalog.has_function_privilege(
+                'dbopt._hypothetical_costs(text, integer, text, name)', 'EXECUTE')",
         &[],
-    )?
+    )
+    .ok()
+    .flatten()
     .unwrap_or(false);
 
     // One index for candidates it can serve together (e.g. (a) and (b, a) → (a, b)).
@@ -195,35 +277,34 @@ fn index_advice() -> Result<
     let mut rows = Vec::new();
     for (schema, table, mut c) in merged {
         if c.columns.range_options.len() > 1 {
-            // Most selective range column first, as the planner estimates each condition.
-            let qualified = format!("{}.{}", quote(&schema), quote(&table));
-            let mut estimates = Vec::new();
-            for cond in &c.columns.range_conditions {
-                estimates.push(
-                    read_spi::one::<f64>(
-                        "SELECT dbopt._estimated_rows($1, $2)",
-                        &[qualified.as_str().into(), cond.as_str().into()],
-                    )?
-                    .unwrap_or(f64::MAX),
-                );
-            }
+            // Most selective range column first, by rows per distinct value in pg_stats (the
+            // conditions' text is never run: a catalog lookup with names as parameters).
+            let estimates: Vec<f64> = c
+                .columns
+                .range_options
+                .iter()
+                .map(|col| rows_per_value(&schema, &table, col))
+                .collect();
             c.columns.rank_ranges(&estimates);
         }
         let (mut before, mut after) = (None, None);
-        if hypopg {
+        let owner_name = role_name(c.owner);
+        if hypopg && may_act_as(c.owner) && single_plannable_statement(&c.query) {
             // Ask the planner about each possible range column; keep the cheapest plan.
             let mut best: Option<(Columns, f64, f64)> = None;
             for variant in c.columns.variants() {
                 let hypothetical = create_statement(&schema, &table, &variant.ordered())
                     .replace(" CONCURRENTLY", "");
                 let (b, a) = read_spi::two::<f64, f64>(
-                    "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3)",
+                    "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3, $4)",
                     &[
                         c.query.as_str().into(),
                         (highest_parameter(&c.query) as i32).into(),
                         hypothetical.as_str().into(),
+                        owner_name.as_str().into(),
                     ],
-                )?;
+                )
+                .unwrap_or((None, None));
                 if let (Some(b), Some(a)) = (b, a) {
                     // Strictly cheaper only: on a tie the more selective range column (first) stays.
                     if best.as_ref().is_none_or(|(_, _, best_a)| a < *best_a) {

@@ -24,6 +24,9 @@ static N_PLUS_ONE_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 static N_PLUS_ONE_WINDOW_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Tables smaller than this (rows) never get index advice.
 static ADVISOR_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// Every this many top-level executions (per backend), the plan of the statement is sampled for
+/// index advice over the whole workload, not only slow queries. 0: off.
+static PLAN_SAMPLE_EVERY: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -120,6 +123,16 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"dbopt.plan_sample_every",
+        c"Samples the plan of every Nth top-level execution for index advice (0: off).",
+        c"Statements that are individually fast but run often get advice too.",
+        &PLAN_SAMPLE_EVERY,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     // A misspelt `dbopt.` setting is an error, not a silently ignored placeholder.
     // SAFETY: called once from _PG_init, after every dbopt setting is defined.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"dbopt".as_ptr()) };
@@ -153,6 +166,11 @@ pub fn n_plus_one() -> dbopt_querystats::nplusone::Config {
         threshold: N_PLUS_ONE_THRESHOLD.get().max(0) as u32,
         window_ms: N_PLUS_ONE_WINDOW_MS.get().max(1) as u64,
     }
+}
+/// `None` when plan sampling is off.
+pub fn plan_sample_every() -> Option<u32> {
+    let v = PLAN_SAMPLE_EVERY.get();
+    (v > 0).then_some(v as u32)
 }
 pub fn advisor_min_rows() -> i64 {
     i64::from(ADVISOR_MIN_ROWS.get())

@@ -337,10 +337,10 @@ unsafe fn record(qd: *mut pg_sys::QueryDesc, key: &StatsKey) {
             c.last_seen = now;
         });
         if key.toplevel == 1 {
-            if let Some(threshold) = gucs::slow_query_ms() {
-                if ms >= threshold {
-                    slow::capture(qd, key, ms, rows, &b);
-                }
+            match gucs::slow_query_ms() {
+                Some(threshold) if ms >= threshold => slow::capture(qd, key, ms, rows, &b),
+                _ if slow::sample_due() => slow::sample(qd, key, ms, rows),
+                _ => {}
             }
             nplusone::observe(qd, key, now_unix_ms);
         }

@@ -29,6 +29,10 @@ pub const N1_TEXT_MAX: usize = 1024;
 const LOCK_STATEMENTS: usize = 0;
 const LOCK_SLOW: usize = 1;
 const LOCK_N1: usize = 2;
+const LOCK_SAMPLES: usize = 3;
+/// Plans sampled from the whole workload for index advice (one per statement, see
+/// [`push_sample`]). Each slot is a SlowRecord (≈ 18.6 KB): 64 of them take ≈ 1.2 MB.
+pub const PLAN_SAMPLES: usize = 64;
 const TRANCHE: &CStr = c"dbopt";
 
 /// Hash key of a statement: who ran it where, which statement, top-level or nested.
@@ -157,6 +161,7 @@ struct Header {
     stats_reset: AtomicI64,
     slow_next_id: AtomicU64,
     n1_next_id: AtomicU64,
+    sample_next_id: AtomicU64,
     slow_cap: usize,
     max_statements: usize,
 }
@@ -167,6 +172,7 @@ static mut HEADER: *mut Header = ptr::null_mut();
 static mut HTAB: *mut pg_sys::HTAB = ptr::null_mut();
 static mut SLOW: *mut SlowRecord = ptr::null_mut();
 static mut N1: *mut N1Record = ptr::null_mut();
+static mut SAMPLES: *mut SlowRecord = ptr::null_mut();
 
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
@@ -175,6 +181,7 @@ fn fixed_size() -> usize {
     size_of::<Header>()
         + gucs::slow_query_max() * size_of::<SlowRecord>()
         + N1_EVENTS * size_of::<N1Record>()
+        + PLAN_SAMPLES * size_of::<SlowRecord>()
 }
 
 /// Shared memory of the statement table, per entry (reported by the overhead benchmark).
@@ -204,7 +211,7 @@ unsafe extern "C-unwind" fn shmem_request() {
         let table =
             pg_sys::hash_estimate_size(gucs::max_statements() as _, size_of::<StatsEntry>());
         pg_sys::RequestAddinShmemSpace(fixed_size() + table);
-        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 3);
+        pg_sys::RequestNamedLWLockTranche(TRANCHE.as_ptr(), 4);
     }
 }
 
@@ -226,6 +233,13 @@ unsafe extern "C-unwind" fn shmem_startup() {
         N1 = base
             .add(size_of::<Header>() + gucs::slow_query_max() * size_of::<SlowRecord>())
             .cast::<N1Record>();
+        SAMPLES = base
+            .add(
+                size_of::<Header>()
+                    + gucs::slow_query_max() * size_of::<SlowRecord>()
+                    + N1_EVENTS * size_of::<N1Record>(),
+            )
+            .cast::<SlowRecord>();
         if !found {
             ptr::write_bytes(base, 0, fixed_size());
             (*HEADER).locks = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
@@ -664,6 +678,18 @@ fn n1_ring() -> Option<Ring<N1Record>> {
     })
 }
 
+fn sample_ring() -> Option<Ring<SlowRecord>> {
+    // SAFETY: as for `slow_ring`.
+    ready().then(|| unsafe {
+        Ring {
+            slots: SAMPLES,
+            cap: PLAN_SAMPLES,
+            next_id: &(*HEADER).sample_next_id,
+            lock: LOCK_SAMPLES,
+        }
+    })
+}
+
 impl<T: Record> Ring<T> {
     /// Writes a new record over the oldest slot; returns its id.
     fn push(&self, fill: impl FnOnce(&mut T)) -> u64 {
@@ -741,6 +767,31 @@ pub fn slow_total() -> u64 {
 
 pub fn reset_slow() -> usize {
     slow_ring().map_or(0, |r| r.reset())
+}
+
+/// Keeps a sampled plan: over the slot of the same statement if the ring holds one (a hot statement
+/// must not push every other one out), else over the oldest.
+pub fn push_sample(key: &StatsKey, fill: impl FnOnce(&mut SlowRecord)) {
+    let Some(ring) = sample_ring() else { return };
+    let _l = lock(ring.lock, true);
+    // SAFETY: exclusive ring lock held; indexes below the capacity.
+    unsafe {
+        let same = (0..ring.cap).find(|&i| {
+            let r = &*ring.slots.add(i);
+            r.id != 0 && r.queryid == key.queryid && r.userid == key.userid && r.dbid == key.dbid
+        });
+        let id = ring.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let slot = &mut *ring.slots.add(same.unwrap_or((id as usize) % ring.cap));
+        fill(slot);
+        slot.id = id;
+    }
+}
+
+/// Every sampled plan, newest first.
+pub fn each_sample(f: impl FnMut(&SlowRecord)) {
+    if let Some(r) = sample_ring() {
+        r.each(f);
+    }
 }
 
 /// Keeps an N+1 event; returns its id (to update its count later).

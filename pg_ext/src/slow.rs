@@ -58,12 +58,61 @@ unsafe fn explain_json(qd: *mut pg_sys::QueryDesc, analyzed: bool) -> String {
             .into_owned();
         // The JSON output is a one-element array around the plan's fields without their own
         // braces ("[ "Plan": … ]"); make it the object it describes, as auto_explain does.
+        // The tables the statement reads, with their schemas (a plan without VERBOSE names
+        // tables only): index advice must know which `orders` it is, never guess `public`.
+        let relations = relations_json(qd);
         let trimmed = text.trim();
         match (trimmed.strip_prefix('['), trimmed.strip_suffix(']')) {
-            (Some(_), Some(_)) => format!("{{{}}}", &trimmed[1..trimmed.len() - 1]),
+            (Some(_), Some(_)) => format!(
+                "{{\"Relations\": {relations},{}}}",
+                &trimmed[1..trimmed.len() - 1]
+            ),
             _ => text,
         }
     }
+}
+
+/// `[{"name": …, "schema": …}, …]` for the plain tables in the statement's range table.
+///
+/// # Safety
+/// `qd` must be a QueryDesc with its plannedstmt, inside a transaction (catalog lookups).
+unsafe fn relations_json(qd: *mut pg_sys::QueryDesc) -> String {
+    let mut items = Vec::new();
+    // SAFETY: the range table is a List of RangeTblEntry owned by the plan; the lookups read the
+    // syscache and return palloc'd strings (or NULL for a relation dropped meanwhile).
+    unsafe {
+        let stmt = (*qd).plannedstmt;
+        if stmt.is_null() {
+            return "[]".into();
+        }
+        let rtable = (*stmt).rtable;
+        if rtable.is_null() {
+            return "[]".into();
+        }
+        for i in 0..(*rtable).length.max(0) as usize {
+            let rte = (*(*rtable).elements.add(i))
+                .ptr_value
+                .cast::<pg_sys::RangeTblEntry>();
+            if rte.is_null() || (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION {
+                continue;
+            }
+            let relid = (*rte).relid;
+            let name = pg_sys::get_rel_name(relid);
+            let schema = pg_sys::get_namespace_name(pg_sys::get_rel_namespace(relid));
+            if name.is_null() || schema.is_null() {
+                continue;
+            }
+            let item = format!(
+                "{{\"name\": {}, \"schema\": {}}}",
+                json_string(&CStr::from_ptr(name).to_string_lossy()),
+                json_string(&CStr::from_ptr(schema).to_string_lossy())
+            );
+            if !items.contains(&item) {
+                items.push(item);
+            }
+        }
+    }
+    format!("[{}]", items.join(", "))
 }
 
 /// The client's address as `inet_client_addr()` shows it ("" over a Unix socket).
@@ -97,6 +146,59 @@ pub fn json_string(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+thread_local! {
+    /// Top-level executions left before the next plan sample. Backends are single-threaded
+    /// processes, so this per-backend counter needs no lock.
+    static UNTIL_SAMPLE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Is this execution's plan due for a sample (`dbopt.plan_sample_every`)? A countdown, not a
+/// random draw: one decrement per statement.
+pub fn sample_due() -> bool {
+    let Some(every) = gucs::plan_sample_every() else {
+        return false;
+    };
+    UNTIL_SAMPLE.with(|left| {
+        let n = left.get();
+        if n == 0 || n > every {
+            left.set(every - 1);
+            n == 0
+        } else {
+            left.set(n - 1);
+            false
+        }
+    })
+}
+
+/// Keeps the plan of one (fast) execution for index advice over the whole workload. Nothing is
+/// logged; the text is the normalised one.
+///
+/// # Safety
+/// As for [`explain_json`].
+pub unsafe fn sample(qd: *mut pg_sys::QueryDesc, key: &StatsKey, ms: f64, rows: u64) {
+    // SAFETY: the caller's QueryDesc is valid.
+    unsafe {
+        let plan = explain_json(qd, false);
+        if plan.len() > PLAN_MAX {
+            return;
+        }
+        let text = shmem::text_of(key)
+            .unwrap_or_else(|| dbopt_querystats::normalize::normalize(&statement_text(qd)).0);
+        let now = pg_sys::GetCurrentTimestamp();
+        shmem::push_sample(key, |r| {
+            r.at = now;
+            r.duration_ms = ms;
+            r.userid = key.userid;
+            r.dbid = key.dbid;
+            r.queryid = key.queryid;
+            r.rows = rows;
+            r.analyzed = false;
+            r.text.set(&text);
+            r.plan.set(&plan);
+        });
+    }
 }
 
 /// Keeps one slow execution (ring + server log).

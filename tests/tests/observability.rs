@@ -569,3 +569,158 @@ fn errors_caught_inside_functions_keep_the_nesting_right() {
         "a caught inner error neither fails the outer statement nor leaves later statements nested"
     );
 }
+
+/// Index advice as a DBA over hostile captures: nothing another role planted runs with the DBA's
+/// rights, hidden statements give no advice, and a monitoring role (pg_read_all_stats, not a
+/// superuser) gets its answer too.
+#[test]
+fn index_advice_runs_nothing_a_user_planted() {
+    let (pg, mut dba) = server(87, &[]);
+    dba.batch_execute(
+        "CREATE EXTENSION hypopg;
+         CREATE TABLE victim (id int);
+         CREATE ROLE mallory LOGIN; CREATE ROLE monitor LOGIN; GRANT pg_read_all_stats TO monitor;
+         GRANT CREATE ON SCHEMA public TO mallory;",
+    )
+    .expect("setup");
+    let mut mallory = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=mallory dbname=postgres",
+            pg.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect as mallory");
+    // A table whose column names are SQL, and a function the planner folds at plan time that
+    // records whose rights it ran with.
+    mallory
+        .batch_execute(
+            r#"CREATE TABLE trap ("a"" AND 1=1) >= 0; DROP TABLE victim; --" int,
+                                  "b) >= 0; DROP TABLE victim; SELECT (1" int, c int);
+               INSERT INTO trap SELECT g % 1000, g % 997, g FROM generate_series(1, 30000) g;
+               ANALYZE trap;
+               CREATE FUNCTION probe() RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
+               BEGIN PERFORM set_config('dbopt_test.planned_as', current_user, false); RETURN 7; END $$;
+               SET dbopt.slow_query_ms = 0;"#,
+        )
+        .expect("plant");
+    for i in 0..3 {
+        mallory
+            .simple_query(&format!(
+                r#"SELECT * FROM trap WHERE "a"" AND 1=1) >= 0; DROP TABLE victim; --" > {i}
+                   AND "b) >= 0; DROP TABLE victim; SELECT (1" > {i} AND c < 100"#
+            ))
+            .expect("hostile filter");
+        mallory
+            .simple_query("SELECT * FROM trap WHERE c = probe()")
+            .expect("folded function");
+    }
+    let advice: Vec<String> = dba
+        .query("SELECT create_statement FROM dbopt.index_advice()", &[])
+        .expect("index_advice as the DBA")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let victim: i64 = dba
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'victim'",
+            &[],
+        )
+        .expect("victim")
+        .get(0);
+    assert_eq!(
+        victim, 1,
+        "nothing planted was executed; advice: {advice:?}"
+    );
+    let planned_as: Option<String> = dba
+        .query_one("SELECT current_setting('dbopt_test.planned_as', true)", &[])
+        .expect("setting")
+        .get(0);
+    assert_ne!(
+        planned_as.as_deref(),
+        Some("postgres"),
+        "mallory's function never runs as the DBA"
+    );
+    assert!(
+        advice.iter().any(|a| a.contains("public.trap")),
+        "the hostile names still get (quoted) advice: {advice:?}"
+    );
+    // A monitoring role that is not a superuser gets advice (unverified), without errors.
+    let mut monitor = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=monitor dbname=postgres",
+            pg.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect as monitor");
+    let n: i64 = monitor
+        .query_one("SELECT count(*) FROM dbopt.index_advice()", &[])
+        .expect("index_advice as pg_read_all_stats")
+        .get(0);
+    assert!(n >= 1, "monitor sees the advice too");
+    // A role that may not see mallory's statements gets no advice from them.
+    dba.batch_execute("CREATE ROLE nobody LOGIN").expect("role");
+    let mut nobody = postgres::Client::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=nobody dbname=postgres",
+            pg.port
+        ),
+        postgres::NoTls,
+    )
+    .expect("connect as nobody");
+    let n: i64 = nobody
+        .query_one("SELECT count(*) FROM dbopt.index_advice()", &[])
+        .expect("index_advice as nobody")
+        .get(0);
+    assert_eq!(n, 0, "other roles' statements are not advised on");
+}
+
+/// Index advice over the whole workload: a statement that is never slow (so never captured as
+/// such) but runs often is found from sampled plans and ranked by its total time.
+#[test]
+fn index_advice_covers_fast_statements_that_run_often() {
+    let (_pg, mut c) = server(86, &["dbopt.plan_sample_every = 50"]);
+    c.batch_execute(
+        "CREATE TABLE events (id int PRIMARY KEY, account int, kind text);
+         INSERT INTO events SELECT g, g % 5000, 'k' FROM generate_series(1, 50000) g;
+         ANALYZE events;",
+    )
+    .expect("50k rows");
+    for i in 0..400 {
+        c.simple_query(&format!(
+            "SELECT id FROM events WHERE account = {}",
+            i % 5000
+        ))
+        .expect("fast lookup");
+    }
+    let slow: i64 = c
+        .query_one(
+            "SELECT count(*) FROM dbopt.slow_queries() WHERE query LIKE '%events%'",
+            &[],
+        )
+        .expect("slow")
+        .get(0);
+    assert_eq!(slow, 0, "each lookup is fast (below dbopt.slow_query_ms)");
+    let rows = c
+        .query(
+            "SELECT create_statement, estimated_saved_ms FROM dbopt.index_advice()",
+            &[],
+        )
+        .expect("advice");
+    let found = rows
+        .iter()
+        .find(|r| r.get::<_, String>(0) == "CREATE INDEX CONCURRENTLY ON public.events (account)");
+    let found = found.unwrap_or_else(|| {
+        panic!(
+            "the frequent scan is advised: {:?}",
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        )
+    });
+    assert!(
+        found.get::<_, f64>(1) > 0.0,
+        "ranked by the statement's total time"
+    );
+}
