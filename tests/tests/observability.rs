@@ -575,7 +575,8 @@ fn errors_caught_inside_functions_keep_the_nesting_right() {
 /// superuser) gets its answer too.
 #[test]
 fn index_advice_runs_nothing_a_user_planted() {
-    let (pg, mut dba) = server(87, &[]);
+    // Every execution is captured (as a busy server's slow ones would be).
+    let (pg, mut dba) = server(87, &["dbopt.slow_query_ms = 0"]);
     dba.batch_execute(
         "CREATE EXTENSION hypopg;
          CREATE TABLE victim (id int);
@@ -600,8 +601,7 @@ fn index_advice_runs_nothing_a_user_planted() {
                INSERT INTO trap SELECT g % 1000, g % 997, g FROM generate_series(1, 30000) g;
                ANALYZE trap;
                CREATE FUNCTION probe() RETURNS int IMMUTABLE LANGUAGE plpgsql AS $$
-               BEGIN PERFORM set_config('dbopt_test.planned_as', current_user, false); RETURN 7; END $$;
-               SET dbopt.slow_query_ms = 0;"#,
+               BEGIN PERFORM set_config('dbopt_test.planned_as', current_user, false); RETURN 7; END $$;"#,
         )
         .expect("plant");
     for i in 0..3 {
@@ -614,6 +614,11 @@ fn index_advice_runs_nothing_a_user_planted() {
         mallory
             .simple_query("SELECT * FROM trap WHERE c = probe()")
             .expect("folded function");
+        mallory
+            .simple_query(&format!(
+                r#"SELECT * FROM trap WHERE "b) >= 0; DROP TABLE victim; SELECT (1" = {i} AND c < 100"#
+            ))
+            .expect("hostile column, plain condition");
     }
     let advice: Vec<String> = dba
         .query("SELECT create_statement FROM dbopt.index_advice()", &[])
@@ -642,8 +647,10 @@ fn index_advice_runs_nothing_a_user_planted() {
         "mallory's function never runs as the DBA"
     );
     assert!(
-        advice.iter().any(|a| a.contains("public.trap")),
-        "the hostile names still get (quoted) advice: {advice:?}"
+        advice
+            .iter()
+            .any(|a| a.contains(r#"public.trap ("b) >= 0; DROP TABLE victim; SELECT (1", c)"#)),
+        "the hostile name still gets advice, quoted: {advice:?}"
     );
     // A monitoring role that is not a superuser gets advice (unverified), without errors.
     let mut monitor = postgres::Client::connect(
@@ -680,7 +687,14 @@ fn index_advice_runs_nothing_a_user_planted() {
 /// such) but runs often is found from sampled plans and ranked by its total time.
 #[test]
 fn index_advice_covers_fast_statements_that_run_often() {
-    let (_pg, mut c) = server(86, &["dbopt.plan_sample_every = 50"]);
+    // Nothing here is slow: only sampling can find the scan.
+    let (_pg, mut c) = server(
+        86,
+        &[
+            "dbopt.plan_sample_every = 50",
+            "dbopt.slow_query_ms = 60000",
+        ],
+    );
     c.batch_execute(
         "CREATE TABLE events (id int PRIMARY KEY, account int, kind text);
          INSERT INTO events SELECT g, g % 5000, 'k' FROM generate_series(1, 50000) g;

@@ -223,11 +223,16 @@ fn find_unquoted(s: &str, pat: &str) -> Option<usize> {
 fn strip_parens(s: &str) -> &str {
     let mut s = s.trim();
     while s.starts_with('(') && s.ends_with(')') {
-        // Only if the first '(' closes at the very end.
+        // Only if the first '(' closes at the very end (parentheses inside quotes do not count).
         let mut depth = 0;
         let mut closes_at_end = true;
+        let mut quote = None::<char>;
         for (i, c) in s.char_indices() {
             match c {
+                q @ ('\'' | '"') if quote.is_none_or(|open| open == q) => {
+                    quote = if quote.is_some() { None } else { Some(q) };
+                }
+                _ if quote.is_some() => {}
                 '(' => depth += 1,
                 ')' => {
                     depth -= 1;
@@ -563,6 +568,15 @@ mod tests {
         assert_eq!(c.equality, vec!["x AND y = 1".to_string(), "b".to_string()]);
         let c = filter_columns(r#"(("it's" = 'a '' AND b = 1'))"#).expect("columns");
         assert_eq!(c.equality, vec!["it's".to_string()]);
+        // Parentheses inside a quoted identifier do not unbalance the expression.
+        let hostile = r#"b) >= 0; DROP TABLE victim; SELECT (1"#;
+        let c = filter_columns(&format!(r#"(("{hostile}" = 5) AND (c < 100))"#)).expect("columns");
+        assert_eq!(c.equality, vec![hostile.to_string()]);
+        assert_eq!(c.range.as_deref(), Some("c"));
+        assert_eq!(
+            create_statement("public", "trap", &c.ordered()),
+            format!(r#"CREATE INDEX CONCURRENTLY ON public.trap ("{hostile}", c)"#)
+        );
     }
 
     #[test]

@@ -294,8 +294,11 @@ pub fn session_state_pins_or_is_reset(stack: &Stack) {
 /// Pipelines are routed as a whole: a read before a Flush then a write before the Sync.
 pub fn pipelines_with_writes_reach_the_primary(stack: &Stack) {
     let mut c = stack.router("app").unwrap();
-    c.batch_execute("CREATE TABLE IF NOT EXISTS trust_pipe (n int)")
-        .unwrap();
+    // The raw client below logs in as app_md5, a role of its own.
+    c.batch_execute(
+        "CREATE TABLE IF NOT EXISTS trust_pipe (n int); GRANT ALL ON trust_pipe TO app_md5",
+    )
+    .unwrap();
     let mut s = super::router::raw_login(stack);
     let mut out = Vec::new();
     msg(&mut out, b'P', b"\0SELECT 1\0\0\0");
