@@ -187,18 +187,31 @@ pub unsafe fn sample(qd: *mut pg_sys::QueryDesc, key: &StatsKey, ms: f64, rows: 
         let text = shmem::text_of(key)
             .unwrap_or_else(|| dbopt_querystats::normalize::normalize(&statement_text(qd)).0);
         let now = pg_sys::GetCurrentTimestamp();
-        shmem::push_sample(key, |r| {
-            r.at = now;
-            r.duration_ms = ms;
-            r.userid = key.userid;
-            r.dbid = key.dbid;
-            r.queryid = key.queryid;
-            r.rows = rows;
-            r.analyzed = false;
-            r.text.set(&text);
-            r.plan.set(&plan);
-        });
+        shmem::push_sample(key, |r| fill(r, key, now, ms, rows, false, &text, &plan));
     }
+}
+
+/// The fields a slow capture and a plan sample share.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    r: &mut shmem::SlowRecord,
+    key: &StatsKey,
+    at: i64,
+    ms: f64,
+    rows: u64,
+    analyzed: bool,
+    text: &str,
+    plan: &str,
+) {
+    r.at = at;
+    r.duration_ms = ms;
+    r.userid = key.userid;
+    r.dbid = key.dbid;
+    r.queryid = key.queryid;
+    r.rows = rows;
+    r.analyzed = analyzed;
+    r.text.set(text);
+    r.plan.set(plan);
 }
 
 /// Keeps one slow execution (ring + server log).
@@ -230,20 +243,12 @@ pub unsafe fn capture(
         let client = client_addr();
         let now = pg_sys::GetCurrentTimestamp();
         shmem::push_slow(|r| {
-            r.at = now;
-            r.duration_ms = ms;
-            r.userid = key.userid;
-            r.dbid = key.dbid;
-            r.queryid = key.queryid;
-            r.rows = rows;
+            fill(r, key, now, ms, rows, analyzed, &text, &plan);
             r.shared_blks_hit = b.shared_blks_hit;
             r.shared_blks_read = b.shared_blks_read;
             r.temp_blks_written = b.temp_blks_written;
-            r.analyzed = analyzed;
             r.app.set(&app);
             r.client.set(&client);
-            r.text.set(&text);
-            r.plan.set(&plan);
         });
         let line = format!(
             "{{\"duration_ms\": {ms:.3}, \"user\": {}, \"database\": {}, \"application_name\": {}, \

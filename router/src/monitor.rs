@@ -38,15 +38,19 @@ const FUNCTIONS_SQL: &str =
 
 const CATALOGUE_EVERY: Duration = Duration::from_secs(60);
 
-async fn connect(shared: &Shared, node: usize) -> Result<Client, String> {
-    let config = shared.config();
+/// A connection to `node` with the router's own `[server]` login.
+async fn connect_as_router(
+    config: &crate::config::Config,
+    node: usize,
+    application_name: &str,
+) -> Result<Client, String> {
     let n = &config.nodes[node];
     let mut pg = tokio_postgres::Config::new();
     pg.host(&n.host)
         .port(n.port)
         .user(&config.server.user)
         .dbname(&config.server.database)
-        .application_name("dbopt-router monitor")
+        .application_name(application_name)
         .connect_timeout(Duration::from_millis(config.health.timeout_ms));
     if let Some(p) = &config.server.password {
         pg.password(p);
@@ -56,6 +60,10 @@ async fn connect(shared: &Shared, node: usize) -> Result<Client, String> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+async fn connect(shared: &Shared, node: usize) -> Result<Client, String> {
+    connect_as_router(&shared.config(), node, "dbopt-router monitor").await
 }
 
 /// Non-admin users whose server role is a superuser, as `(index, user, role)`, from the first
@@ -70,24 +78,9 @@ pub async fn superuser_mappings(
         .map(|u| u.server_role().to_string())
         .collect();
     let mut last = String::from("no nodes");
-    for n in &config.nodes {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&n.host)
-            .port(n.port)
-            .user(&config.server.user)
-            .dbname(&config.server.database)
-            .application_name("dbopt-router --check-config")
-            .connect_timeout(Duration::from_millis(config.health.timeout_ms));
-        if let Some(p) = &config.server.password {
-            pg.password(p);
-        }
-        let client = match pg.connect(NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                client
-            }
+    for (i, n) in config.nodes.iter().enumerate() {
+        let client = match connect_as_router(config, i, "dbopt-router --check-config").await {
+            Ok(c) => c,
             Err(e) => {
                 last = format!("{}:{}: {e}", n.host, n.port);
                 continue;

@@ -112,10 +112,13 @@ pub struct Shared {
     pub handshakes: Arc<crate::handshake::Handshakes>,
     /// ParameterStatus a login got, by (server role, the client's startup settings): a client
     /// whose settings were already accepted logs in without a server round trip.
-    pub login_reports: Mutex<HashMap<(String, crate::isolation::Settings), Vec<(String, String)>>>,
+    pub login_reports: Mutex<HashMap<LoginKey, Vec<(String, String)>>>,
     /// Classification by normalised text (literals do not change whether a statement reads).
     class_cache: Mutex<HashMap<String, Class>>,
 }
+
+/// (server role, the client's startup settings): what a login's ParameterStatus depends on.
+pub type LoginKey = (String, crate::isolation::Settings);
 
 /// Entries in the login report cache before it is emptied.
 pub const LOGIN_REPORTS_MAX: usize = 1000;
