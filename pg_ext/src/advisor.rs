@@ -9,40 +9,19 @@
 //! as exactly one SELECT/INSERT/UPDATE/DELETE. A candidate whose lookups fail is skipped; the
 //! others are still advised.
 //!
-//! Each filtered sequential scan on a table of at least `dbopt.advisor_min_rows` rows becomes a
-//! candidate index (equality columns first, then one range column), unless an existing valid,
-//! non-partial index already serves it. With hypopg installed in the database, each candidate is
-//! checked with a hypothetical index: the statement's generic-plan cost before and after; a
-//! candidate the planner would not use is dropped. Candidates are ranked by estimated time saved:
-//! the affected statements' total execution time × the scan's share of their plan cost (× the
-//! cost reduction, when hypopg measured it).
+//! The policy (candidates, selectivity cut-off, merging, range order, ranking, reasons) lives in
+//! `dbopt_querystats::advisor`, tested without a server; this file is its [`Catalog`] over SPI and
+//! the SQL function around it.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
-use dbopt_querystats::advice::{
-    consolidate, covered, create_statement, filter_columns, seq_scans, Columns,
-};
+use dbopt_querystats::advisor::{advise, Capture, Catalog, TableInfo};
 use dbopt_querystats::normalize::highest_parameter;
 use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::privilege::{may_see, role_name};
 use crate::{read_spi, shmem};
-
-#[derive(Clone)]
-struct Candidate {
-    columns: Columns,
-    filters: Vec<String>,
-    queryids: Vec<i64>,
-    /// A statement text to verify the candidate with (normalised, `$n` parameters).
-    query: String,
-    /// The role that ran it (verification plans it as that role).
-    owner: u32,
-    scans: i64,
-    rows_removed: f64,
-    rows_returned: f64,
-    cost_share: f64,
-}
 
 /// Columns of each usable index of a table, in order (`None` for an expression column).
 type IndexColumns = Vec<Vec<Option<String>>>;
@@ -71,9 +50,9 @@ fn table_info(
     Ok(Some((rows, indexes)))
 }
 
-/// Rows per distinct value of a column, from `pg_stats` (lower: more selective); `f64::MAX` when
-/// the column has no statistics.
-fn rows_per_value(schema: &str, table: &str, column: &str) -> f64 {
+/// Rows per distinct value of a column, from `pg_stats` (lower: more selective); `None` when the
+/// column has no statistics.
+fn rows_per_value(schema: &str, table: &str, column: &str) -> Option<f64> {
     read_spi::one::<f64>(
         "SELECT CASE WHEN s.n_distinct < 0 THEN 1.0 / -s.n_distinct
                      WHEN s.n_distinct > 0 THEN greatest(c.reltuples, 1) / s.n_distinct END
@@ -85,7 +64,6 @@ fn rows_per_value(schema: &str, table: &str, column: &str) -> f64 {
     )
     .ok()
     .flatten()
-    .unwrap_or(f64::MAX)
 }
 
 /// Is `query` exactly one SELECT, INSERT, UPDATE or DELETE, as PostgreSQL's own parser reads it?
@@ -165,70 +143,21 @@ fn index_advice() -> Result<
             plans.push((r.queryid, r.plan.get(), r.text.get(), r.userid));
         }
     });
-    let min_rows = gucs::advisor_min_rows() as f64;
-    let mut candidates: BTreeMap<(String, String, Vec<String>), Candidate> = BTreeMap::new();
-    let mut tables: BTreeMap<(String, String), Option<(f64, IndexColumns)>> = BTreeMap::new();
-    for (queryid, plan, text, owner) in plans {
-        let Ok(plan) = serde_json::from_str::<serde_json::Value>(&plan) else {
-            continue;
-        };
-        for scan in seq_scans(&plan) {
-            let Some(columns) = filter_columns(&scan.filter) else {
-                continue;
-            };
-            let tkey = (scan.schema.clone(), scan.table.clone());
-            if !tables.contains_key(&tkey) {
-                // A table that cannot be looked up costs its own advice only.
-                let info = table_info(&scan.schema, &scan.table).ok().flatten();
-                tables.insert(tkey.clone(), info);
-            }
-            let Some((rows, indexes)) = tables.get(&tkey).and_then(Option::as_ref) else {
-                continue;
-            };
-            // Covered when an existing index serves any choice of range column.
-            if *rows < min_rows || columns.variants().iter().any(|v| covered(v, indexes)) {
-                continue;
-            }
-            // Selective: the filter keeps at most half the rows.
-            let kept = match scan.rows_removed {
-                Some(removed) => scan.rows_returned / (scan.rows_returned + removed).max(1.0),
-                None => scan.rows_returned / rows.max(1.0),
-            };
-            if kept > 0.5 {
-                continue;
-            }
-            let key = (scan.schema.clone(), scan.table.clone(), columns.ordered());
-            let c = candidates.entry(key).or_insert_with(|| Candidate {
-                columns: columns.clone(),
-                filters: Vec::new(),
-                queryids: Vec::new(),
-                query: text.clone(),
-                owner,
-                scans: 0,
-                rows_removed: 0.0,
-                rows_returned: 0.0,
-                cost_share: 0.0,
-            });
-            if !c.filters.contains(&scan.filter) {
-                c.filters.push(scan.filter.clone());
-            }
-            if !c.queryids.contains(&queryid) {
-                c.queryids.push(queryid);
-            }
-            c.scans += 1;
-            c.rows_removed += scan.rows_removed.unwrap_or(0.0);
-            c.rows_returned += scan.rows_returned;
-            c.cost_share = c.cost_share.max(scan.cost_share);
-        }
-    }
-
-    let totals: BTreeMap<i64, f64> = shmem::snapshot()
+    let captures: Vec<Capture> = plans
         .into_iter()
-        .filter(|s| s.key.dbid == db)
-        .fold(BTreeMap::new(), |mut m, s| {
-            *m.entry(s.key.queryid).or_insert(0.0) += s.counters.exec.total_ms;
-            m
-        });
+        .filter_map(|(queryid, plan, text, owner)| {
+            Some(Capture {
+                queryid,
+                plan: serde_json::from_str(&plan).ok()?,
+                text,
+                owner,
+            })
+        })
+        .collect();
+    let mut total_ms: HashMap<i64, f64> = HashMap::new();
+    for s in shmem::snapshot().into_iter().filter(|s| s.key.dbid == db) {
+        *total_ms.entry(s.key.queryid).or_insert(0.0) += s.counters.exec.total_ms;
+    }
     // Verification needs hypopg and the right to run the (superuser-only by default) helper.
     let hypopg = read_spi::one::<bool>(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'hypopg')
@@ -239,124 +168,70 @@ fn index_advice() -> Result<
     .ok()
     .flatten()
     .unwrap_or(false);
-
-    // One index for candidates it can serve together (e.g. (a) and (b, a) → (a, b)).
-    let mut by_table: BTreeMap<(String, String), Vec<Candidate>> = BTreeMap::new();
-    for ((schema, table, _), c) in candidates {
-        by_table.entry((schema, table)).or_default().push(c);
-    }
-    let mut merged = Vec::new();
-    for ((schema, table), cands) in by_table {
-        let columns: Vec<Columns> = cands.iter().map(|c| c.columns.clone()).collect();
-        for (cols, served) in consolidate(&columns) {
-            let mut host = Candidate {
-                columns: cols,
-                ..cands[served[0]].clone()
-            };
-            for &i in &served[1..] {
-                let other = &cands[i];
-                for f in &other.filters {
-                    if !host.filters.contains(f) {
-                        host.filters.push(f.clone());
-                    }
-                }
-                for q in &other.queryids {
-                    if !host.queryids.contains(q) {
-                        host.queryids.push(*q);
-                    }
-                }
-                host.scans += other.scans;
-                host.rows_removed += other.rows_removed;
-                host.rows_returned += other.rows_returned;
-                host.cost_share = host.cost_share.max(other.cost_share);
-            }
-            merged.push((schema.clone(), table.clone(), host));
-        }
-    }
-
-    let mut rows = Vec::new();
-    for (schema, table, mut c) in merged {
-        if c.columns.range_options.len() > 1 {
-            // Most selective range column first, by rows per distinct value in pg_stats (the
-            // conditions' text is never run: a catalog lookup with names as parameters).
-            let estimates: Vec<f64> = c
-                .columns
-                .range_options
-                .iter()
-                .map(|col| rows_per_value(&schema, &table, col))
-                .collect();
-            c.columns.rank_ranges(&estimates);
-        }
-        let (mut before, mut after) = (None, None);
-        let owner_name = role_name(c.owner);
-        if hypopg && may_act_as(c.owner) && single_plannable_statement(&c.query) {
-            // Ask the planner about each possible range column; keep the cheapest plan.
-            let mut best: Option<(Columns, f64, f64)> = None;
-            for variant in c.columns.variants() {
-                let hypothetical = create_statement(&schema, &table, &variant.ordered())
-                    .replace(" CONCURRENTLY", "");
-                let (b, a) = read_spi::two::<f64, f64>(
-                    "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3, $4)",
-                    &[
-                        c.query.as_str().into(),
-                        (highest_parameter(&c.query) as i32).into(),
-                        hypothetical.as_str().into(),
-                        owner_name.as_str().into(),
-                    ],
-                )
-                .unwrap_or((None, None));
-                if let (Some(b), Some(a)) = (b, a) {
-                    // Strictly cheaper only: on a tie the more selective range column (first) stays.
-                    if best.as_ref().is_none_or(|(_, _, best_a)| a < *best_a) {
-                        best = Some((variant, b, a));
-                    }
-                }
-            }
-            if let Some((variant, b, a)) = best {
-                if a >= b {
-                    continue; // the planner would not use it: not worth recommending
-                }
-                c.columns = variant;
-                (before, after) = (Some(b), Some(a));
-            }
-        }
-        let ordered = c.columns.ordered();
-        let statement = create_statement(&schema, &table, &ordered);
-        let verified = before.is_some() && after.is_some();
-        let gain = match (before, after) {
-            (Some(b), Some(a)) if b > 0.0 => (b - a) / b,
-            _ => 1.0,
-        };
-        let time: f64 = c.queryids.iter().filter_map(|q| totals.get(q)).sum();
-        let saved = time * c.cost_share * gain;
-        let removed = if c.rows_removed > 0.0 {
-            format!(
-                "{:.0} rows removed by the filter, {:.0} returned",
-                c.rows_removed, c.rows_returned
-            )
-        } else {
-            format!("about {:.0} rows returned (estimated)", c.rows_returned)
-        };
-        let reason = format!(
-            "{} sequential scan(s) of {schema}.{table} ({:.0} rows) filtered by {}: {removed}; equality columns {:?} first{}",
-            c.scans,
-            tables.get(&(schema.clone(), table.clone())).and_then(Option::as_ref).map_or(0.0, |t| t.0),
-            c.filters.join(", "),
-            c.columns.equality,
-            c.columns.range.as_ref().map(|r| format!(", then range column {r}")).unwrap_or_default(),
-        );
-        rows.push((
-            format!("{schema}.{table}"),
-            ordered,
-            statement,
-            reason,
-            c.queryids,
-            saved,
-            before,
-            after,
-            verified,
-        ));
-    }
-    rows.sort_by(|a, b| b.5.total_cmp(&a.5));
+    let mut catalog = SpiCatalog { hypopg };
+    let rows: Vec<_> = advise(
+        &captures,
+        &total_ms,
+        gucs::advisor_min_rows() as f64,
+        &mut catalog,
+    )
+    .into_iter()
+    .map(|a| {
+        (
+            a.table_name,
+            a.columns,
+            a.create_statement,
+            a.reason,
+            a.queryids,
+            a.estimated_saved_ms,
+            a.cost_before,
+            a.cost_after,
+            a.verified,
+        )
+    })
+    .collect();
     Ok(TableIterator::new(rows))
+}
+
+/// The advisor's view of this database, through SPI (names always as parameters).
+struct SpiCatalog {
+    hypopg: bool,
+}
+
+impl Catalog for SpiCatalog {
+    fn table(&mut self, schema: &str, table: &str) -> Option<TableInfo> {
+        // A table that cannot be looked up costs its own advice only.
+        let (rows, indexes) = table_info(schema, table).ok().flatten()?;
+        Some(TableInfo { rows, indexes })
+    }
+
+    fn rows_per_value(&mut self, schema: &str, table: &str, column: &str) -> Option<f64> {
+        rows_per_value(schema, table, column)
+    }
+
+    fn hypothetical_costs(
+        &mut self,
+        capture: &Capture,
+        schema: &str,
+        table: &str,
+        columns: &[String],
+    ) -> Option<(f64, f64)> {
+        if !self.hypopg || !may_act_as(capture.owner) || !single_plannable_statement(&capture.text)
+        {
+            return None;
+        }
+        let hypothetical = dbopt_querystats::advice::create_statement(schema, table, columns)
+            .replace(" CONCURRENTLY", "");
+        let (before, after) = read_spi::two::<f64, f64>(
+            "SELECT cost_before, cost_after FROM dbopt._hypothetical_costs($1, $2, $3, $4)",
+            &[
+                capture.text.as_str().into(),
+                (highest_parameter(&capture.text) as i32).into(),
+                hypothetical.as_str().into(),
+                role_name(capture.owner).as_str().into(),
+            ],
+        )
+        .ok()?;
+        Some((before?, after?))
+    }
 }

@@ -74,7 +74,7 @@ fn esc(s: &str) -> String {
 pub fn metrics(shared: &Shared) -> String {
     let mut o = String::new();
     let c = &shared.counters;
-    let counters: [(&str, &str, &AtomicU64); 12] = [
+    let counters: [(&str, &str, &AtomicU64); 13] = [
         (
             "dbopt_router_clients_total",
             "Client connections accepted.",
@@ -129,6 +129,11 @@ pub fn metrics(shared: &Shared) -> String {
             "dbopt_router_session_checks_total",
             "Session checks after statements that may have changed the server session.",
             &c.session_checks,
+        ),
+        (
+            "dbopt_router_settings_read_backs_total",
+            "Read-backs of the setting a plain SET/RESET changed (instead of a full session check).",
+            &c.settings_read_backs,
         ),
         (
             "dbopt_router_pins_total",
@@ -362,6 +367,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "idle_timeouts": c.idle_timeouts.load(Ordering::Relaxed),
             "settings_syncs": c.settings_syncs.load(Ordering::Relaxed),
             "session_checks": c.session_checks.load(Ordering::Relaxed),
+            "settings_read_backs": c.settings_read_backs.load(Ordering::Relaxed),
             "pins": c.pins.load(Ordering::Relaxed),
         },
         "function_catalogue_names": t.functions.len(),

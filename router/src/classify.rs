@@ -56,6 +56,9 @@ pub struct Class {
     pub critical: bool,
     /// May leave state in the server session (settings, locks, temporary objects, ...).
     pub session: bool,
+    /// Exactly one `SET name …`/`RESET name` of an ordinary setting (no role, no `LOCAL`): the
+    /// session only needs that setting read back ([`set_name`] gives it), not a full check.
+    pub simple_set: bool,
 }
 
 impl Class {
@@ -66,6 +69,7 @@ impl Class {
             hint: None,
             critical: false,
             session: true,
+            simple_set: false,
         }
     }
 }
@@ -284,7 +288,39 @@ pub fn classify(sql: &str, functions: &FunctionCatalog) -> Class {
         hint,
         critical,
         session,
+        simple_set: session && set_name(sql).is_some(),
     }
+}
+
+/// Settings a plain SET may not change without a full session check (they pin, or belong to
+/// the transaction).
+const NOT_SIMPLE: &[&str] = &[
+    "role",
+    "session_authorization",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+];
+
+/// The setting a text that is exactly one `SET name …`, `SET name TO DEFAULT` or `RESET name`
+/// changes (lower case), when it is an ordinary one and not `LOCAL`.
+pub fn set_name(sql: &str) -> Option<String> {
+    use pg_query::protobuf::VariableSetKind;
+    let parsed = pg_query::parse(sql).ok()?;
+    let [stmt] = parsed.protobuf.stmts.as_slice() else {
+        return None;
+    };
+    let Some(NodeEnum::VariableSetStmt(v)) = stmt.stmt.as_ref().and_then(|n| n.node.as_ref())
+    else {
+        return None;
+    };
+    let simple_kind = matches!(
+        v.kind(),
+        VariableSetKind::VarSetValue | VariableSetKind::VarSetDefault | VariableSetKind::VarReset
+    );
+    let name = v.name.to_lowercase();
+    (simple_kind && !v.is_local && !name.is_empty() && !NOT_SIMPLE.contains(&name.as_str()))
+        .then_some(name)
 }
 
 fn kind_of(sql: &str, functions: &FunctionCatalog) -> (Kind, bool) {

@@ -337,3 +337,26 @@ fn statements_that_leave_session_state_are_flagged() {
         assert!(!session(sql), "{sql}");
     }
 }
+
+#[test]
+fn plain_sets_need_only_their_setting_read_back() {
+    let f = FunctionCatalog::builtin();
+    for (sql, name) in [
+        ("SET TimeZone = 'UTC'", Some("timezone")),
+        ("SET TIME ZONE 'UTC'", Some("timezone")),
+        ("set statement_timeout to 5000", Some("statement_timeout")),
+        ("SET myapp.tenant = '7'", Some("myapp.tenant")),
+        ("RESET search_path", Some("search_path")),
+        ("SET work_mem TO DEFAULT", Some("work_mem")),
+        ("SET LOCAL work_mem = '1MB'", None),
+        ("SET ROLE other", None),
+        ("SET SESSION AUTHORIZATION other", None),
+        ("RESET ALL", None),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", None),
+        ("SET a = 1; SET b = 2", None),
+        ("SELECT set_config('a.b', 'c', false)", None),
+    ] {
+        assert_eq!(set_name(sql).as_deref(), name, "{sql}");
+        assert_eq!(classify(sql, &f).simple_set, name.is_some(), "{sql}");
+    }
+}

@@ -9,6 +9,8 @@
 //! - [`isolation`] — what one client leaves in a server session never reaches another (pure).
 //! - [`startup`] — a session's startup packet, TLS, authentication and login checks.
 //! - [`tls`] — the TLS acceptor and the client stream.
+//! - [`translate`] — client messages rewritten for a server connection, replies owed in order
+//!   (prepared statements shared across connections; pure, unit-tested).
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 
 pub mod admin;
@@ -33,3 +35,4 @@ pub mod shared;
 pub mod startup;
 pub mod tls;
 pub mod topology;
+pub mod translate;

@@ -8,15 +8,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
-use crate::isolation::{
-    custom_names, names_array, parse_state, plan_sync, unmask, MASKED_SQL, MASK_SQL, STATE_SQL,
-};
+use crate::isolation::{custom_names, names_array, parse_state, plan_sync, STATE_SQL};
 use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
 use crate::route::{Barrier, Target};
 use crate::server::{ServerConn, SetupError};
-use crate::session::{statement_hash, Attached, Close, Expect, Session, Statement, Step};
+use crate::session::{Attached, Close, Session, Step};
 use crate::shared::Counters;
 
 /// How a pump ended without closing the session.
@@ -25,10 +23,6 @@ pub(crate) enum PumpEnd {
     Detached,
     /// The server broke before any reply of a read: run this batch again, avoiding that node.
     Retry(Vec<(u8, Vec<u8>)>, usize),
-}
-
-fn server_name(hash: u64) -> Vec<u8> {
-    format!("dbopt_{hash:016x}").into_bytes()
 }
 
 impl Session {
@@ -64,17 +58,9 @@ impl Session {
         Ok(())
     }
 
-    /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
-    fn ensure_prepared(att: &mut Attached, stmt: &Statement, out: &mut Vec<u8>) {
-        if att.conn.prepared.insert(stmt.hash) {
-            p::put_parse(out, &stmt.server_name, &stmt.query, &stmt.param_types);
-            att.pending.push_back(Expect::HiddenParse(stmt.hash));
-        }
-    }
-
-    /// One client message, rewritten for the attached server connection into `out`.
-    /// `classify`: note what the statement does to the session and whether it writes (the
-    /// first batch of an attachment was classified as a whole already).
+    /// One client message, rewritten for the attached server connection into `out`
+    /// ([`crate::translate`]). `classify`: note what the statement does to the session and
+    /// whether it writes (the first batch of an attachment was classified as a whole already).
     pub(crate) fn translate(
         &mut self,
         att: &mut Attached,
@@ -83,200 +69,73 @@ impl Session {
         out: &mut Vec<u8>,
         classify: bool,
     ) {
-        if att.pending.is_empty() {
+        if att.link.pending.is_empty() {
             att.started = Instant::now();
         }
-        let b = body(msg);
-        let note = |att: &mut Attached, class: Class| {
-            if classify {
-                att.touched |= class.session;
-                att.wrote |= !matches!(class.kind, Kind::Read | Kind::Empty | Kind::BeginReadOnly);
+        let shared = self.shared.clone();
+        let mut class_of = |text: &[u8]| crate::session::class_of(&shared, text);
+        let class = att.link.client_message(
+            tag,
+            msg,
+            &mut self.statements,
+            &mut att.conn.prepared,
+            &mut class_of,
+            classify,
+            out,
+        );
+        if matches!(tag, b'Q' | b'S') {
+            att.batch_open = false;
+        }
+        if let (Some(class), true) = (class, classify) {
+            att.wrote |= !matches!(class.kind, Kind::Read | Kind::Empty | Kind::BeginReadOnly);
+            if class.session {
+                if let Some(text) = statement_text(tag, msg, &self.statements) {
+                    self.note_session_change(att, class, &text);
+                }
             }
-        };
-        match tag {
-            b'Q' => {
-                if let Ok(q) = p::parse_query(b) {
-                    let class = if classify {
-                        Some(self.class_of_text(q))
-                    } else {
-                        None
-                    };
-                    if let Some(c) = class {
-                        note(att, c);
-                    }
-                    if att.touched {
-                        self.note_custom_names(q);
-                    }
-                }
-                out.extend_from_slice(msg);
-                att.pending.push_back(Expect::Query);
-                att.batch_open = false;
-            }
-            b'P' => match p::parse_parse(b) {
-                Ok(m) if !m.name.is_empty() => {
-                    let hash = statement_hash(m.query, m.param_types);
-                    let class = self.class_of_text(m.query);
-                    note(att, class);
-                    if class.session {
-                        self.note_custom_names(m.query);
-                    }
-                    let stmt = Statement {
-                        hash,
-                        server_name: server_name(hash),
-                        query: m.query.to_vec(),
-                        param_types: m.param_types.to_vec(),
-                        class,
-                    };
-                    if att.conn.prepared.insert(hash) {
-                        p::put_parse(out, &stmt.server_name, m.query, m.param_types);
-                        att.pending.push_back(Expect::Parse(Some(hash)));
-                    } else {
-                        att.pending.push_back(Expect::SyntheticParse);
-                    }
-                    self.statements
-                        .insert(m.name.to_vec(), std::sync::Arc::new(stmt));
-                }
-                other => {
-                    if let (true, Ok(m)) = (classify || att.touched, other) {
-                        let class = self.class_of_text(m.query);
-                        note(att, class);
-                        if class.session {
-                            self.note_custom_names(m.query);
-                        }
-                    }
-                    out.extend_from_slice(msg);
-                    att.pending.push_back(Expect::Parse(None));
-                }
-            },
-            b'B' => {
-                match p::parse_bind(b)
-                    .ok()
-                    .and_then(|m| Some((m, self.statements.get(m.statement)?.clone())))
-                {
-                    Some((m, stmt)) => {
-                        note(att, stmt.class);
-                        Self::ensure_prepared(att, &stmt, out);
-                        p::put_bind(out, m.portal, &stmt.server_name, m.rest);
-                    }
-                    // Unnamed, or unknown (the server then reports it does not exist).
-                    None => out.extend_from_slice(msg),
-                }
-                att.pending.push_back(Expect::Bind);
-            }
-            b'D' => {
-                match p::parse_target(b, "Describe")
-                    .ok()
-                    .filter(|(kind, name)| *kind == b'S' && !name.is_empty())
-                    .and_then(|(_, name)| self.statements.get(name).cloned())
-                {
-                    Some(stmt) => {
-                        Self::ensure_prepared(att, &stmt, out);
-                        p::put_target(out, b'D', b'S', &stmt.server_name);
-                    }
-                    None => out.extend_from_slice(msg),
-                }
-                att.pending.push_back(Expect::Describe);
-            }
-            b'C' => match p::parse_target(b, "Close") {
-                Ok((b'S', name)) if !name.is_empty() => {
-                    // The statement stays prepared on the server for other clients.
-                    self.statements.remove(name);
-                    att.pending.push_back(Expect::SyntheticClose);
-                }
-                _ => {
-                    out.extend_from_slice(msg);
-                    att.pending.push_back(Expect::Close);
-                }
-            },
-            b'E' => {
-                out.extend_from_slice(msg);
-                att.pending.push_back(Expect::Execute);
-            }
-            b'S' => {
-                out.extend_from_slice(msg);
-                att.pending.push_back(Expect::Sync);
-                att.batch_open = false;
-            }
-            // Flush and COPY data go through as they are.
-            _ => out.extend_from_slice(msg),
         }
     }
 
-    /// Remembers the dotted names in a statement that may set a custom setting.
-    fn note_custom_names(&mut self, sql: &[u8]) {
-        if let Ok(text) = std::str::from_utf8(sql) {
-            custom_names(text, &mut self.custom_names);
+    /// A statement that may change the session: a plain `SET`/`RESET` only needs its setting read
+    /// back; anything else needs the full check. Dotted names are remembered (custom settings).
+    pub(crate) fn note_session_change(&mut self, att: &mut Attached, class: Class, text: &[u8]) {
+        let sql = String::from_utf8_lossy(text);
+        match class
+            .simple_set
+            .then(|| crate::classify::set_name(&sql))
+            .flatten()
+        {
+            Some(name) => {
+                if !att.quick_sets.contains(&name) {
+                    att.quick_sets.push(name);
+                }
+            }
+            None => att.touched = true,
         }
+        custom_names(&sql, &mut self.custom_names);
     }
 
     /// Replies the router owes at the head of the queue go out now.
     pub(crate) fn emit_synthetic(&mut self, att: &mut Attached) {
-        while let Some(front) = att.pending.front() {
-            let tag = match front {
-                Expect::SyntheticParse => b'1',
-                Expect::SyntheticClose => b'3',
-                _ => break,
-            };
-            att.pending.pop_front();
-            p::put_msg(&mut self.out, tag, |_| {});
+        if att.link.synthetic_replies(&mut self.out) {
             att.relayed = true;
         }
     }
 
     fn on_server_message(&mut self, att: &mut Attached, tag: u8, msg: &[u8]) {
         self.emit_synthetic(att);
-        let relay = match tag {
-            b'1' => !matches!(att.pending.pop_front(), Some(Expect::HiddenParse(_))),
-            b'2' | b'3' => {
-                att.pending.pop_front();
-                true
-            }
-            b'T' | b'n' => {
-                if att.pending.front() == Some(&Expect::Describe) {
-                    att.pending.pop_front();
-                }
-                true
-            }
-            b'C' | b'I' | b's' => {
-                if att.pending.front() == Some(&Expect::Execute) {
-                    att.pending.pop_front();
-                }
-                let b = body(msg);
-                if tag == b'C'
-                    && (b.starts_with(b"DISCARD ALL") || b.starts_with(b"DEALLOCATE ALL"))
-                {
-                    att.conn.prepared.clear();
-                }
-                true
-            }
-            b'E' => {
-                // In the extended protocol the server skips to the next Sync after an error.
-                while let Some(&front) = att.pending.front() {
-                    match front {
-                        Expect::Sync | Expect::Query => break,
-                        Expect::Parse(Some(h)) | Expect::HiddenParse(h) => {
-                            att.conn.prepared.remove(&h);
-                        }
-                        _ => {}
-                    }
-                    att.pending.pop_front();
-                }
-                true
-            }
+        let relay = att.link.server_message(tag, msg, &mut att.conn.prepared);
+        match tag {
             b'Z' => {
-                att.pending.pop_front();
                 att.tx_status = body(msg).first().copied().unwrap_or(b'I');
+                att.saw_transaction |= att.tx_status != b'I';
                 att.copy_in = false;
                 if att.decision.target == Target::Replica {
                     let ms = att.started.elapsed().as_secs_f64() * 1000.0;
                     self.shared.topology().observe_latency(att.node, ms);
                 }
-                true
             }
-            b'G' => {
-                att.copy_in = true;
-                true
-            }
+            b'G' => att.copy_in = true,
             b'S' => {
                 // The client's own statement changed a reported setting: it sees the report;
                 // its settings map is read back after the batch (the statement was flagged).
@@ -287,10 +146,9 @@ impl Session {
                         String::from_utf8_lossy(v).into_owned(),
                     );
                 }
-                true
             }
-            _ => true,
-        };
+            _ => {}
+        }
         if relay {
             self.out.extend_from_slice(msg);
             att.relayed = true;
@@ -328,7 +186,7 @@ impl Session {
             };
             let readable = self.takes_more(&att);
             // Only the client can be idle: the server has answered everything and waits.
-            let waiting_for_client = att.pending.is_empty() && !att.batch_open && !att.copy_in;
+            let waiting_for_client = att.link.pending.is_empty() && !att.batch_open && !att.copy_in;
             let pool = &self.shared.config().pool;
             let timer = match (waiting_for_client, att.tx_status != b'I') {
                 (true, true) if pool.idle_in_transaction_timeout_s > 0 => {
@@ -424,14 +282,24 @@ impl Session {
                     if att.relayed {
                         self.retry_batch = None;
                     }
-                    let idle = att.pending.is_empty()
+                    let idle = att.link.pending.is_empty()
                         && att.tx_status == b'I'
                         && !att.batch_open
                         && !att.copy_in;
                     if idle && !self.session_mode() {
                         self.flush_client().await?;
-                        let needs_check = att.touched || !att.pins.is_empty();
-                        let clean = !needs_check || self.check_session(&mut att).await;
+                        // A SET inside a transaction block may have been rolled back: check all.
+                        let needs_check = att.touched
+                            || !att.pins.is_empty()
+                            || (att.saw_transaction && !att.quick_sets.is_empty());
+                        let clean = if needs_check {
+                            self.check_session(&mut att).await
+                        } else if !att.quick_sets.is_empty() {
+                            self.read_back_settings(&mut att).await
+                        } else {
+                            true
+                        };
+                        att.saw_transaction = false;
                         if clean && !att.pins.is_empty() {
                             // Pinned: the client keeps this connection until it undoes that.
                             self.attached = Some(att);
@@ -463,7 +331,7 @@ impl Session {
                                     self.attached = Some(att);
                                     return Err(Close);
                                 }
-                                if att.pending.is_empty() && !att.batch_open {
+                                if att.link.pending.is_empty() && !att.batch_open {
                                     att.batch_open = true;
                                 }
                                 self.translate(&mut att, tag, &msg, &mut to_server, true);
@@ -501,24 +369,13 @@ impl Session {
         names.extend(self.settings.keys().filter(|k| k.contains('.')).cloned());
         let array = names_array(&names);
         self.custom_names = names;
-        // In a transaction of the router's own, with the client's timeouts and search_path masked
-        // (their session values read first).
-        let mut list: Vec<(&str, &[&[u8]])> = vec![
-            ("BEGIN ISOLATION LEVEL READ COMMITTED", &[]),
-            (MASKED_SQL, &[]),
-        ];
-        list.extend(MASK_SQL.split("; ").map(|s| (s, &[] as &[&[u8]])));
-        let params = [array.as_bytes()];
-        list.push((STATE_SQL, &params));
-        list.push(("COMMIT", &[]));
-        let state = match att.conn.statements(&list).await {
-            Ok(rows) => {
-                let (masked, rest): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.len() == 3);
-                parse_state(&rest).map(|mut s| {
-                    unmask(&mut s, &masked);
-                    s
-                })
-            }
+        let role = att.pool.login.role.clone();
+        let state = match att
+            .conn
+            .statements(&[(STATE_SQL, &[array.as_bytes(), role.as_bytes()])])
+            .await
+        {
+            Ok(rows) => parse_state(&rows),
             Err(e) => {
                 log::warn(&format!(
                     "client {}: checking its server session failed ({e:?}); the connection is closed",
@@ -537,6 +394,43 @@ impl Session {
         self.settings = state.settings;
         att.pins = state.pins;
         att.touched = false;
+        att.quick_sets.clear();
+        true
+    }
+
+    /// After plain `SET`/`RESET`s outside a transaction block: reads just those settings back
+    /// (`current_setting`, one statement each, one round trip) into the client's map and the
+    /// connection's. False when that failed (the connection is then closed).
+    async fn read_back_settings(&mut self, att: &mut Attached) -> bool {
+        Counters::inc(&self.shared.counters.settings_read_backs);
+        let names = std::mem::take(&mut att.quick_sets);
+        let list: Vec<(&str, [&[u8]; 1])> = names
+            .iter()
+            .map(|n| {
+                (
+                    "SELECT pg_catalog.current_setting($1, true)",
+                    [n.as_bytes()],
+                )
+            })
+            .collect();
+        let list: Vec<(&str, &[&[u8]])> = list.iter().map(|(sql, p)| (*sql, &p[..])).collect();
+        let rows = match att.conn.statements(&list).await {
+            Ok(rows) if rows.len() == names.len() => rows,
+            _ => return false,
+        };
+        for (name, row) in names.iter().zip(rows) {
+            match row.into_iter().next().flatten() {
+                // A custom setting that was reset reads as empty: it is gone.
+                Some(v) if !(v.is_empty() && name.contains('.')) => {
+                    self.settings.insert(name.clone(), v.clone());
+                    att.conn.session.insert(name.clone(), v);
+                }
+                _ => {
+                    self.settings.remove(name);
+                    att.conn.session.remove(name);
+                }
+            }
+        }
         true
     }
 
@@ -588,9 +482,10 @@ impl Session {
     /// The session ends: the attached connection goes back only if it is idle and clean.
     pub(crate) async fn leave(&mut self) {
         if let Some(mut att) = self.attached.take() {
-            let idle = att.pending.is_empty() && att.tx_status == b'I' && !att.copy_in;
+            let idle = att.link.pending.is_empty() && att.tx_status == b'I' && !att.copy_in;
             let mut reusable = idle;
-            if idle && (self.session_mode() || att.touched || !att.pins.is_empty()) {
+            let changed = att.touched || !att.pins.is_empty() || !att.quick_sets.is_empty();
+            if idle && (self.session_mode() || changed) {
                 // Whatever the client left (role, locks, LISTEN, temporary tables, settings).
                 reusable = att.conn.run_silently("DISCARD ALL").await.is_ok();
                 att.conn.prepared.clear();
@@ -604,5 +499,23 @@ impl Session {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.key);
+    }
+}
+
+/// The SQL text a client message carries (a Query, a Parse, or a Bind of a named statement).
+fn statement_text(
+    tag: u8,
+    msg: &[u8],
+    statements: &crate::translate::Statements,
+) -> Option<Vec<u8>> {
+    let b = body(msg);
+    match tag {
+        b'Q' => p::parse_query(b).ok().map(<[u8]>::to_vec),
+        b'P' => p::parse_parse(b).ok().map(|m| m.query.to_vec()),
+        b'B' => p::parse_bind(b)
+            .ok()
+            .and_then(|m| statements.get(m.statement))
+            .map(|s| s.query.clone()),
+        _ => None,
     }
 }

@@ -27,6 +27,8 @@ pub fn combine(classes: &[Class]) -> Class {
         hint: None,
         critical: false,
         session: false,
+        // Only a batch of exactly one statement can be a simple SET.
+        simple_set: classes.len() == 1 && classes[0].simple_set,
     };
     for c in classes {
         out.critical |= c.critical;

@@ -5,14 +5,10 @@
 //! its pool. It then relays in both directions until the server is idle again (ReadyForQuery
 //! 'I' with nothing outstanding) and, in transaction pooling, gives the connection back.
 //!
-//! Named prepared statements are kept per client and prepared on each server connection under a
-//! name derived from their text (`dbopt_<hash>`), once per connection: a client's Parse is
-//! answered by the router when the server already has the statement, and a Bind on a server
-//! that lacks it is preceded by a Parse whose reply is swallowed. `pending` lists the replies
-//! owed to the client, in order, so that synthetic and swallowed replies stay in place.
+//! What the client sends is rewritten for the server connection by [`crate::translate`] (named
+//! prepared statements shared across connections); startup and authentication are in
+//! [`crate::startup`], the relaying in [`crate::relay`].
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,34 +29,7 @@ use crate::route::{combine, decide, Barrier, Decision, Target};
 use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
 use crate::tls::ClientStream;
-
-/// A reply owed to the client, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Expect {
-    /// Parse forwarded; on error the hash is forgotten for this connection.
-    Parse(Option<u64>),
-    /// Parse the router added before a Bind/Describe; its ParseComplete is swallowed.
-    HiddenParse(u64),
-    /// Parse answered by the router (already prepared on this connection).
-    SyntheticParse,
-    Bind,
-    Describe,
-    Execute,
-    Close,
-    /// Close of a named statement, answered by the router.
-    SyntheticClose,
-    Sync,
-    Query,
-}
-
-#[derive(Debug)]
-pub(crate) struct Statement {
-    pub(crate) hash: u64,
-    pub(crate) server_name: Vec<u8>,
-    pub(crate) query: Vec<u8>,
-    pub(crate) param_types: Vec<u8>,
-    pub(crate) class: Class,
-}
+use crate::translate::{Link, Statements};
 
 pub(crate) struct Attached {
     /// Counts this read on its node while attached (balancing looks at it); held for its Drop.
@@ -70,7 +39,8 @@ pub(crate) struct Attached {
     pub(crate) pool: Arc<Pool>,
     pub(crate) node: usize,
     pub(crate) decision: Decision,
-    pub(crate) pending: VecDeque<Expect>,
+    /// Replies owed to the client and prepared-statement bookkeeping.
+    pub(crate) link: Link,
     /// The client's current batch is not complete yet (no Sync/Query seen).
     pub(crate) batch_open: bool,
     pub(crate) tx_status: u8,
@@ -80,6 +50,11 @@ pub(crate) struct Attached {
     pub(crate) touched: bool,
     /// What pins the client to this connection (a role, a session lock, ...): empty when free.
     pub(crate) pins: Vec<String>,
+    /// Settings a plain `SET`/`RESET` changed: read back after the batch (no full check needed
+    /// unless a transaction block could have rolled them back).
+    pub(crate) quick_sets: Vec<String>,
+    /// A transaction block was open at some point of this attachment.
+    pub(crate) saw_transaction: bool,
     /// Something that writes ran (a read-your-writes barrier follows), whatever the first batch was.
     pub(crate) wrote: bool,
     /// Something of this batch reached the client (a retry is no longer invisible).
@@ -97,7 +72,7 @@ pub struct Session {
     pub(crate) database: String,
     pub(crate) auth: Option<UserAuth>,
     pub(crate) key: (i32, i32),
-    pub(crate) statements: HashMap<Vec<u8>, Arc<Statement>>,
+    pub(crate) statements: Statements,
     /// The client's session-level settings (startup parameters, then whatever its `SET`s left).
     pub(crate) settings: Settings,
     /// Dotted names the client's session-changing statements mentioned: custom settings it may
@@ -115,14 +90,12 @@ pub(crate) struct Close;
 
 pub(crate) type Step<T> = Result<T, Close>;
 
-/// The server-side identity of a prepared statement: its text and parameter types. Clients with
-/// different search_paths may share one: PostgreSQL re-plans a cached statement, names resolved
-/// anew, when it runs under another search_path than it was planned with (plancache.c).
-pub(crate) fn statement_hash(query: &[u8], param_types: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    query.hash(&mut h);
-    param_types.hash(&mut h);
-    h.finish()
+/// The class of a statement text, from the shared cache.
+pub(crate) fn class_of(shared: &Shared, text: &[u8]) -> Class {
+    match std::str::from_utf8(text) {
+        Ok(sql) => shared.classify_cached(sql),
+        Err(_) => Class::write("query text is not UTF-8"),
+    }
 }
 
 impl Session {
@@ -142,7 +115,7 @@ impl Session {
             database: String::new(),
             auth: None,
             key: (0, 0),
-            statements: HashMap::new(),
+            statements: Statements::new(),
             settings: Settings::new(),
             custom_names: Default::default(),
             barrier: Barrier::None,
@@ -317,10 +290,7 @@ impl Session {
     }
 
     pub(crate) fn class_of_text(&self, text: &[u8]) -> Class {
-        match std::str::from_utf8(text) {
-            Ok(sql) => self.shared.classify_cached(sql),
-            Err(_) => Class::write("query text is not UTF-8"),
-        }
+        class_of(&self.shared, text)
     }
 
     fn batch_class(&self, batch: &[(u8, Vec<u8>)]) -> Class {
@@ -488,12 +458,14 @@ impl Session {
             pool,
             node,
             decision,
-            pending: VecDeque::new(),
+            link: Link::default(),
             batch_open: true,
             tx_status: b'I',
             copy_in: false,
-            touched: class.session,
+            touched: false,
             pins: Vec::new(),
+            quick_sets: Vec::new(),
+            saw_transaction: false,
             wrote: decision.writes,
             relayed: false,
             started: Instant::now(),
@@ -508,8 +480,35 @@ impl Session {
         );
         let mut to_server =
             Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
+        if class.session {
+            // The batch's statements were classified above as a whole.
+            let text = batch.iter().find_map(|(tag, msg)| match tag {
+                b'Q' => p::parse_query(body(msg)).ok().map(<[u8]>::to_vec),
+                b'P' => p::parse_parse(body(msg)).ok().map(|m| m.query.to_vec()),
+                _ => None,
+            });
+            match text {
+                Some(text) if class.simple_set => self.note_session_change(&mut att, class, &text),
+                _ => {
+                    att.touched = true;
+                    for (tag, msg) in &batch {
+                        if let b'Q' | b'P' = tag {
+                            let text = match tag {
+                                b'Q' => p::parse_query(body(msg)).ok().map(<[u8]>::to_vec),
+                                _ => p::parse_parse(body(msg)).ok().map(|m| m.query.to_vec()),
+                            };
+                            if let Some(t) = text {
+                                crate::isolation::custom_names(
+                                    &String::from_utf8_lossy(&t),
+                                    &mut self.custom_names,
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for (tag, msg) in &batch {
-            // The batch's statements were classified above (touched, wrote).
             self.translate(&mut att, *tag, msg, &mut to_server, false);
         }
         self.emit_synthetic(&mut att);

@@ -85,6 +85,8 @@ pub struct Counters {
     pub settings_syncs: AtomicU64,
     /// Session checks after statements that may have changed the session.
     pub session_checks: AtomicU64,
+    /// Read-backs of the settings a plain SET/RESET changed (no full check needed).
+    pub settings_read_backs: AtomicU64,
     /// Times a client got pinned to its connection.
     pub pins: AtomicU64,
 }

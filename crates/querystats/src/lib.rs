@@ -5,10 +5,13 @@
 //! - [`histogram`] — fixed-bucket latency histogram (constant size, for shared memory) with
 //!   quantiles, plus running mean/stddev.
 //! - [`advice`] — missing-index advice from plans: filters to index columns, coverage checks.
+//! - [`advisor`] — the advisor's policy over a [`advisor::Catalog`] the extension implements:
+//!   candidates, selectivity cut-off, merging, range order, hypothetical checks, ranking, reasons.
 //! - [`exposition`] — Prometheus text format for `dbopt.metrics()`.
 //! - [`nplusone`] — the per-connection N+1 detector state machine (time is an input).
 
 pub mod advice;
+pub mod advisor;
 pub mod exposition;
 pub mod histogram;
 pub mod normalize;

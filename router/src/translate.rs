@@ -1,0 +1,432 @@
+//! Message translation between a client and the server connection it holds for a while (pure: no
+//! I/O; the session feeds it messages and sends what it writes).
+//!
+//! Named prepared statements are kept per client and prepared on each server connection under a
+//! name derived from their text (`dbopt_<hash>`), once per connection: a client's Parse is answered
+//! by the router when the connection already has the statement, and a Bind or Describe on a
+//! connection that lacks it is preceded by a Parse whose reply is swallowed. [`Link::pending`]
+//! lists the replies owed to the client, in order, so that synthetic and swallowed replies stay in
+//! place; an error makes the server skip to the next Sync, and the bookkeeping follows.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::classify::Class;
+use crate::protocol::{self as p, body};
+
+/// A reply owed to the client, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// Parse forwarded; on error the hash is forgotten for this connection.
+    Parse(Option<u64>),
+    /// Parse the router added before a Bind/Describe; its ParseComplete is swallowed.
+    HiddenParse(u64),
+    /// Parse answered by the router (already prepared on this connection).
+    SyntheticParse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    /// Close of a named statement, answered by the router.
+    SyntheticClose,
+    Sync,
+    Query,
+}
+
+/// A client's named prepared statement.
+#[derive(Debug)]
+pub(crate) struct Statement {
+    pub(crate) hash: u64,
+    pub(crate) server_name: Vec<u8>,
+    pub(crate) query: Vec<u8>,
+    pub(crate) param_types: Vec<u8>,
+    pub(crate) class: Class,
+}
+
+/// The client's named statements, by the client's names.
+pub(crate) type Statements = HashMap<Vec<u8>, Arc<Statement>>;
+
+/// The server-side identity of a prepared statement: its text and parameter types. Clients with
+/// different search_paths may share one: PostgreSQL re-plans a cached statement, names resolved
+/// anew, when it runs under another search_path than it was planned with (plancache.c).
+pub(crate) fn statement_hash(query: &[u8], param_types: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut h);
+    param_types.hash(&mut h);
+    h.finish()
+}
+
+fn server_name(hash: u64) -> Vec<u8> {
+    format!("dbopt_{hash:016x}").into_bytes()
+}
+
+/// The translation state of one client on one server connection.
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    /// Replies owed to the client, in order.
+    pub(crate) pending: VecDeque<Expect>,
+}
+
+impl Link {
+    /// One client message, rewritten for the server into `out`. `prepared`: the hashes of the
+    /// statements the connection has; `classify` gives a text's class. Returns the class of the
+    /// statement a Query, Parse or Bind carries — for a Query or an unnamed Parse only when
+    /// `note` asks for it (a named Parse is always classified: its class routes later Binds).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn client_message(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        statements: &mut Statements,
+        prepared: &mut HashSet<u64>,
+        classify: &mut dyn FnMut(&[u8]) -> Class,
+        note: bool,
+        out: &mut Vec<u8>,
+    ) -> Option<Class> {
+        let b = body(msg);
+        match tag {
+            b'Q' => {
+                out.extend_from_slice(msg);
+                self.pending.push_back(Expect::Query);
+                if note {
+                    p::parse_query(b).ok().map(classify)
+                } else {
+                    None
+                }
+            }
+            b'P' => match p::parse_parse(b) {
+                Ok(m) if !m.name.is_empty() => {
+                    let hash = statement_hash(m.query, m.param_types);
+                    let class = classify(m.query);
+                    let stmt = Statement {
+                        hash,
+                        server_name: server_name(hash),
+                        query: m.query.to_vec(),
+                        param_types: m.param_types.to_vec(),
+                        class,
+                    };
+                    if prepared.insert(hash) {
+                        p::put_parse(out, &stmt.server_name, m.query, m.param_types);
+                        self.pending.push_back(Expect::Parse(Some(hash)));
+                    } else {
+                        self.pending.push_back(Expect::SyntheticParse);
+                    }
+                    statements.insert(m.name.to_vec(), Arc::new(stmt));
+                    Some(class)
+                }
+                other => {
+                    out.extend_from_slice(msg);
+                    self.pending.push_back(Expect::Parse(None));
+                    other.ok().filter(|_| note).map(|m| classify(m.query))
+                }
+            },
+            b'B' => {
+                let known = p::parse_bind(b)
+                    .ok()
+                    .and_then(|m| Some((m, statements.get(m.statement)?.clone())));
+                let class = match known {
+                    Some((m, stmt)) => {
+                        self.ensure_prepared(&stmt, prepared, out);
+                        p::put_bind(out, m.portal, &stmt.server_name, m.rest);
+                        Some(stmt.class)
+                    }
+                    // Unnamed, or unknown (the server then reports it does not exist).
+                    None => {
+                        out.extend_from_slice(msg);
+                        None
+                    }
+                };
+                self.pending.push_back(Expect::Bind);
+                class
+            }
+            b'D' => {
+                match p::parse_target(b, "Describe")
+                    .ok()
+                    .filter(|(kind, name)| *kind == b'S' && !name.is_empty())
+                    .and_then(|(_, name)| statements.get(name).cloned())
+                {
+                    Some(stmt) => {
+                        self.ensure_prepared(&stmt, prepared, out);
+                        p::put_target(out, b'D', b'S', &stmt.server_name);
+                    }
+                    None => out.extend_from_slice(msg),
+                }
+                self.pending.push_back(Expect::Describe);
+                None
+            }
+            b'C' => {
+                match p::parse_target(b, "Close") {
+                    Ok((b'S', name)) if !name.is_empty() => {
+                        // The statement stays prepared on the server for other clients.
+                        statements.remove(name);
+                        self.pending.push_back(Expect::SyntheticClose);
+                    }
+                    _ => {
+                        out.extend_from_slice(msg);
+                        self.pending.push_back(Expect::Close);
+                    }
+                }
+                None
+            }
+            b'E' => {
+                out.extend_from_slice(msg);
+                self.pending.push_back(Expect::Execute);
+                None
+            }
+            b'S' => {
+                out.extend_from_slice(msg);
+                self.pending.push_back(Expect::Sync);
+                None
+            }
+            // Flush and COPY data go through as they are.
+            _ => {
+                out.extend_from_slice(msg);
+                None
+            }
+        }
+    }
+
+    /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
+    fn ensure_prepared(
+        &mut self,
+        stmt: &Statement,
+        prepared: &mut HashSet<u64>,
+        out: &mut Vec<u8>,
+    ) {
+        if prepared.insert(stmt.hash) {
+            p::put_parse(out, &stmt.server_name, &stmt.query, &stmt.param_types);
+            self.pending.push_back(Expect::HiddenParse(stmt.hash));
+        }
+    }
+
+    /// Replies the router owes at the head of the queue, written to `out`; true if any.
+    pub(crate) fn synthetic_replies(&mut self, out: &mut Vec<u8>) -> bool {
+        let mut any = false;
+        while let Some(front) = self.pending.front() {
+            let tag = match front {
+                Expect::SyntheticParse => b'1',
+                Expect::SyntheticClose => b'3',
+                _ => break,
+            };
+            self.pending.pop_front();
+            p::put_msg(out, tag, |_| {});
+            any = true;
+        }
+        any
+    }
+
+    /// One server message: updates the queue and the connection's prepared set; returns whether
+    /// the message goes on to the client (a hidden Parse's reply does not).
+    pub(crate) fn server_message(
+        &mut self,
+        tag: u8,
+        msg: &[u8],
+        prepared: &mut HashSet<u64>,
+    ) -> bool {
+        match tag {
+            b'1' => !matches!(self.pending.pop_front(), Some(Expect::HiddenParse(_))),
+            b'2' | b'3' => {
+                self.pending.pop_front();
+                true
+            }
+            b'T' | b'n' => {
+                if self.pending.front() == Some(&Expect::Describe) {
+                    self.pending.pop_front();
+                }
+                true
+            }
+            b'C' | b'I' | b's' => {
+                if self.pending.front() == Some(&Expect::Execute) {
+                    self.pending.pop_front();
+                }
+                let b = body(msg);
+                if tag == b'C'
+                    && (b.starts_with(b"DISCARD ALL") || b.starts_with(b"DEALLOCATE ALL"))
+                {
+                    prepared.clear();
+                }
+                true
+            }
+            b'E' => {
+                // In the extended protocol the server skips to the next Sync after an error.
+                while let Some(&front) = self.pending.front() {
+                    match front {
+                        Expect::Sync | Expect::Query => break,
+                        Expect::Parse(Some(h)) | Expect::HiddenParse(h) => {
+                            prepared.remove(&h);
+                        }
+                        _ => {}
+                    }
+                    self.pending.pop_front();
+                }
+                true
+            }
+            b'Z' => {
+                self.pending.pop_front();
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn parse(name: &str, sql: &str) -> Vec<u8> {
+        msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+    }
+
+    fn bind(statement: &str) -> Vec<u8> {
+        msg(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
+    }
+
+    fn tags(out: &[u8]) -> Vec<u8> {
+        let mut t = Vec::new();
+        let mut at = 0;
+        while at + 5 <= out.len() {
+            let len = i32::from_be_bytes([out[at + 1], out[at + 2], out[at + 3], out[at + 4]]);
+            t.push(out[at]);
+            at += 1 + len as usize;
+        }
+        t
+    }
+
+    struct Client {
+        link: Link,
+        statements: Statements,
+        prepared: HashSet<u64>,
+    }
+
+    impl Client {
+        fn new() -> Self {
+            Client {
+                link: Link::default(),
+                statements: Statements::new(),
+                prepared: HashSet::new(),
+            }
+        }
+
+        /// Sends messages; returns the tags written to the server and the synthetic replies.
+        fn send(&mut self, messages: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
+            let mut out = Vec::new();
+            let mut classify = |_: &[u8]| Class::write("test");
+            for m in messages {
+                self.link.client_message(
+                    m[0],
+                    m,
+                    &mut self.statements,
+                    &mut self.prepared,
+                    &mut classify,
+                    true,
+                    &mut out,
+                );
+            }
+            let mut synthetic = Vec::new();
+            self.link.synthetic_replies(&mut synthetic);
+            (tags(&out), tags(&synthetic))
+        }
+
+        /// Feeds server replies; returns the tags relayed to the client.
+        fn replies(&mut self, tags_in: &[u8]) -> Vec<u8> {
+            let mut relayed = Vec::new();
+            for &t in tags_in {
+                let m = if t == b'C' {
+                    msg(t, b"SELECT 1\0")
+                } else {
+                    msg(t, b"")
+                };
+                if self.link.server_message(t, &m, &mut self.prepared) {
+                    relayed.push(t);
+                }
+                let mut s = Vec::new();
+                self.link.synthetic_replies(&mut s);
+                relayed.extend(tags(&s));
+            }
+            relayed
+        }
+    }
+
+    #[test]
+    fn a_statement_is_prepared_once_per_connection_and_shared() {
+        let mut c = Client::new();
+        let (sent, synthetic) = c.send(&[parse("s1", "select 1"), msg(b'S', b"")]);
+        assert_eq!((sent, synthetic), (b"PS".to_vec(), vec![]));
+        assert_eq!(c.replies(b"1Z"), b"1Z");
+        // The same text under another client name: answered by the router, nothing sent.
+        let (sent, synthetic) = c.send(&[parse("s2", "select 1")]);
+        assert_eq!((sent, synthetic), (vec![], b"1".to_vec()));
+        assert!(c.link.pending.is_empty());
+        // A Bind of it goes to the server under the shared name.
+        let (sent, _) = c.send(&[bind("s2"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")]);
+        assert_eq!(sent, b"BES");
+    }
+
+    #[test]
+    fn a_bind_on_a_connection_without_the_statement_gets_a_hidden_parse() {
+        let mut c = Client::new();
+        c.send(&[parse("s1", "select 1"), msg(b'S', b"")]);
+        c.replies(b"1Z");
+        // Another server connection: it has nothing prepared.
+        c.prepared.clear();
+        let (sent, _) = c.send(&[bind("s1"), msg(b'E', b"\0\0\0\0\0"), msg(b'S', b"")]);
+        assert_eq!(sent, b"PBES", "a Parse goes first");
+        // Its ParseComplete is swallowed; the rest reaches the client in order.
+        assert_eq!(c.replies(b"12CZ"), b"2CZ");
+        assert!(c.link.pending.is_empty());
+    }
+
+    #[test]
+    fn an_error_skips_to_sync_and_forgets_what_failed_to_prepare() {
+        let mut c = Client::new();
+        c.send(&[
+            parse("bad", "selec 1"),
+            bind("bad"),
+            msg(b'E', b"\0\0\0\0\0"),
+            msg(b'S', b""),
+        ]);
+        assert_eq!(c.prepared.len(), 1);
+        assert_eq!(c.replies(b"EZ"), b"EZ");
+        assert!(
+            c.prepared.is_empty(),
+            "the failed Parse is not on the connection"
+        );
+        assert!(c.link.pending.is_empty());
+    }
+
+    #[test]
+    fn closing_a_named_statement_is_answered_by_the_router() {
+        let mut c = Client::new();
+        c.send(&[parse("s1", "select 1"), msg(b'S', b"")]);
+        c.replies(b"1Z");
+        let (sent, synthetic) = c.send(&[msg(b'C', b"Ss1\0"), msg(b'S', b"")]);
+        assert_eq!(sent, b"S", "the server keeps it for other clients");
+        assert_eq!(synthetic, b"3");
+        assert!(c.statements.is_empty());
+        assert_eq!(c.prepared.len(), 1);
+    }
+
+    #[test]
+    fn discard_all_empties_the_connections_statements() {
+        let mut c = Client::new();
+        c.send(&[parse("s1", "select 1"), msg(b'S', b"")]);
+        c.replies(b"1Z");
+        c.send(&[msg(b'Q', b"DISCARD ALL\0")]);
+        let m = msg(b'C', b"DISCARD ALL\0");
+        assert!(c.link.server_message(b'C', &m, &mut c.prepared));
+        assert!(c.prepared.is_empty());
+        // The client's name still works: the statement is prepared again where it runs.
+        let (sent, _) = c.send(&[bind("s1"), msg(b'S', b"")]);
+        assert_eq!(sent, b"PBS");
+    }
+}
