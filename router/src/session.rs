@@ -361,8 +361,12 @@ impl Session {
         }
         let mut exclude = retry_of;
         let mut broken = 0;
-        let node_count = self.shared.topology().nodes.len();
+        let node_count = match decision.target {
+            Target::Replica => self.shared.topology().nodes.len(),
+            Target::Primary => 0,
+        };
         let (pool, conn, node) = loop {
+            // Only reads choose among nodes (and only they need to know which pools are full).
             let room: Vec<bool> = (0..node_count)
                 .map(|n| {
                     self.shared
