@@ -61,7 +61,23 @@ pub struct Class {
     pub simple_set: bool,
 }
 
+/// Why `SET`/`SHOW` go to the primary: session state, not data (they write no WAL).
+pub const SESSION_SET: &str = "SET changes session state";
+pub const SESSION_SHOW: &str = "SHOW reads session state";
+
 impl Class {
+    /// May this change data (so a read-your-writes barrier must follow its commit)? `SET` and
+    /// `SHOW` run on the primary but write nothing a replica would have to replay.
+    pub fn writes(&self) -> bool {
+        !matches!(
+            self.kind,
+            Kind::Read
+                | Kind::Empty
+                | Kind::BeginReadOnly
+                | Kind::Write(SESSION_SET | SESSION_SHOW)
+        )
+    }
+
     /// A batch that must go to the primary, for `reason`, with no hint.
     pub fn write(reason: &'static str) -> Class {
         Class {
@@ -443,8 +459,8 @@ fn statement_kind(node: &NodeEnum, functions: &FunctionCatalog) -> Kind {
         | NodeEnum::UpdateStmt(_)
         | NodeEnum::DeleteStmt(_)
         | NodeEnum::MergeStmt(_) => Kind::Write("data modification"),
-        NodeEnum::VariableSetStmt(_) => Kind::Write("SET changes session state"),
-        NodeEnum::VariableShowStmt(_) => Kind::Write("SHOW reads session state"),
+        NodeEnum::VariableSetStmt(_) => Kind::Write(SESSION_SET),
+        NodeEnum::VariableShowStmt(_) => Kind::Write(SESSION_SHOW),
         NodeEnum::CopyStmt(_) => Kind::Write("COPY"),
         NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) | NodeEnum::NotifyStmt(_) => {
             Kind::Write("LISTEN/NOTIFY")

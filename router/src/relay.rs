@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::classify::{Class, Kind};
+use crate::classify::Class;
 use crate::config::PoolMode;
 use crate::isolation::{custom_names, names_array, parse_state, plan_sync, STATE_SQL};
 use crate::log;
@@ -87,7 +87,7 @@ impl Session {
             att.batch_open = false;
         }
         if let (Some(class), true) = (class, classify) {
-            att.wrote |= !matches!(class.kind, Kind::Read | Kind::Empty | Kind::BeginReadOnly);
+            att.wrote |= class.writes();
             if class.session {
                 if let Some(text) = statement_text(tag, msg, &self.statements) {
                     self.note_session_change(att, class, &text);

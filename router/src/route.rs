@@ -52,7 +52,7 @@ pub fn combine(classes: &[Class]) -> Class {
 
 /// Where a batch that starts outside a transaction goes.
 pub fn decide(class: &Class, user_critical: bool, session_mode: bool) -> Decision {
-    let writes = !matches!(class.kind, Kind::Read | Kind::Empty | Kind::BeginReadOnly);
+    let writes = class.writes();
     let primary = |critical| Decision {
         target: Target::Primary,
         critical,
@@ -167,6 +167,15 @@ mod tests {
         );
         assert_eq!(route("BEGIN").target, Target::Primary);
         assert_eq!(route("SELECT nextval('s')").target, Target::Primary);
+    }
+
+    #[test]
+    fn session_statements_set_no_read_your_writes_barrier() {
+        let set = route("SET TimeZone = 'UTC'");
+        assert_eq!((set.target, set.writes), (Target::Primary, false));
+        assert!(!route("SHOW work_mem").writes);
+        assert!(route("BEGIN").writes);
+        assert!(route("INSERT INTO t VALUES (1)").writes);
     }
 
     #[test]
