@@ -187,13 +187,13 @@ impl Session {
             let readable = self.takes_more(&att);
             // Only the client can be idle: the server has answered everything and waits.
             let waiting_for_client = att.link.pending.is_empty() && !att.batch_open && !att.copy_in;
-            let pool = &self.shared.config().pool;
+            let limits = self.limits;
             let timer = match (waiting_for_client, att.tx_status != b'I') {
-                (true, true) if pool.idle_in_transaction_timeout_s > 0 => {
-                    Some((pool.idle_in_transaction_timeout_s, Event::IdleInTransaction))
+                (true, true) if limits.idle_in_transaction_s > 0 => {
+                    Some((limits.idle_in_transaction_s, Event::IdleInTransaction))
                 }
-                (true, false) if pool.client_idle_timeout_s > 0 => {
-                    Some((pool.client_idle_timeout_s, Event::ClientIdle))
+                (true, false) if limits.client_idle_s > 0 => {
+                    Some((limits.client_idle_s, Event::ClientIdle))
                 }
                 _ => None,
             };

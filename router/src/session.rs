@@ -83,6 +83,25 @@ pub struct Session {
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
     pub(crate) retry_batch: Option<Vec<(u8, Vec<u8>)>>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Idle limits as of the current batch.
+    pub(crate) limits: Limits,
+}
+
+/// The idle timeouts a session applies (seconds, 0: none), copied from the configuration once per
+/// batch rather than read from the shared configuration on every relayed message.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    pub(crate) client_idle_s: u64,
+    pub(crate) idle_in_transaction_s: u64,
+}
+
+impl Limits {
+    fn of(config: &crate::config::Config) -> Limits {
+        Limits {
+            client_idle_s: config.pool.client_idle_timeout_s,
+            idle_in_transaction_s: config.pool.idle_in_transaction_timeout_s,
+        }
+    }
 }
 
 /// Ends the session; the message (if any) was already queued for the client.
@@ -122,6 +141,7 @@ impl Session {
             attached: None,
             retry_batch: None,
             shutdown,
+            limits: Limits::default(),
         }
     }
 
@@ -227,7 +247,9 @@ impl Session {
         loop {
             if self.attached.is_none() {
                 let mut stop = self.shutdown.clone();
-                let idle_s = self.shared.config().pool.client_idle_timeout_s;
+                // The limits, read once per batch (a SIGHUP applies from the next one).
+                self.limits = Limits::of(&self.shared.config());
+                let idle_s = self.limits.client_idle_s;
                 let idle = async {
                     if idle_s == 0 {
                         std::future::pending::<()>().await;
