@@ -72,8 +72,10 @@ impl Session {
         if att.link.pending.is_empty() {
             att.started = Instant::now();
         }
-        let shared = self.shared.clone();
-        let mut class_of = |text: &[u8]| crate::session::class_of(&shared, text);
+        // Borrows only the shared state (disjoint from the statements map): no Arc clone per
+        // message.
+        let shared = &self.shared;
+        let mut class_of = |text: &[u8]| crate::session::class_of(shared, text);
         let class = att.link.client_message(
             tag,
             msg,
@@ -503,7 +505,7 @@ impl Session {
 }
 
 /// The SQL text a client message carries (a Query, a Parse, or a Bind of a named statement).
-fn statement_text(
+pub(crate) fn statement_text(
     tag: u8,
     msg: &[u8],
     statements: &crate::translate::Statements,

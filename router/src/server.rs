@@ -244,14 +244,6 @@ impl ServerConn {
         self.exchange(&out, 1).await.map(|_| ())
     }
 
-    /// Runs the router's own query `sql` (a constant, never a client's text) and returns its
-    /// rows, every column as text (`None` for NULL).
-    pub async fn rows(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, SetupError> {
-        let mut out = Vec::new();
-        protocol::put_query(&mut out, sql);
-        self.exchange(&out, 1).await
-    }
-
     /// Runs the router's own statements in order, each with its text parameters, in one round
     /// trip (one Sync); returns every data row, in order.
     pub async fn statements(

@@ -507,29 +507,22 @@ impl Session {
         let mut to_server =
             Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
         if class.session {
-            // The batch's statements were classified above as a whole.
-            let text = batch.iter().find_map(|(tag, msg)| match tag {
-                b'Q' => p::parse_query(body(msg)).ok().map(<[u8]>::to_vec),
-                b'P' => p::parse_parse(body(msg)).ok().map(|m| m.query.to_vec()),
-                _ => None,
-            });
-            match text {
-                Some(text) if class.simple_set => self.note_session_change(&mut att, class, &text),
+            // The batch was classified above as a whole: a lone plain SET only needs its setting
+            // read back; anything else gets the full check.
+            let texts: Vec<Vec<u8>> = batch
+                .iter()
+                .filter_map(|(tag, msg)| crate::relay::statement_text(*tag, msg, &self.statements))
+                .collect();
+            let full = Class {
+                simple_set: false,
+                ..class
+            };
+            match texts.as_slice() {
+                [one] => self.note_session_change(&mut att, class, one),
                 _ => {
                     att.touched = true;
-                    for (tag, msg) in &batch {
-                        if let b'Q' | b'P' = tag {
-                            let text = match tag {
-                                b'Q' => p::parse_query(body(msg)).ok().map(<[u8]>::to_vec),
-                                _ => p::parse_parse(body(msg)).ok().map(|m| m.query.to_vec()),
-                            };
-                            if let Some(t) = text {
-                                crate::isolation::custom_names(
-                                    &String::from_utf8_lossy(&t),
-                                    &mut self.custom_names,
-                                );
-                            }
-                        }
+                    for text in &texts {
+                        self.note_session_change(&mut att, full, text);
                     }
                 }
             }

@@ -105,8 +105,6 @@ pub struct Shared {
     pub counters: Counters,
     /// Client cancel key → the server backend it is using right now.
     pub cancel: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
-    /// ParameterStatus values of the servers, sent to clients at login.
-    server_params: Mutex<Vec<(String, String)>>,
     pub shutting_down: AtomicBool,
     /// Client TLS, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -143,7 +141,6 @@ impl Shared {
             pools: Pools::default(),
             counters: Counters::default(),
             cancel: Mutex::new(HashMap::new()),
-            server_params: Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
             class_cache: Mutex::new(HashMap::new()),
             login_reports: Mutex::new(HashMap::new()),
@@ -211,19 +208,6 @@ impl Shared {
         pool_limits(&self.config())
     }
 
-    pub fn remember_server_params(&self, c: &crate::server::ServerConn) {
-        let mut p = lock(&self.server_params);
-        if p.is_empty() {
-            let mut v: Vec<(String, String)> = c
-                .params
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            v.sort();
-            *p = v;
-        }
-    }
-
     /// Points a client's cancel key at the server backend it uses now (`None`: no backend).
     pub fn set_cancel_target(&self, key: (i32, i32), target: Option<CancelTarget>) {
         if let Some(slot) = lock(&self.cancel).get_mut(&key) {
@@ -253,10 +237,6 @@ impl Shared {
             cache.clear();
         }
         cache.insert((role.to_string(), settings.clone()), report);
-    }
-
-    pub fn server_params(&self) -> Vec<(String, String)> {
-        lock(&self.server_params).clone()
     }
 }
 
