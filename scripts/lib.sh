@@ -18,6 +18,7 @@ DBOPT_ETCD_PORT=${DBOPT_ETCD_PORT:-$((DBOPT_PORT_BASE + 20))}   # etcd client (p
 DBOPT_REDIS_PORT=${DBOPT_REDIS_PORT:-$((DBOPT_PORT_BASE + 30))}
 DBOPT_ROUTER_PORT=${DBOPT_ROUTER_PORT:-$((DBOPT_PORT_BASE + 50))}   # dbopt-router (admin HTTP: +1)
 DBOPT_APP_PASSWORD=${DBOPT_APP_PASSWORD:-app-secret}        # router user 'app'
+DBOPT_ADMIN_TOKEN=${DBOPT_ADMIN_TOKEN:-dbopt-admin-token}  # POST /cache/invalidate on the router's admin port
 DBOPT_PG_PASSWORD=${DBOPT_PG_PASSWORD:-dbopt-postgres}      # superuser 'postgres'
 DBOPT_REPL_PASSWORD=${DBOPT_REPL_PASSWORD:-dbopt-replicator}
 DBOPT_REWIND_PASSWORD=${DBOPT_REWIND_PASSWORD:-dbopt-rewind}

@@ -279,6 +279,7 @@ unsafe extern "C-unwind" fn process_utility(
     shift_nesting(1);
     // SAFETY: chaining with PostgreSQL's own arguments; this frame owns nothing to clean up.
     unsafe {
+        crate::invalidate::before_utility(pstmt);
         match PREV_UTILITY {
             Some(prev) => prev(pstmt, query, read_only_tree, context, params, env, dest, qc),
             None => fast_ffi::standard_ProcessUtility(

@@ -7,6 +7,10 @@
 //! - [`gucs`] — every `dbopt.*` setting.
 //! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
 //! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
+//! - [`invalidate`] — invalidation on commit: the tables a transaction wrote, announced by NOTIFY;
+//!   `dbopt.invalidate_tags()/invalidate_table()/invalidate_all()`.
+//! - [`cache_analysis`] — `dbopt.cache_analysis()`: may a statement's result be cached, and which
+//!   tables it reads (the router's cache asks).
 //! - [`stats`] — `dbopt.query_stats()`, `dbopt.reset()`, `dbopt.statements_info()`.
 //! - [`slow`] — slow queries with plans: `dbopt.slow_queries()`.
 //! - [`nplusone`] — N+1 bursts: `dbopt.n_plus_one()`.
@@ -25,9 +29,11 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod advisor;
+pub mod cache_analysis;
 pub mod fast_ffi;
 pub mod gucs;
 pub mod hooks;
+pub mod invalidate;
 pub mod metrics;
 pub mod nplusone;
 pub mod privilege;
@@ -77,6 +83,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     hooks::init();
+    invalidate::init();
     sampler::init();
     // Ask the core to compute query ids (compute_query_id = auto turns them on for us).
     // SAFETY: allowed while preloading.

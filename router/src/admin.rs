@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `GET /metrics` (Prometheus text format) and `GET /status` (JSON).
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /status` (JSON), and
+//! `POST /cache/invalidate` (authenticated with `listen.admin_token`).
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
 
 use std::fmt::Write as _;
@@ -35,7 +36,12 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let line = String::from_utf8_lossy(&buf);
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(buf.len())
+        + 4;
+    let line = String::from_utf8_lossy(&buf[..head_end.min(buf.len())]).into_owned();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
@@ -50,18 +56,130 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             "text/plain",
             "try /metrics or /status\n".into(),
         ),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+        ("POST", p) if p == "/cache/invalidate" || p.starts_with("/cache/invalidate?") => {
+            let mut body = buf[head_end.min(buf.len())..].to_vec();
+            let want = header(&line, "content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if want > 4096 {
+                return reply(
+                    &mut stream,
+                    "413 Payload Too Large",
+                    "text/plain",
+                    "at most 4096 bytes\n",
+                )
+                .await;
+            }
+            while body.len() < want {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            let form = match p.split_once('?') {
+                Some((_, q)) => q.to_string(),
+                None => String::from_utf8_lossy(&body).trim().to_string(),
+            };
+            manual_invalidation(shared, header(&line, "authorization"), &form).await
+        }
+        ("POST", _) => (
+            "404 Not Found",
+            "text/plain",
+            "POST /cache/invalidate only\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET or POST only\n".into(),
+        ),
     };
+    if status.starts_with('4') {
+        log::info(&format!(
+            "admin: {method} {} -> {status}",
+            log::escape(path)
+        ));
+    }
+    reply(&mut stream, status, ctype, &body).await
+}
+
+async fn reply(
+    stream: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    if status.starts_with('4') {
-        log::info(&format!("admin: {method} {path} -> {status}"));
+    stream.write_all(body.as_bytes()).await
+}
+
+/// A request header's value (name case-insensitive).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// Equal in time independent of where they differ (the admin token).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /cache/invalidate` with `Authorization: Bearer <listen.admin_token>` and a form
+/// `db=…&tag=…` (or `table=<oid>`, or `all=1`): both layers, at once.
+async fn manual_invalidation(
+    shared: &Shared,
+    authorization: Option<&str>,
+    form: &str,
+) -> (&'static str, &'static str, String) {
+    let config = shared.config();
+    let Some(token) = config.listen.admin_token.as_deref() else {
+        return (
+            "403 Forbidden",
+            "text/plain",
+            "set listen.admin_token to allow POST requests\n".into(),
+        );
+    };
+    let given = authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !same_secret(given.as_bytes(), token.as_bytes()) {
+        return (
+            "401 Unauthorized",
+            "text/plain",
+            "a valid Authorization: Bearer token is required\n".into(),
+        );
     }
-    Ok(())
+    let Some(cache) = &shared.cache else {
+        return (
+            "409 Conflict",
+            "text/plain",
+            "the cache is not enabled\n".into(),
+        );
+    };
+    let (db, what) = match crate::cache::report::parse_manual(form) {
+        Ok(x) => x,
+        Err(e) => return ("400 Bad Request", "text/plain", format!("{e}\n")),
+    };
+    let allowed = if config.databases.is_empty() {
+        db == config.server.database
+    } else {
+        config.databases.contains(&db)
+    };
+    if !allowed {
+        return ("404 Not Found", "text/plain", "no such database\n".into());
+    }
+    crate::cache::report::invalidate(cache, &db, &what, shared.now_ms()).await;
+    log::info(&format!(
+        "admin: cache invalidated by hand: {} {what:?}",
+        log::escape(&db)
+    ));
+    ("200 OK", "text/plain", "invalidated\n".into())
 }
 
 fn esc(s: &str) -> String {
@@ -241,6 +359,9 @@ pub fn metrics(shared: &Shared) -> String {
         }
     }
 
+    if let Some(cache) = &shared.cache {
+        o.push_str(&crate::cache::report::metrics(cache));
+    }
     let t = shared.topology();
     let now = t.now_ms();
     let node_gauges: [(&str, &str); 6] = [
@@ -371,5 +492,6 @@ pub fn status(shared: &Shared) -> serde_json::Value {
             "pins": c.pins.load(Ordering::Relaxed),
         },
         "function_catalogue_names": t.functions.len(),
+        "cache": shared.cache.as_ref().map(|c| crate::cache::report::status(c)),
     })
 }

@@ -543,23 +543,9 @@ fn visit(v: &Value, f: &mut impl FnMut(&str, &Value)) {
 /// Routing hints and the critical flag from comments (`/* dbopt:replica */`, `-- dbopt:primary`),
 /// found by PostgreSQL's scanner: only real comments count, never text in a string or identifier.
 pub fn hints(sql: &str) -> (Option<Hint>, bool) {
-    if !sql.contains("dbopt:") {
-        return (None, false);
-    }
-    let Ok(scanned) = pg_query::scan(sql) else {
-        // Unterminated comment or string, NUL byte: no hints (the statement fails anyway).
-        return (None, false);
-    };
-    let comment = |t: i32| {
-        t == pg_query::protobuf::Token::SqlComment as i32
-            || t == pg_query::protobuf::Token::CComment as i32
-    };
     let mut hint = None;
     let mut critical = false;
-    for token in scanned.tokens.iter().filter(|t| comment(t.token)) {
-        let Some(text) = sql.get(token.start as usize..token.end as usize) else {
-            continue;
-        };
+    for text in dbopt_comments(sql) {
         let words = text.split(|c: char| c.is_whitespace() || matches!(c, ',' | '*' | '/' | '-'));
         for word in words {
             match word {
@@ -571,6 +557,29 @@ pub fn hints(sql: &str) -> (Option<Hint>, bool) {
         }
     }
     (hint, critical)
+}
+
+/// The comments of `sql` that mention `dbopt:`, as PostgreSQL's scanner finds them (never text in
+/// a string or an identifier). Empty when the text does not scan.
+pub fn dbopt_comments(sql: &str) -> Vec<&str> {
+    if !sql.contains("dbopt:") {
+        return Vec::new();
+    }
+    let Ok(scanned) = pg_query::scan(sql) else {
+        // Unterminated comment or string, NUL byte: no hints (the statement fails anyway).
+        return Vec::new();
+    };
+    let comment = |t: i32| {
+        t == pg_query::protobuf::Token::SqlComment as i32
+            || t == pg_query::protobuf::Token::CComment as i32
+    };
+    scanned
+        .tokens
+        .iter()
+        .filter(|t| comment(t.token))
+        .filter_map(|t| sql.get(t.start as usize..t.end as usize))
+        .filter(|text| text.contains("dbopt:"))
+        .collect()
 }
 
 #[cfg(test)]

@@ -36,6 +36,9 @@ pub struct Config {
     pub nodes: Vec<Node>,
     /// Client users the router accepts.
     pub users: Vec<User>,
+    /// The result cache.
+    #[serde(default)]
+    pub cache: crate::cache::settings::CacheSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -60,6 +63,10 @@ pub struct Listen {
     /// TLS for clients; none when absent (SSLRequest is then answered `N`).
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// Bearer token the admin endpoint's POST requests (cache invalidation) must present
+    /// (`Authorization: Bearer …`); without one they are refused.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 /// Client TLS: PEM files, read at start.
@@ -107,6 +114,18 @@ pub struct PoolSettings {
     pub idle_in_transaction_timeout_s: u64,
     /// A client idle outside a transaction this long is disconnected (57P05). 0: never.
     pub client_idle_timeout_s: u64,
+    /// Whose writes a read must see: the client connection's own, those of every connection of
+    /// the same router user (an application's pool), or none (reads may lag writes).
+    pub read_your_writes: ReadYourWrites,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadYourWrites {
+    Connection,
+    #[default]
+    User,
+    Off,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -238,6 +257,7 @@ impl Default for PoolSettings {
             warn_utilisation_percent: 80,
             idle_in_transaction_timeout_s: 60,
             client_idle_timeout_s: 0,
+            read_your_writes: ReadYourWrites::User,
         }
     }
 }
@@ -511,6 +531,7 @@ impl Config {
                 ));
             }
         }
+        self.cache.validate()?;
         Ok(())
     }
 

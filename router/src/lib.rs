@@ -6,6 +6,8 @@
 //! - [`protocol`] — framing and the messages the router reads or writes (pure, fuzzed).
 //! - [`auth`] — SCRAM-SHA-256 and md5, the server side (clients authenticate to the router).
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
+//! - [`cache`] — the two-layer result cache and its invalidation feed (see its docs for the
+//!   consistency promise).
 //! - [`isolation`] — what one client leaves in a server session never reaches another (pure).
 //! - [`startup`] — a session's startup packet, TLS, authentication and login checks.
 //! - [`tls`] — the TLS acceptor and the client stream.
@@ -17,6 +19,8 @@ pub mod admin;
 pub mod auth;
 pub mod balance;
 pub mod breaker;
+pub mod cache;
+pub mod cached_reads;
 pub mod classify;
 pub mod config;
 pub mod handshake;

@@ -12,7 +12,7 @@ use crate::isolation::{custom_names, names_array, parse_state, plan_sync, STATE_
 use crate::log;
 use crate::pools::AcquireError;
 use crate::protocol::{self as p, body, Reader};
-use crate::route::{Barrier, Target};
+use crate::route::Target;
 use crate::server::{ServerConn, SetupError};
 use crate::session::{Attached, Close, Session, Step};
 use crate::shared::Counters;
@@ -154,6 +154,9 @@ impl Session {
         if relay {
             self.out.extend_from_slice(msg);
             att.relayed = true;
+            if let Some(c) = att.capture.as_mut() {
+                c.message(tag, msg);
+            }
         }
         self.emit_synthetic(att);
     }
@@ -288,6 +291,16 @@ impl Session {
                         && att.tx_status == b'I'
                         && !att.batch_open
                         && !att.copy_in;
+                    if idle && (att.wrote || att.decision.writes) {
+                        // Before the acknowledgement leaves: read-your-writes and invalidation.
+                        att.wrote = false;
+                        att.decision.writes = false;
+                        att.wrote_here = true;
+                        self.after_commit().await;
+                    }
+                    if idle {
+                        self.finish_fill(&mut att);
+                    }
                     if idle && !self.session_mode() {
                         self.flush_client().await?;
                         // A SET inside a transaction block may have been rolled back: check all.
@@ -440,8 +453,8 @@ impl Session {
     pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
         self.shared.set_cancel_target(self.key, None);
         let now = self.shared.now_ms();
-        if att.decision.writes || att.wrote {
-            self.barrier = Barrier::WroteAt(now);
+        if !att.wrote_here {
+            self.floor.after_read(att.node, now);
         }
         self.retry_batch = None;
         att.pool.release(att.conn, reusable, now);

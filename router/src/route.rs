@@ -117,32 +117,72 @@ impl LsnHistory {
     }
 }
 
-/// A client's pending read-your-writes barrier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Barrier {
-    None,
-    /// The client's last write committed at this time; its LSN is not known yet.
-    WroteAt(u64),
-    /// Reads may use replicas that replayed at least this far.
-    Lsn(u64),
+/// What a client has seen, as a floor its next reads must not go below: read-your-writes after its
+/// writes (and, with the user scope, its user's), and never back in time after its reads and cache
+/// hits. Each read and write raises the floor; a node may serve a read when its replayed position
+/// is at or above it — or when it served the client's last read (a node's replay only moves
+/// forward). The primary can always serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Floor {
+    /// Known part: reads must see at least this LSN.
+    pub lsn: u64,
+    /// Everything committed before this router time (ms) must be visible too; resolved into
+    /// `lsn` by the first primary position sampled at or after it.
+    pub pending_ms: Option<u64>,
+    /// The node of the client's last read.
+    pub sticky: Option<usize>,
 }
 
-impl Barrier {
-    /// Resolves the LSN when a covering sample exists.
-    pub fn resolve(self, history: &LsnHistory) -> Barrier {
-        match self {
-            Barrier::WroteAt(t) => history.covering(t).map_or(self, Barrier::Lsn),
-            other => other,
+impl Floor {
+    /// A floor at a known position (tests, and a fresh client: `Floor::default()`).
+    pub fn at(lsn: u64) -> Floor {
+        Floor {
+            lsn,
+            ..Floor::default()
         }
     }
 
-    /// May a replica that replayed up to `replay_lsn` serve this client's reads?
-    pub fn allows(self, replay_lsn: Option<u64>) -> bool {
-        match self {
-            Barrier::None => true,
-            Barrier::WroteAt(_) => false,
-            Barrier::Lsn(l) => replay_lsn.is_some_and(|r| r >= l),
+    fn pend(&mut self, at_ms: u64) {
+        self.pending_ms = Some(self.pending_ms.map_or(at_ms, |p| p.max(at_ms)));
+    }
+
+    /// A write was acknowledged at `at_ms`: no replica is known to have it.
+    pub fn after_write(&mut self, at_ms: u64) {
+        self.pend(at_ms);
+        self.sticky = None;
+    }
+
+    /// A read on `node` ended at `at_ms`.
+    pub fn after_read(&mut self, node: usize, at_ms: u64) {
+        self.pend(at_ms);
+        self.sticky = Some(node);
+    }
+
+    /// A cache hit returned data at least as new as `lsn`... and at most that old.
+    pub fn after_hit(&mut self, fill_lsn: u64) {
+        self.lsn = self.lsn.max(fill_lsn);
+        self.sticky = None;
+    }
+
+    /// Resolves the pending part when a covering sample exists.
+    pub fn resolve(&mut self, history: &LsnHistory) {
+        if let Some(t) = self.pending_ms {
+            if let Some(l) = history.covering(t) {
+                self.lsn = self.lsn.max(l);
+                self.pending_ms = None;
+            }
         }
+    }
+
+    /// May a replica `node` that replayed up to `replay_lsn` serve this client's next read?
+    pub fn allows(&self, node: usize, replay_lsn: Option<u64>) -> bool {
+        self.sticky == Some(node)
+            || (self.pending_ms.is_none() && replay_lsn.is_some_and(|r| r >= self.lsn))
+    }
+
+    /// May a cache entry serve this client, when invalidations are done up to `processed_lsn`?
+    pub fn allows_hit(&self, processed_lsn: u64) -> bool {
+        self.pending_ms.is_none() && processed_lsn >= self.lsn
     }
 }
 
@@ -232,13 +272,16 @@ mod tests {
             sent_ms: 100,
             lsn: 1000,
         });
-        let b = Barrier::WroteAt(150).resolve(&h);
+        let mut f = Floor::default();
+        assert!(f.allows(1, Some(0)));
+        f.after_write(150);
+        f.resolve(&h);
         assert_eq!(
-            b,
-            Barrier::WroteAt(150),
+            f.pending_ms,
+            Some(150),
             "no sample sent after the write yet"
         );
-        assert!(!b.allows(Some(u64::MAX)));
+        assert!(!f.allows(1, Some(u64::MAX)));
         h.push(LsnSample {
             sent_ms: 150,
             lsn: 1200,
@@ -247,12 +290,40 @@ mod tests {
             sent_ms: 250,
             lsn: 1300,
         });
-        let b = Barrier::WroteAt(150).resolve(&h);
-        assert_eq!(b, Barrier::Lsn(1200));
-        assert!(!b.allows(Some(1199)));
-        assert!(!b.allows(None));
-        assert!(b.allows(Some(1200)));
-        assert!(Barrier::None.allows(None));
+        f.resolve(&h);
+        assert_eq!(f, Floor::at(1200));
+        assert!(!f.allows(1, Some(1199)));
+        assert!(!f.allows(1, None));
+        assert!(f.allows(1, Some(1200)));
+    }
+
+    #[test]
+    fn never_back_in_time_after_reads_and_hits() {
+        let mut h = LsnHistory::default();
+        let mut f = Floor::default();
+        f.after_read(2, 10);
+        // The node that served the last read may serve the next; another must be past it.
+        assert!(f.allows(2, Some(0)));
+        assert!(
+            !f.allows(3, Some(u64::MAX)),
+            "unresolved: only the same node"
+        );
+        assert!(!f.allows_hit(u64::MAX));
+        h.push(LsnSample {
+            sent_ms: 10,
+            lsn: 500,
+        });
+        f.resolve(&h);
+        assert!(f.allows(3, Some(500)) && !f.allows(3, Some(499)));
+        assert!(f.allows_hit(500) && !f.allows_hit(499));
+        // A hit: the same node no longer vouches for itself.
+        f.after_hit(800);
+        assert!(!f.allows(2, Some(799)));
+        assert!(f.allows(2, Some(800)));
+        // A write: the sticky replica does not have it.
+        f.after_read(2, 20);
+        f.after_write(30);
+        assert!(!f.allows(2, Some(u64::MAX)));
     }
 
     #[test]

@@ -43,6 +43,21 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     if let Some(l) = admin {
         tokio::spawn(crate::admin::serve(shared.clone(), l));
     }
+    if let Some(cache) = &shared.cache {
+        // One invalidation feed per database clients may use.
+        let databases = if config.databases.is_empty() {
+            vec![config.server.database.clone()]
+        } else {
+            config.databases.clone()
+        };
+        for db in databases {
+            tokio::spawn(crate::cache::listener::run(
+                shared.clone(),
+                cache.clone(),
+                db,
+            ));
+        }
+    }
     {
         let shared = shared.clone();
         tokio::spawn(async move {

@@ -18,6 +18,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use crate::cached_reads::{CachePlan, Capture};
 use crate::classify::{Class, Kind};
 use crate::config::PoolMode;
 use crate::isolation::Settings;
@@ -25,7 +26,7 @@ use crate::log;
 use crate::pools::{unavailable_error, Pool};
 use crate::protocol::{self as p, body, ProtocolError};
 use crate::relay::PumpEnd;
-use crate::route::{combine, decide, Barrier, Decision, Target};
+use crate::route::{combine, decide, Decision, Floor, Target};
 use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
 use crate::tls::ClientStream;
@@ -60,6 +61,10 @@ pub(crate) struct Attached {
     /// Something of this batch reached the client (a retry is no longer invisible).
     pub(crate) relayed: bool,
     pub(crate) started: Instant,
+    /// The reply being captured for the result cache.
+    pub(crate) capture: Option<Capture>,
+    /// A write was committed during this attachment (the floor was raised for it).
+    pub(crate) wrote_here: bool,
 }
 
 pub struct Session {
@@ -78,7 +83,10 @@ pub struct Session {
     /// Dotted names the client's session-changing statements mentioned: custom settings it may
     /// have set (PostgreSQL lists those nowhere; see [`crate::isolation::custom_names`]).
     pub(crate) custom_names: std::collections::BTreeSet<String>,
-    pub(crate) barrier: Barrier,
+    /// What the client has seen: its reads may not go below it ([`crate::route::Floor`]).
+    pub(crate) floor: Floor,
+    /// The user's last write already folded into `floor`.
+    pub(crate) user_write_seen: u64,
     pub(crate) attached: Option<Attached>,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
     pub(crate) retry_batch: Option<Vec<(u8, Vec<u8>)>>,
@@ -137,7 +145,8 @@ impl Session {
             statements: Statements::new(),
             settings: Settings::new(),
             custom_names: Default::default(),
-            barrier: Barrier::None,
+            floor: Floor::default(),
+            user_write_seen: 0,
             attached: None,
             retry_batch: None,
             shutdown,
@@ -274,11 +283,18 @@ impl Session {
                         return Err(self.fatal("57P01", "dbopt-router is shutting down"));
                     }
                 };
-                self.attach_and_send(batch, None).await?;
+                let plan = self.cache_plan(&batch).await?;
+                if matches!(plan, CachePlan::Answered) {
+                    continue;
+                }
+                self.attach_and_send(batch, None, plan).await?;
             }
             match self.pump().await? {
                 PumpEnd::Detached => {}
-                PumpEnd::Retry(batch, failed) => self.attach_and_send(batch, Some(failed)).await?,
+                PumpEnd::Retry(batch, failed) => {
+                    self.attach_and_send(batch, Some(failed), CachePlan::None)
+                        .await?
+                }
             }
         }
     }
@@ -372,6 +388,7 @@ impl Session {
         &mut self,
         batch: Vec<(u8, Vec<u8>)>,
         retry_of: Option<usize>,
+        plan: CachePlan,
     ) -> Step<()> {
         let auth = self.auth.clone().ok_or(Close)?;
         let session_mode = auth.pool_mode == PoolMode::Session;
@@ -387,7 +404,10 @@ impl Session {
             Target::Replica => self.shared.topology().nodes.len(),
             Target::Primary => 0,
         };
-        let (pool, conn, node) = loop {
+        if decision.target == Target::Replica {
+            self.absorb_user_writes();
+        }
+        let (pool, conn, node, is_primary) = loop {
             // Only reads choose among nodes (and only they need to know which pools are full).
             let room: Vec<bool> = (0..node_count)
                 .map(|n| {
@@ -400,19 +420,8 @@ impl Session {
                 let mut t = self.shared.topology();
                 match decision.target {
                     Target::Replica => {
-                        self.barrier = self.barrier.resolve(&t.lsn_history);
-                        if self.barrier != Barrier::None
-                            && t.nodes
-                                .iter()
-                                .filter(|n| {
-                                    n.role == Some(crate::topology::Role::Replica) && n.reachable
-                                })
-                                .all(|n| self.barrier.allows(n.replay_lsn))
-                        {
-                            // Every replica has caught up with this client's writes.
-                            self.barrier = Barrier::None;
-                        }
-                        t.pick_for_read(self.barrier, exclude, |n| room[n])
+                        self.floor.resolve(&t.lsn_history);
+                        t.pick_for_read(&self.floor, exclude, |n| room[n])
                     }
                     Target::Primary => t.primary_for_writes(),
                 }
@@ -461,7 +470,7 @@ impl Session {
                         (Target::Replica, _, true) => &c.routed_primary_fallback,
                         (Target::Primary, _, _) => &c.routed_primary,
                     });
-                    break (pool, conn, node);
+                    break (pool, conn, node, is_primary);
                 }
                 // A read may go elsewhere when its replica cannot be reached.
                 Err(e)
@@ -495,7 +504,12 @@ impl Session {
             wrote: decision.writes,
             relayed: false,
             started: Instant::now(),
+            capture: None,
+            wrote_here: false,
         };
+        if let CachePlan::Fill(p) = plan {
+            att.capture = self.prepare_fill(&mut att.conn, *p, node, is_primary).await;
+        }
         self.shared.set_cancel_target(
             self.key,
             Some(CancelTarget {

@@ -115,6 +115,10 @@ pub struct Shared {
     pub login_reports: Mutex<HashMap<LoginKey, Vec<(String, String)>>>,
     /// Classification by normalised text (literals do not change whether a statement reads).
     class_cache: Mutex<HashMap<String, Class>>,
+    /// The result cache, when `[cache] enabled`.
+    pub cache: Option<Arc<crate::cache::Cache>>,
+    /// Router user → router time of its last acknowledged write (read-your-writes, user scope).
+    pub user_writes: Mutex<HashMap<String, u64>>,
 }
 
 /// (server role, the client's startup settings): what a login's ParameterStatus depends on.
@@ -132,6 +136,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Shared {
     pub fn new(config: Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Arc<Shared> {
+        let cache = config
+            .cache
+            .enabled
+            .then(|| Arc::new(crate::cache::Cache::new(&config.cache)));
         Arc::new(Shared {
             tls,
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
@@ -144,6 +152,8 @@ impl Shared {
             shutting_down: AtomicBool::new(false),
             class_cache: Mutex::new(HashMap::new()),
             login_reports: Mutex::new(HashMap::new()),
+            cache,
+            user_writes: Mutex::new(HashMap::new()),
         })
     }
 
@@ -213,6 +223,18 @@ impl Shared {
         if let Some(slot) = lock(&self.cancel).get_mut(&key) {
             *slot = target;
         }
+    }
+
+    /// Notes a write acknowledged now for `user` (read-your-writes across its connections).
+    pub fn note_user_write(&self, user: &str, at_ms: u64) {
+        let mut m = lock(&self.user_writes);
+        let t = m.entry(user.to_string()).or_insert(0);
+        *t = (*t).max(at_ms);
+    }
+
+    /// The time of `user`'s last acknowledged write.
+    pub fn user_write(&self, user: &str) -> Option<u64> {
+        lock(&self.user_writes).get(user).copied()
     }
 
     /// What a login with these settings reported before, if it was accepted.

@@ -185,7 +185,7 @@ impl Session {
     ) -> Step<Vec<(String, String)>> {
         let node = {
             let mut t = self.shared.topology();
-            t.pick_for_read(crate::route::Barrier::None, None, |_| true)
+            t.pick_for_read(&crate::route::Floor::default(), None, |_| true)
         };
         let node = match node {
             Ok(n) => n,

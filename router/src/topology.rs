@@ -10,7 +10,7 @@ use crate::breaker::{Admission, Breaker, BreakerPolicy, State, Transition};
 use crate::classify::FunctionCatalog;
 use crate::config::{Config, Node};
 use crate::log;
-use crate::route::{Barrier, LsnHistory};
+use crate::route::{Floor, LsnHistory};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -199,13 +199,13 @@ impl Topology {
         self.primary.ok_or(Unavailable::NoPrimary)
     }
 
-    fn replica_usable(&self, i: usize, barrier: Barrier, now_ms: u64) -> bool {
+    fn replica_usable(&self, i: usize, floor: &Floor, now_ms: u64) -> bool {
         let n = &self.nodes[i];
         n.reachable
             && n.role == Some(Role::Replica)
             && !n.breaker.blocks(now_ms)
             && n.lag_s.is_some_and(|l| l <= self.max_lag_s)
-            && barrier.allows(n.replay_lsn)
+            && floor.allows(i, n.replay_lsn)
     }
 
     /// A replica for a read, or the primary when none is usable (lag, breaker, read-your-writes).
@@ -213,13 +213,13 @@ impl Topology {
     /// `has_room(node)`: that node's pool for the client can hand out a connection at once.
     pub fn pick_for_read(
         &mut self,
-        barrier: Barrier,
+        floor: &Floor,
         exclude: Option<usize>,
         has_room: impl Fn(usize) -> bool,
     ) -> Result<usize, Unavailable> {
         let now = self.now_ms();
         let candidates: Vec<Candidate> = (0..self.nodes.len())
-            .filter(|&i| Some(i) != exclude && self.replica_usable(i, barrier, now))
+            .filter(|&i| Some(i) != exclude && self.replica_usable(i, floor, now))
             .map(|i| Candidate {
                 node: i,
                 weight: self.nodes[i].weight,
@@ -348,20 +348,20 @@ mod tests {
         }
         let mut seen = [0; 3];
         for _ in 0..10 {
-            seen[t.pick_for_read(Barrier::None, None, |_| true).unwrap()] += 1;
+            seen[t.pick_for_read(&Floor::default(), None, |_| true).unwrap()] += 1;
         }
         assert_eq!(seen, [0, 5, 5]);
         t.nodes[1].lag_s = Some(30.0);
-        assert_eq!(t.pick_for_read(Barrier::None, None, |_| true), Ok(2));
-        assert_eq!(t.pick_for_read(Barrier::None, Some(2), |_| true), Ok(0));
+        assert_eq!(t.pick_for_read(&Floor::default(), None, |_| true), Ok(2));
+        assert_eq!(t.pick_for_read(&Floor::default(), Some(2), |_| true), Ok(0));
         // Read-your-writes: replica 2 has not replayed far enough.
-        assert_eq!(t.pick_for_read(Barrier::Lsn(101), None, |_| true), Ok(0));
-        assert_eq!(t.pick_for_read(Barrier::Lsn(100), None, |_| true), Ok(2));
+        assert_eq!(t.pick_for_read(&Floor::at(101), None, |_| true), Ok(0));
+        assert_eq!(t.pick_for_read(&Floor::at(100), None, |_| true), Ok(2));
         // Breaker open on 2.
         for _ in 0..30 {
             t.record(2, false);
         }
-        assert_eq!(t.pick_for_read(Barrier::None, None, |_| true), Ok(0));
+        assert_eq!(t.pick_for_read(&Floor::default(), None, |_| true), Ok(0));
         assert!(t.admit_attempt(2).is_err());
     }
 }

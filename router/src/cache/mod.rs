@@ -1,0 +1,575 @@
+//! The result cache: two layers (in-process [`local`], Redis with the dbopt module), filled by
+//! clients' reads and emptied by the database's own commit announcements.
+//!
+//! # Layout
+//! - [`key`] — which batches can be answered from the cache, and their keys (pure).
+//! - [`policy`] — `dbopt:cache` hints, `[[cache.rules]]`, TTLs (pure).
+//! - [`local`] — the in-process LRU with tag versions (pure).
+//! - [`redis`] — the Redis client.
+//! - [`listener`] — one task per database on the primary: LISTEN for announcements, invalidate
+//!   both layers, answer barriers, resynchronise after anything was missed.
+//! - [`settings`] — the `[cache]` configuration.
+//! - [`report`] — `/metrics`, `/status`, and manual invalidation from the admin endpoint.
+//! - this file — the shared state and the three operations a session uses: [`Cache::lookup`],
+//!   [`Cache::begin_fill`] / [`Cache::store`], and [`Cache::barrier`].
+//!
+//! # The consistency promise, and why it holds
+//! 1. *Invalidation before acknowledgement.* A write through the router is acknowledged only after
+//!    a barrier: the listener NOTIFYs itself; PostgreSQL delivers notifications in commit order, so
+//!    when the barrier comes back every announcement committed before it — the writer's included —
+//!    has been applied to both layers.
+//! 2. *No stale fill.* A fill records its tags' versions (local) and a token (Redis) before it
+//!    reads; an invalidation in between refuses the store. A fill read on a replica is stored only
+//!    if the replica had replayed, before the fill began, past every invalidation of the tables
+//!    it read that the router has applied.
+//! 3. *Never back in time.* A hit is served only when invalidations are applied up to the client's
+//!    floor ([`crate::route::Floor`]); the hit raises the floor to the entry's fill position.
+//! 4. *When in doubt, bypass.* A database whose listener is not connected, or whose barrier timed
+//!    out, is bypassed until its listener has reconnected and invalidated everything it had; Redis
+//!    is bypassed from its first failure until it answers again and has been emptied of this
+//!    router's databases.
+
+pub mod key;
+pub mod listener;
+pub mod local;
+pub mod policy;
+pub mod redis;
+pub mod report;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dbopt_invalidation::Tag;
+use dbopt_querystats::histogram::Histogram;
+use tokio::sync::{mpsc, oneshot};
+
+use self::local::{Entry, Local};
+use self::redis::{Redis, Reply};
+use self::settings::CacheSettings;
+
+/// Unix time in milliseconds (entries carry absolute expiries: Redis values outlive a process).
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// PostgreSQL's verdict on a statement shape (`dbopt.cache_analysis`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Analysis {
+    pub cacheable: bool,
+    pub reason: Option<String>,
+    pub relations: Vec<u32>,
+    pub names: Vec<String>,
+}
+
+/// Memo key of an analysis: database, role, search_path, statement shape.
+type AnalysisKey = (String, String, String, Vec<u8>);
+
+/// Most analyses remembered before the memo is emptied.
+const ANALYSES_MAX: usize = 10_000;
+
+/// The state of one database's invalidation feed.
+#[derive(Debug, Default)]
+pub struct DbFeed {
+    /// The listener is connected and everything before its connection was invalidated.
+    pub synced: bool,
+    /// Announcements are applied up to this LSN (from the last barrier).
+    pub processed_lsn: u64,
+    /// Router time (topology clock) a table was last invalidated, for replica fills.
+    pub invalidated_at: HashMap<u32, u64>,
+    /// Router time the whole database was last invalidated.
+    pub all_at: u64,
+    /// Where barrier requests go (the listener task).
+    pub barriers: Option<mpsc::UnboundedSender<oneshot::Sender<u64>>>,
+}
+
+/// Most tables whose invalidation time is remembered; beyond, the database-wide time is used.
+const INVALIDATED_MAX: usize = 100_000;
+
+/// Counters for `/metrics` and `/status`.
+#[derive(Default)]
+pub struct CacheCounters {
+    pub redis_hits: AtomicU64,
+    pub redis_misses: AtomicU64,
+    pub redis_fills: AtomicU64,
+    pub redis_refused: AtomicU64,
+    pub redis_errors: AtomicU64,
+    pub fills_not_admitted: AtomicU64,
+    pub bypassed: AtomicU64,
+    pub uncacheable: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub resyncs: AtomicU64,
+    pub barrier_timeouts: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub struct Cache {
+    pub local: Mutex<Local>,
+    pub redis: Option<Redis>,
+    /// Redis answered its last call, and was emptied of our databases after its last failure.
+    redis_up: AtomicBool,
+    pub feeds: Mutex<HashMap<String, DbFeed>>,
+    analyses: Mutex<HashMap<AnalysisKey, Arc<Analysis>>>,
+    pub counters: CacheCounters,
+    /// Commit → both layers invalidated, in milliseconds.
+    pub delay: Mutex<Histogram>,
+    pub settings: CacheSettings,
+}
+
+/// What a hit returns.
+pub struct Hit {
+    pub reply: Arc<Entry>,
+    pub layer: &'static str,
+}
+
+/// A fill in progress: what it must present when it stores.
+pub struct Fill {
+    pub key: String,
+    pub database: String,
+    pub tags: Vec<String>,
+    pub versions: Vec<u64>,
+    pub token: Option<Vec<u8>>,
+    pub ttl: Duration,
+    /// Set when the fill reads on a replica: its replayed LSN before the fill began.
+    pub replica_replay: Option<u64>,
+}
+
+/// Magic of the router's Redis values (format version 1): fill LSN, expiry, tags, reply.
+const VALUE_MAGIC: &[u8; 4] = b"DRC1";
+
+fn encode_value(e: &Entry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(e.reply.len() + 64);
+    out.extend_from_slice(VALUE_MAGIC);
+    out.extend_from_slice(&e.fill_lsn.to_le_bytes());
+    out.extend_from_slice(&e.expires_ms.to_le_bytes());
+    out.extend_from_slice(&(e.tags.len() as u16).to_le_bytes());
+    for t in &e.tags {
+        out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+        out.extend_from_slice(t.as_bytes());
+    }
+    out.extend_from_slice(&e.reply);
+    out
+}
+
+/// (fill LSN, expiry, tags, reply); `None` for anything malformed (treated as a miss).
+fn decode_value(v: &[u8]) -> Option<(u64, u64, Vec<String>, Vec<u8>)> {
+    fn take(r: &[u8], n: usize) -> Option<(&[u8], &[u8])> {
+        (r.len() >= n).then(|| r.split_at(n))
+    }
+    let rest = v.strip_prefix(VALUE_MAGIC)?;
+    let (lsn, rest) = take(rest, 8)?;
+    let (exp, rest) = take(rest, 8)?;
+    let (n, mut rest) = take(rest, 2)?;
+    let mut tags = Vec::new();
+    for _ in 0..u16::from_le_bytes([n[0], n[1]]) {
+        let (len, r) = take(rest, 2)?;
+        let (t, r) = take(r, usize::from(u16::from_le_bytes([len[0], len[1]])))?;
+        tags.push(String::from_utf8(t.to_vec()).ok()?);
+        rest = r;
+    }
+    Some((
+        u64::from_le_bytes(lsn.try_into().ok()?),
+        u64::from_le_bytes(exp.try_into().ok()?),
+        tags,
+        rest.to_vec(),
+    ))
+}
+
+fn entry_key(key: &str) -> String {
+    format!("dbopt:entry:{key}")
+}
+
+impl Cache {
+    pub fn new(settings: &CacheSettings) -> Cache {
+        let redis = settings.redis.as_ref().map(|a| {
+            Redis::new(
+                a,
+                settings.redis_user.clone(),
+                settings.redis_password.clone(),
+                settings.redis_timeout_ms,
+            )
+        });
+        Cache {
+            local: Mutex::new(Local::new(settings.local_max_bytes as usize)),
+            redis,
+            redis_up: AtomicBool::new(false),
+            feeds: Mutex::new(HashMap::new()),
+            analyses: Mutex::new(HashMap::new()),
+            counters: CacheCounters::default(),
+            delay: Mutex::new(Histogram::default()),
+            settings: settings.clone(),
+        }
+    }
+
+    pub fn redis_up(&self) -> bool {
+        self.redis.is_some() && self.redis_up.load(Ordering::Relaxed)
+    }
+
+    /// A Redis call failed: bypass it until [`Cache::recover_redis`] succeeds.
+    fn redis_failed(&self, what: &str, e: &redis::RedisError) {
+        inc(&self.counters.redis_errors);
+        if self.redis_up.swap(false, Ordering::Relaxed) {
+            crate::log::warn(&format!(
+                "cache: Redis {what} failed ({e}); bypassing Redis until it answers and is resynchronised"
+            ));
+        }
+        if let Some(r) = &self.redis {
+            r.reset();
+        }
+    }
+
+    /// Brings Redis back after a failure: every database's tag is dropped first (invalidations may
+    /// have been missed meanwhile), then it is used again.
+    pub async fn recover_redis(&self, databases: &[String]) {
+        let Some(r) = &self.redis else { return };
+        if self.redis_up.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut args: Vec<Vec<u8>> = vec![b"DBOPT.TAG.INVALIDATE".to_vec()];
+        args.extend(
+            databases
+                .iter()
+                .map(|d| Tag::Database(d.clone()).key().into_bytes()),
+        );
+        let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        match r.call(&refs).await {
+            Ok(Reply::Int(_)) => {
+                self.redis_up.store(true, Ordering::Relaxed);
+                inc(&self.counters.resyncs);
+                crate::log::info("cache: Redis answers and was resynchronised; using it again");
+            }
+            Ok(other) => self.redis_failed(
+                "resynchronisation",
+                &redis::RedisError(format!("{other:?}")),
+            ),
+            Err(e) => self.redis_failed("resynchronisation", &e),
+        }
+    }
+
+    pub fn feed<T>(&self, db: &str, f: impl FnOnce(&mut DbFeed) -> T) -> T {
+        let mut feeds = lock(&self.feeds);
+        f(feeds.entry(db.to_string()).or_default())
+    }
+
+    pub fn synced(&self, db: &str) -> bool {
+        self.feed(db, |f| f.synced)
+    }
+
+    /// Marks a database unsynchronised (bypassed) until its listener resynchronises it.
+    pub fn desync(&self, db: &str, why: &str) {
+        let was = self.feed(db, |f| std::mem::replace(&mut f.synced, false));
+        if was {
+            crate::log::warn(&format!(
+                "cache: database \"{db}\" bypassed until resynchronised: {why}"
+            ));
+        }
+    }
+
+    pub fn analysis(&self, key: &AnalysisKey) -> Option<Arc<Analysis>> {
+        lock(&self.analyses).get(key).cloned()
+    }
+
+    pub fn remember_analysis(&self, key: AnalysisKey, a: Analysis) -> Arc<Analysis> {
+        let a = Arc::new(a);
+        let mut m = lock(&self.analyses);
+        if m.len() >= ANALYSES_MAX {
+            m.clear();
+        }
+        m.insert(key, a.clone());
+        a
+    }
+
+    /// Forgets the analyses of a database (its schema changed).
+    pub fn forget_analyses(&self, db: &str) {
+        lock(&self.analyses).retain(|k, _| k.0 != db);
+    }
+
+    /// Applies an announcement's tags to both layers (Redis failures bypass Redis).
+    pub async fn invalidate(&self, db: &str, tags: &[Tag], now_ms: u64) {
+        let keys: Vec<String> = tags.iter().map(Tag::key).collect();
+        lock(&self.local).invalidate(&keys);
+        self.feed(db, |f| {
+            for t in tags {
+                match t {
+                    Tag::Table(_, oid) => {
+                        f.invalidated_at.insert(*oid, now_ms);
+                    }
+                    Tag::Database(_) => {
+                        f.all_at = now_ms;
+                        f.invalidated_at.clear();
+                    }
+                    Tag::User(..) => {}
+                }
+            }
+            if f.invalidated_at.len() > INVALIDATED_MAX {
+                f.all_at = now_ms;
+                f.invalidated_at.clear();
+            }
+        });
+        inc(&self.counters.invalidations);
+        if !self.redis_up() || keys.is_empty() {
+            return;
+        }
+        let Some(r) = &self.redis else { return };
+        let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.INVALIDATE"];
+        args.extend(keys.iter().map(|k| k.as_bytes()));
+        match r.call(&args).await {
+            Ok(Reply::Int(_)) => {}
+            Ok(other) => {
+                self.redis_failed("invalidation", &redis::RedisError(format!("{other:?}")))
+            }
+            Err(e) => self.redis_failed("invalidation", &e),
+        }
+    }
+
+    /// Waits until every announcement committed before now is applied; the LSN it is applied to.
+    /// `None` when the database's listener is not connected or does not answer in time (the
+    /// database is then bypassed until resynchronised).
+    pub async fn barrier(&self, db: &str) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.feed(db, |f| {
+            f.synced && f.barriers.as_ref().is_some_and(|b| b.send(tx).is_ok())
+        });
+        if !sent {
+            return None;
+        }
+        let limit = Duration::from_millis(self.settings.invalidation_timeout_ms);
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(lsn)) => Some(lsn),
+            _ => {
+                inc(&self.counters.barrier_timeouts);
+                self.desync(db, "a barrier was not answered in time");
+                None
+            }
+        }
+    }
+
+    /// The entry for `key`, from the local layer or else Redis (which then fills the local one).
+    pub async fn lookup(&self, key: &str) -> Option<Hit> {
+        let now = unix_ms();
+        if let Some(e) = lock(&self.local).get(key, now) {
+            return Some(Hit {
+                reply: e,
+                layer: "local",
+            });
+        }
+        if !self.redis_up() {
+            return None;
+        }
+        let r = self.redis.as_ref()?;
+        let rkey = entry_key(key);
+        match r.call(&[b"DBOPT.CACHE.GET", rkey.as_bytes()]).await {
+            Ok(Reply::Bulk(Some(v))) => {
+                let Some((fill_lsn, expires_ms, tags, reply)) = decode_value(&v) else {
+                    inc(&self.counters.redis_misses);
+                    return None;
+                };
+                // Versions now: an invalidation applied since the GET answered refuses the copy.
+                let versions = lock(&self.local).versions(&tags);
+                let entry = Arc::new(Entry {
+                    reply,
+                    tags,
+                    versions,
+                    expires_ms,
+                    fill_lsn,
+                });
+                if entry.expires_ms <= now {
+                    inc(&self.counters.redis_misses);
+                    return None;
+                }
+                inc(&self.counters.redis_hits);
+                lock(&self.local).insert(key, entry.clone(), now);
+                Some(Hit {
+                    reply: entry,
+                    layer: "redis",
+                })
+            }
+            Ok(Reply::Bulk(None)) => {
+                inc(&self.counters.redis_misses);
+                None
+            }
+            Ok(other) => {
+                self.redis_failed("GET", &redis::RedisError(format!("{other:?}")));
+                None
+            }
+            Err(e) => {
+                self.redis_failed("GET", &e);
+                None
+            }
+        }
+    }
+
+    /// The tags of an entry: its database's, its tables', and the hint's application tags.
+    pub fn tags_for(database: &str, relations: &[u32], user_tags: &[String]) -> Vec<String> {
+        let mut tags: Vec<String> = vec![Tag::Database(database.to_string()).key()];
+        tags.extend(
+            relations
+                .iter()
+                .map(|&oid| Tag::Table(database.to_string(), oid).key()),
+        );
+        tags.extend(
+            user_tags
+                .iter()
+                .map(|t| Tag::User(database.to_string(), t.clone()).key()),
+        );
+        tags.sort_unstable();
+        tags.dedup();
+        tags
+    }
+
+    /// Takes the versions (local) and token (Redis) a fill must present when it stores.
+    /// `replica_replay`: the replica's replayed LSN before the fill began (`None` on the primary).
+    pub async fn begin_fill(
+        &self,
+        key: &str,
+        database: &str,
+        tags: Vec<String>,
+        ttl: Duration,
+        replica_replay: Option<u64>,
+    ) -> Fill {
+        let versions = lock(&self.local).versions(&tags);
+        let mut token = None;
+        if self.redis_up() {
+            if let Some(r) = &self.redis {
+                let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.TOKEN"];
+                args.extend(tags.iter().map(|t| t.as_bytes()));
+                match r.call(&args).await {
+                    Ok(Reply::Bulk(Some(t))) => token = Some(t),
+                    Ok(Reply::Status(t)) => token = Some(t.into_bytes()),
+                    Ok(other) => {
+                        self.redis_failed("TOKEN", &redis::RedisError(format!("{other:?}")))
+                    }
+                    Err(e) => self.redis_failed("TOKEN", &e),
+                }
+            }
+        }
+        Fill {
+            key: key.to_string(),
+            database: database.to_string(),
+            tags,
+            versions,
+            token,
+            ttl,
+            replica_replay,
+        }
+    }
+
+    /// May a fill read on a replica be stored? Only if the replica had replayed past every
+    /// invalidation of its tables the router applied (`covering` turns a router time into an
+    /// LSN that covers it).
+    pub fn admits(
+        &self,
+        fill: &Fill,
+        relations: &[u32],
+        covering: impl Fn(u64) -> Option<u64>,
+    ) -> bool {
+        let Some(replay) = fill.replica_replay else {
+            return true;
+        };
+        let times: Vec<u64> = self.feed(&fill.database, |f| {
+            let mut t: Vec<u64> = relations
+                .iter()
+                .filter_map(|r| f.invalidated_at.get(r).copied())
+                .collect();
+            if f.all_at > 0 {
+                t.push(f.all_at);
+            }
+            t
+        });
+        times
+            .into_iter()
+            .all(|t| covering(t).is_some_and(|lsn| replay >= lsn))
+    }
+
+    /// Stores a finished fill in both layers (each refuses it if a tag changed since it began).
+    pub async fn store(&self, fill: Fill, reply: Vec<u8>, fill_lsn: u64) {
+        let now = unix_ms();
+        let entry = Arc::new(Entry {
+            reply,
+            tags: fill.tags.clone(),
+            versions: fill.versions,
+            expires_ms: now + fill.ttl.as_millis() as u64,
+            fill_lsn,
+        });
+        lock(&self.local).insert(&fill.key, entry.clone(), now);
+        let (Some(r), Some(token), true) = (&self.redis, &fill.token, self.redis_up()) else {
+            return;
+        };
+        let value = encode_value(&entry);
+        let rkey = entry_key(&fill.key);
+        let ttl = fill.ttl.as_millis().max(1).to_string();
+        let n = fill.tags.len().to_string();
+        let mut args: Vec<&[u8]> = vec![
+            b"DBOPT.CACHE.SET",
+            rkey.as_bytes(),
+            ttl.as_bytes(),
+            &value,
+            b"TAGS",
+            n.as_bytes(),
+        ];
+        args.extend(fill.tags.iter().map(|t| t.as_bytes()));
+        args.push(b"TOKEN");
+        args.push(token);
+        match r.call(&args).await {
+            Ok(Reply::Int(1)) => inc(&self.counters.redis_fills),
+            Ok(Reply::Int(_)) => inc(&self.counters.redis_refused),
+            Ok(other) => self.redis_failed("SET", &redis::RedisError(format!("{other:?}"))),
+            Err(e) => self.redis_failed("SET", &e),
+        }
+    }
+
+    pub fn record_delay(&self, ms: f64) {
+        lock(&self.delay).record(ms);
+    }
+
+    pub fn count_bypass(&self) {
+        inc(&self.counters.bypassed);
+    }
+
+    pub fn count_uncacheable(&self) {
+        inc(&self.counters.uncacheable);
+    }
+
+    pub fn count_not_admitted(&self) {
+        inc(&self.counters.fills_not_admitted);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_values_round_trip_and_reject_garbage() {
+        let e = Entry {
+            reply: b"T...D...C...".to_vec(),
+            tags: vec!["a".into(), "bb".into()],
+            versions: vec![],
+            expires_ms: 77,
+            fill_lsn: 99,
+        };
+        let v = encode_value(&e);
+        let (lsn, exp, tags, reply) = decode_value(&v).unwrap();
+        assert_eq!(
+            (lsn, exp, tags, reply),
+            (99, 77, e.tags.clone(), e.reply.clone())
+        );
+        assert!(decode_value(b"XXXX").is_none());
+        assert!(decode_value(&v[..20]).is_none());
+        let mut bad = v.clone();
+        bad[20] = 0xff; // tag count far beyond the value
+        assert!(decode_value(&bad).is_none());
+    }
+}

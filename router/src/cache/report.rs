@@ -1,0 +1,237 @@
+//! The cache in `/metrics` (Prometheus text, through `querystats::exposition`) and `/status`, and
+//! manual invalidation from the admin endpoint.
+
+use std::sync::atomic::Ordering;
+
+use dbopt_invalidation::{check_user_tag, Tag};
+use dbopt_querystats::exposition::Exposition;
+use serde_json::json;
+
+use crate::cache::{lock, Cache};
+
+/// `/metrics` lines for the cache.
+pub fn metrics(cache: &Cache) -> String {
+    let l = lock(&cache.local).stats;
+    let c = &cache.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let layer = |local: u64, redis: f64| {
+        vec![
+            (vec![("layer", "local")], local as f64),
+            (vec![("layer", "redis")], redis),
+        ]
+    };
+    let mut e = Exposition::default();
+    e.gauges(
+        "dbopt_router_cache_hits_total",
+        "Cache hits, per layer.",
+        &layer(l.hits, get(&c.redis_hits)),
+    )
+    .gauges(
+        "dbopt_router_cache_misses_total",
+        "Cache misses, per layer.",
+        &layer(l.misses, get(&c.redis_misses)),
+    )
+    .gauges(
+        "dbopt_router_cache_fills_total",
+        "Entries stored, per layer.",
+        &layer(l.fills, get(&c.redis_fills)),
+    )
+    .gauges(
+        "dbopt_router_cache_refused_fills_total",
+        "Fills refused because an invalidation raced them, per layer.",
+        &layer(l.refused, get(&c.redis_refused)),
+    )
+    .counter(
+        "dbopt_router_cache_evictions_total",
+        "Local entries evicted by the byte bound.",
+        l.evictions as f64,
+    )
+    .gauge(
+        "dbopt_router_cache_local_bytes",
+        "Bytes held by the local layer.",
+        l.bytes as f64,
+    )
+    .gauge(
+        "dbopt_router_cache_local_entries",
+        "Entries in the local layer.",
+        l.entries as f64,
+    )
+    .counter(
+        "dbopt_router_cache_fills_not_admitted_total",
+        "Replica fills not stored: the replica had not replayed a recent invalidation.",
+        get(&c.fills_not_admitted),
+    )
+    .counter(
+        "dbopt_router_cache_bypassed_total",
+        "Cacheable reads sent to PostgreSQL because the cache could not vouch for them.",
+        get(&c.bypassed),
+    )
+    .counter(
+        "dbopt_router_cache_uncacheable_total",
+        "Hinted reads PostgreSQL's analysis refused.",
+        get(&c.uncacheable),
+    )
+    .counter(
+        "dbopt_router_cache_invalidations_total",
+        "Announcements applied.",
+        get(&c.invalidations),
+    )
+    .counter(
+        "dbopt_router_cache_resyncs_total",
+        "Resynchronisations (listener reconnected, Redis back).",
+        get(&c.resyncs),
+    )
+    .counter(
+        "dbopt_router_cache_redis_errors_total",
+        "Failed Redis calls.",
+        get(&c.redis_errors),
+    )
+    .counter(
+        "dbopt_router_cache_barrier_timeouts_total",
+        "Barriers not answered in time.",
+        get(&c.barrier_timeouts),
+    )
+    .gauge(
+        "dbopt_router_cache_redis_up",
+        "1 while Redis is used.",
+        f64::from(u8::from(cache.redis_up())),
+    );
+    let delay = *lock(&cache.delay);
+    e.histogram_seconds(
+        "dbopt_router_cache_invalidation_delay_seconds",
+        "From a transaction's commit to its invalidation applied in both layers.",
+        &delay,
+    );
+    e.finish()
+}
+
+/// The `cache` section of `/status`.
+pub fn status(cache: &Cache) -> serde_json::Value {
+    let l = lock(&cache.local).stats;
+    let c = &cache.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let delay = *lock(&cache.delay);
+    let feeds: serde_json::Map<String, serde_json::Value> = lock(&cache.feeds)
+        .iter()
+        .map(|(db, f)| {
+            (
+                db.clone(),
+                json!({"synced": f.synced, "processed_lsn": dbopt_invalidation::format_lsn(f.processed_lsn)}),
+            )
+        })
+        .collect();
+    json!({
+        "local": {"hits": l.hits, "misses": l.misses, "fills": l.fills, "refused": l.refused,
+                  "evictions": l.evictions, "bytes": l.bytes, "entries": l.entries},
+        "redis": {"up": cache.redis_up(), "hits": get(&c.redis_hits), "misses": get(&c.redis_misses),
+                  "fills": get(&c.redis_fills), "refused": get(&c.redis_refused), "errors": get(&c.redis_errors)},
+        "bypassed": get(&c.bypassed),
+        "uncacheable": get(&c.uncacheable),
+        "fills_not_admitted": get(&c.fills_not_admitted),
+        "invalidations": get(&c.invalidations),
+        "resyncs": get(&c.resyncs),
+        "invalidation_delay_ms": {"count": delay.n, "p50": delay.quantile_ms(0.5), "p99": delay.quantile_ms(0.99)},
+        "databases": feeds,
+    })
+}
+
+/// What a manual invalidation asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Manual {
+    Tag(String),
+    Table(u32),
+    All,
+}
+
+/// Parses `db=…&tag=…` / `db=…&table=<oid>` / `db=…&all=1` (a form body or query string).
+pub fn parse_manual(form: &str) -> Result<(String, Manual), String> {
+    let mut db = None;
+    let mut what = None;
+    for pair in form.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        let v = percent_decode(v).ok_or_else(|| format!("bad percent-encoding in {k}"))?;
+        let next = match k {
+            "db" => {
+                db = Some(v);
+                continue;
+            }
+            "tag" => {
+                check_user_tag(&v).map_err(|e| e.to_string())?;
+                Manual::Tag(v)
+            }
+            "table" => Manual::Table(
+                v.parse()
+                    .map_err(|_| "table must be an OID (a number)".to_string())?,
+            ),
+            "all" => Manual::All,
+            other => return Err(format!("unknown field {other:?} (db, tag, table, all)")),
+        };
+        if what.replace(next).is_some() {
+            return Err("give exactly one of tag, table, all".into());
+        }
+    }
+    let db = db.filter(|d| !d.is_empty()).ok_or("db is required")?;
+    Ok((db, what.ok_or("give one of tag, table, all")?))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let h = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(h, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Applies a manual invalidation to both layers.
+pub async fn invalidate(cache: &Cache, db: &str, what: &Manual, now_ms: u64) {
+    let tag = match what {
+        Manual::Tag(t) => Tag::User(db.to_string(), t.clone()),
+        Manual::Table(oid) => Tag::Table(db.to_string(), *oid),
+        Manual::All => Tag::Database(db.to_string()),
+    };
+    cache.invalidate(db, &[tag], now_ms).await;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manual_requests() {
+        assert_eq!(
+            parse_manual("db=shop&tag=user%3A42").unwrap(),
+            ("shop".into(), Manual::Tag("user:42".into()))
+        );
+        assert_eq!(
+            parse_manual("db=shop&table=16384").unwrap().1,
+            Manual::Table(16384)
+        );
+        assert_eq!(parse_manual("db=shop&all=1").unwrap().1, Manual::All);
+        assert!(parse_manual("tag=x").is_err());
+        assert!(parse_manual("db=shop").is_err());
+        assert!(parse_manual("db=shop&tag=a&all=1").is_err());
+        assert!(parse_manual("db=shop&table=t").is_err());
+        assert!(parse_manual("db=shop&tag=%ZZ").is_err());
+        assert!(parse_manual("db=shop&evil=1").is_err());
+        assert!(parse_manual("db=shop&tag=").is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! The `[cache]` section of the router's configuration.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Off: nothing is cached and `dbopt:cache` hints are ignored.
+    pub enabled: bool,
+    /// Redis with the dbopt module (`host:port`), the shared layer. Absent: in-process layer only.
+    pub redis: Option<String>,
+    pub redis_user: Option<String>,
+    pub redis_password: Option<String>,
+    /// A Redis call slower than this counts as a failure (the cache is bypassed meanwhile).
+    pub redis_timeout_ms: u64,
+    /// Bytes the in-process layer may hold (replies plus bookkeeping).
+    pub local_max_bytes: u64,
+    /// Replies larger than this are not cached.
+    pub max_entry_bytes: u64,
+    /// TTL of an entry whose hint or rule names none.
+    pub default_ttl_s: u64,
+    /// Longest TTL a hint may ask for.
+    pub max_ttl_s: u64,
+    /// How long a writer's COMMIT waits for its invalidation to be done before the router gives
+    /// up, acknowledges, and bypasses the cache of that database until it has resynchronised.
+    pub invalidation_timeout_ms: u64,
+    /// Statements cached without a hint: by table read or by statement fingerprint.
+    pub rules: Vec<CacheRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheRule {
+    /// `schema.table`: cache every cacheable statement that reads this table.
+    #[serde(default)]
+    pub table: Option<String>,
+    /// A statement fingerprint (`pg_query` fingerprint, hex, as `/status` lists them).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// TTL of entries cached by this rule (default: `default_ttl_s`).
+    #[serde(default)]
+    pub ttl_s: Option<u64>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: false,
+            redis: None,
+            redis_user: None,
+            redis_password: None,
+            redis_timeout_ms: 200,
+            local_max_bytes: 64 << 20,
+            max_entry_bytes: 1 << 20,
+            default_ttl_s: 60,
+            max_ttl_s: 86_400,
+            invalidation_timeout_ms: 1000,
+            rules: Vec::new(),
+        }
+    }
+}
+
+fn bad(field: String, message: &str) -> ConfigError {
+    ConfigError {
+        field: Some(field),
+        message: message.to_string(),
+    }
+}
+
+impl CacheSettings {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(r) = &self.redis {
+            if r.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(bad("cache.redis".into(), "must be host:port"));
+            }
+        }
+        if !(10..=60_000).contains(&self.redis_timeout_ms) {
+            return Err(bad("cache.redis_timeout_ms".into(), "must be 10..=60000"));
+        }
+        if self.max_entry_bytes == 0 || self.max_entry_bytes > self.local_max_bytes.max(1 << 20) {
+            return Err(bad(
+                "cache.max_entry_bytes".into(),
+                "must be > 0 and at most local_max_bytes",
+            ));
+        }
+        if self.default_ttl_s == 0 || self.default_ttl_s > self.max_ttl_s {
+            return Err(bad(
+                "cache.default_ttl_s".into(),
+                "must be > 0 and at most max_ttl_s",
+            ));
+        }
+        if self.max_ttl_s > 365 * 86_400 {
+            return Err(bad("cache.max_ttl_s".into(), "at most a year"));
+        }
+        if !(10..=60_000).contains(&self.invalidation_timeout_ms) {
+            return Err(bad(
+                "cache.invalidation_timeout_ms".into(),
+                "must be 10..=60000",
+            ));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let f = |k: &str| format!("cache.rules[{i}].{k}");
+            match (&r.table, &r.fingerprint) {
+                (Some(t), None)
+                    if t.split('.').count() == 2 && !t.contains(char::is_whitespace) => {}
+                (Some(_), None) => return Err(bad(f("table"), "must be schema.table")),
+                (None, Some(fp)) if fp.len() == 16 && fp.chars().all(|c| c.is_ascii_hexdigit()) => {
+                }
+                (None, Some(_)) => return Err(bad(f("fingerprint"), "must be 16 hex digits")),
+                _ => {
+                    return Err(bad(
+                        format!("cache.rules[{i}]"),
+                        "needs exactly one of table or fingerprint",
+                    ))
+                }
+            }
+            if r.ttl_s.is_some_and(|t| t == 0 || t > self.max_ttl_s) {
+                return Err(bad(f("ttl_s"), "must be > 0 and at most max_ttl_s"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,690 @@
+//! End-to-end: consistent caching on the local HA stack — the extension's commit announcements,
+//! the router's two-layer result cache, and the three promises (read-your-writes, never back in
+//! time, no staleness of the cache's own) under a randomized workload, through a paused replica,
+//! a Redis restart, a dropped listening connection and a failover.
+//!
+//! Size of the randomized run: `DBOPT_CACHE_OPS` operations (default 20,000; the issue's
+//! acceptance run uses 100,000).
+
+// A failed step is a failed test: unwrapping is how it reports.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dbopt_e2e::stack::Stack;
+use dbopt_e2e::wait_for;
+use postgres::fallible_iterator::FallibleIterator;
+
+#[test]
+fn cache_end_to_end() {
+    let stack = Stack::start(1);
+    announcements_cover_every_kind_of_write(&stack);
+    analysis_says_what_may_be_cached(&stack);
+    hits_answer_like_postgresql(&stack);
+    bad_hints_and_manual_invalidation(&stack);
+    read_your_writes_across_connections(&stack);
+    randomized_consistency(&stack);
+}
+
+/// Collects announcements on the primary after `f` ran.
+fn announced(
+    stack: &Stack,
+    listener: &mut postgres::Client,
+    f: impl FnOnce(),
+) -> Vec<serde_json::Value> {
+    let _ = stack;
+    f();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut out = Vec::new();
+    let mut n = listener.notifications();
+    let mut it = n.timeout_iter(Duration::from_millis(300));
+    while let Ok(Some(note)) = it.next() {
+        if note.channel() == "dbopt_invalidate" {
+            out.push(serde_json::from_str(note.payload()).expect("payload is JSON"));
+        }
+    }
+    out
+}
+
+fn oid(c: &mut postgres::Client, table: &str) -> i64 {
+    let o: u32 = c
+        .query_one("SELECT $1::regclass::oid", &[&table])
+        .expect("oid")
+        .get(0);
+    i64::from(o)
+}
+
+fn tables(a: &[serde_json::Value]) -> Vec<i64> {
+    let mut t: Vec<i64> = a
+        .iter()
+        .flat_map(|v| v["tables"].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_i64())
+        .collect();
+    t.sort_unstable();
+    t.dedup();
+    t
+}
+
+fn announcements_cover_every_kind_of_write(stack: &Stack) {
+    let mut l = stack.connect("node0").expect("listener");
+    l.batch_execute("LISTEN dbopt_invalidate").unwrap();
+    let mut w = stack.connect("node0").expect("writer");
+    w.batch_execute(
+        "DROP TABLE IF EXISTS inv_child, inv_parent, inv_t, inv_p CASCADE;
+         CREATE TABLE inv_t (id int PRIMARY KEY, v int);
+         CREATE TABLE inv_parent (id int PRIMARY KEY);
+         CREATE TABLE inv_child (id int, pid int REFERENCES inv_parent (id) ON DELETE CASCADE);
+         CREATE TABLE inv_p (id int, k int) PARTITION BY RANGE (k);
+         CREATE TABLE inv_p1 PARTITION OF inv_p FOR VALUES FROM (0) TO (10);
+         INSERT INTO inv_parent VALUES (1); INSERT INTO inv_child VALUES (1, 1);",
+    )
+    .unwrap();
+    let _ = announced(stack, &mut l, || {});
+    let t = oid(&mut w, "inv_t");
+    let (parent, child) = (oid(&mut w, "inv_parent"), oid(&mut w, "inv_child"));
+    let (p, p1) = (oid(&mut w, "inv_p"), oid(&mut w, "inv_p1"));
+
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("SELECT * FROM inv_t; SELECT * FROM inv_t FOR UPDATE")
+            .unwrap();
+    });
+    assert!(a.is_empty(), "reads and row locks announce nothing: {a:?}");
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("INSERT INTO inv_t VALUES (1, 1)").unwrap();
+    });
+    assert_eq!(tables(&a), vec![t]);
+    assert!(a[0]["lsn"].as_str().is_some_and(|s| s.contains('/')));
+    assert_eq!(a[0]["db"], "postgres");
+    let a = announced(stack, &mut l, || {
+        w.batch_execute(
+            "BEGIN; UPDATE inv_t SET v = 2; UPDATE inv_t SET v = 3;
+             SELECT dbopt.invalidate_tags('user:42', 'team:7'); COMMIT",
+        )
+        .unwrap();
+    });
+    assert_eq!(a.len(), 1, "one announcement per transaction: {a:?}");
+    assert_eq!(a[0]["tags"], serde_json::json!(["team:7", "user:42"]));
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("BEGIN; UPDATE inv_t SET v = 9; ROLLBACK")
+            .unwrap();
+    });
+    assert!(a.is_empty(), "a rollback announces nothing: {a:?}");
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("DELETE FROM inv_parent").unwrap();
+    });
+    assert_eq!(
+        tables(&a),
+        {
+            let mut v = vec![parent, child];
+            v.sort_unstable();
+            v
+        },
+        "a foreign-key cascade is announced"
+    );
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("INSERT INTO inv_p1 VALUES (1, 1)").unwrap();
+    });
+    assert_eq!(
+        tables(&a),
+        vec![p, p1]
+            .into_iter()
+            .min()
+            .into_iter()
+            .chain([p.max(p1)])
+            .collect::<Vec<_>>(),
+        "a partition and its parent"
+    );
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("TRUNCATE inv_t").unwrap();
+    });
+    assert_eq!(tables(&a), vec![t]);
+    let a = announced(stack, &mut l, || {
+        let mut writer = w.copy_in("COPY inv_t (id, v) FROM STDIN").unwrap();
+        std::io::Write::write_all(&mut writer, b"5\t5\n").unwrap();
+        writer.finish().unwrap();
+    });
+    assert_eq!(tables(&a), vec![t], "COPY FROM");
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("ALTER TABLE inv_t ADD COLUMN w int")
+            .unwrap();
+    });
+    assert_eq!(tables(&a), vec![t], "a column added");
+    assert_eq!(a[0]["ddl"], true);
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("CREATE TEMP TABLE tt (a int); INSERT INTO tt VALUES (1)")
+            .unwrap();
+    });
+    assert!(
+        tables(&a).is_empty(),
+        "temporary tables are never announced: {a:?}"
+    );
+    // A trigger's writes to another table.
+    w.batch_execute(
+        "CREATE TABLE inv_log (n int);
+         CREATE FUNCTION inv_log_f() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO inv_log VALUES (1); RETURN NEW; END $$;
+         CREATE TRIGGER inv_log_t AFTER INSERT ON inv_t FOR EACH ROW EXECUTE FUNCTION inv_log_f();",
+    )
+    .unwrap();
+    let _ = announced(stack, &mut l, || {});
+    let log = oid(&mut w, "inv_log");
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("INSERT INTO inv_t VALUES (7, 7)").unwrap();
+    });
+    assert_eq!(
+        tables(&a),
+        {
+            let mut v = vec![t, log];
+            v.sort_unstable();
+            v
+        },
+        "a trigger's write"
+    );
+    // Overflow: thousands of tables in one transaction become one whole-database announcement.
+    let a = announced(stack, &mut l, || {
+        w.batch_execute(
+            "DO $$ BEGIN FOR i IN 1..1200 LOOP EXECUTE format('CREATE TABLE inv_many_%s (a int)', i); END LOOP; END $$;
+             DO $$ BEGIN FOR i IN 1..1200 LOOP EXECUTE format('DROP TABLE inv_many_%s', i); END LOOP; END $$;",
+        )
+        .unwrap();
+        w.batch_execute(
+            "BEGIN; SELECT dbopt.invalidate_tags(VARIADIC array_agg('tag-' || g)) FROM generate_series(1, 2000) g; COMMIT",
+        )
+        .unwrap();
+    });
+    let last = a.last().expect("an announcement");
+    assert_eq!(
+        last["all"], true,
+        "overflow is a whole-database announcement: {last}"
+    );
+    assert!(serde_json::to_string(last).unwrap().len() < 8000);
+
+    // Bad input: precise errors.
+    for (sql, code) in [
+        ("SELECT dbopt.invalidate_tags('')", "22023"),
+        ("SELECT dbopt.invalidate_tags(NULL::text)", "22004"),
+        ("SELECT dbopt.invalidate_tags(repeat('x', 300))", "22023"),
+        ("SELECT dbopt.invalidate_tags(E'a\\nb')", "22023"),
+        ("SELECT dbopt.invalidate_table(1)", "42P01"),
+    ] {
+        let e = w.batch_execute(sql).expect_err(sql);
+        assert_eq!(e.code().map(|c| c.code()), Some(code), "{sql}: {e}");
+    }
+    let mut replica = stack.connect("node1").expect("replica");
+    let e = replica
+        .batch_execute("SELECT dbopt.invalidate_all()")
+        .expect_err("a standby cannot announce");
+    assert_eq!(e.code().map(|c| c.code()), Some("25006"));
+}
+
+fn analysis_says_what_may_be_cached(stack: &Stack) {
+    let mut c = stack.router("app").expect("router");
+    let verdict = |c: &mut postgres::Client, q: &str| -> (bool, Option<String>) {
+        let r = c
+            .query_one(
+                "SELECT cacheable, reason FROM dbopt.cache_analysis($1)",
+                &[&q],
+            )
+            .expect(q);
+        (r.get(0), r.get(1))
+    };
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ca (id int PRIMARY KEY, v int);
+         GRANT ALL ON ca TO app;
+         CREATE OR REPLACE FUNCTION ca_f() RETURNS int LANGUAGE sql STABLE AS 'SELECT count(*)::int FROM inv_t';",
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&mut c, "SELECT v FROM ca WHERE id = $1"),
+        (true, None)
+    );
+    for (q, why) in [
+        ("SELECT now()", "stable"),
+        ("SELECT random()", "volatile"),
+        ("SELECT * FROM ca FOR UPDATE", "FOR UPDATE"),
+        ("SELECT * FROM pg_class", "system catalog"),
+        ("SELECT ca_f()", "stable"),
+        ("SELECT 1; SELECT 2", "one statement"),
+        (
+            "WITH d AS (DELETE FROM ca RETURNING 1) SELECT * FROM d",
+            "modifies",
+        ),
+    ] {
+        let (ok, reason) = verdict(&mut c, q);
+        assert!(!ok, "{q} must not be cacheable");
+        assert!(
+            reason.as_deref().unwrap_or("").contains(why),
+            "{q}: {reason:?}"
+        );
+    }
+    let e = c
+        .query_one("SELECT * FROM dbopt.cache_analysis('SELEC 1')", &[])
+        .expect_err("syntax error");
+    assert_eq!(e.code().map(|c| c.code()), Some("42601"));
+}
+
+fn status(stack: &Stack) -> serde_json::Value {
+    stack.router_status()["cache"].clone()
+}
+
+fn local_hits(stack: &Stack) -> u64 {
+    status(stack)["local"]["hits"].as_u64().unwrap_or(0)
+        + status(stack)["redis"]["hits"].as_u64().unwrap_or(0)
+}
+
+fn hits_answer_like_postgresql(stack: &Stack) {
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute(
+        "DELETE FROM ca; INSERT INTO ca SELECT g, g * 10 FROM generate_series(1, 100) g;",
+    )
+    .unwrap();
+    wait_for(Duration::from_secs(30), "the cache feed", || {
+        status(stack)["databases"]["postgres"]["synced"]
+            .as_bool()
+            .filter(|s| *s)
+    });
+    let mut c = stack.router("app").expect("router");
+    let q = "/* dbopt:cache ttl=60s */ SELECT id, v, v::text || 'x' AS t, 1.5::float8 AS f FROM ca WHERE id <= $1 ORDER BY id";
+    let plain =
+        "SELECT id, v, v::text || 'x' AS t, 1.5::float8 AS f FROM ca WHERE id <= $1 ORDER BY id";
+    let before = local_hits(stack);
+    let expected: Vec<(i32, i32, String, f64)> = c
+        .query(plain, &[&50])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    for _ in 0..5 {
+        // Binary results (the postgres crate asks for binary) from the cache, equal to uncached.
+        let got: Vec<(i32, i32, String, f64)> = c
+            .query(q, &[&50])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(got, expected);
+    }
+    // Simple protocol (text) too, and a prepared statement.
+    let simple = |c: &mut postgres::Client, sql: &str| -> Vec<Vec<Option<String>>> {
+        c.simple_query(sql)
+            .unwrap()
+            .into_iter()
+            .filter_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(r) => {
+                    Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let uncached = simple(&mut c, "SELECT id, v FROM ca WHERE id <= 3 ORDER BY id");
+    for _ in 0..3 {
+        assert_eq!(
+            simple(
+                &mut c,
+                "/* dbopt:cache */ SELECT id, v FROM ca WHERE id <= 3 ORDER BY id"
+            ),
+            uncached
+        );
+    }
+    let st = c
+        .prepare("/* dbopt:cache */ SELECT v FROM ca WHERE id = $1")
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(c.query_one(&st, &[&7]).unwrap().get::<_, i32>(0), 70);
+    }
+    let hits = wait_for(Duration::from_secs(10), "cache hits", || {
+        let h = local_hits(stack) - before;
+        (h >= 8).then_some(h)
+    });
+    eprintln!("cache: {hits} hits for 11 repeated reads");
+    // A write through the router is visible at once, from the cache's point of view too.
+    c.execute("UPDATE ca SET v = v + 1 WHERE id = 7", &[])
+        .unwrap();
+    assert_eq!(c.query_one(&st, &[&7]).unwrap().get::<_, i32>(0), 71);
+    // Settings change the key: DateStyle changes a date's text.
+    c.batch_execute("SET DateStyle = 'ISO, MDY'").unwrap();
+    let iso = simple(
+        &mut c,
+        "/* dbopt:cache */ SELECT DATE '2024-01-02' + id FROM ca WHERE id = 1",
+    );
+    c.batch_execute("SET DateStyle = 'German'").unwrap();
+    let german = simple(
+        &mut c,
+        "/* dbopt:cache */ SELECT DATE '2024-01-02' + id FROM ca WHERE id = 1",
+    );
+    assert_ne!(
+        iso, german,
+        "a setting that changes the text form changes the key"
+    );
+    c.batch_execute("RESET DateStyle").unwrap();
+    // Another role does not share entries (row-level security, privileges).
+    let mut ops = stack.router("ops").expect("ops");
+    let e = ops
+        .query(
+            "/* dbopt:cache */ SELECT id, v FROM ca WHERE id <= $1 ORDER BY id",
+            &[&50],
+        )
+        .expect_err("ops may not read ca");
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e}");
+    // Nothing volatile is cached.
+    let a: f64 = c
+        .query_one("/* dbopt:cache */ SELECT random()", &[])
+        .unwrap()
+        .get(0);
+    let b: f64 = c
+        .query_one("/* dbopt:cache */ SELECT random()", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(a, b);
+}
+
+fn bad_hints_and_manual_invalidation(stack: &Stack) {
+    let mut c = stack.router("app").expect("router");
+    for bad in [
+        "/* dbopt:cache ttl=abc */ SELECT 1",
+        "/* dbopt:cache ttl=0 */ SELECT 1",
+        "/* dbopt:cache colour=red */ SELECT 1",
+        "/* dbopt:cache tags=a,,b */ SELECT 1",
+    ] {
+        let e = c.simple_query(bad).expect_err(bad);
+        assert_eq!(e.code().map(|c| c.code()), Some("22023"), "{bad}: {e}");
+    }
+    assert!(c.simple_query("SELECT 1").is_ok(), "the session goes on");
+
+    // Application tags: a hinted entry goes when its tag is invalidated in SQL or by hand: the
+    // next read is a miss that fills it again.
+    let q = "/* dbopt:cache tags=user:42 */ SELECT v FROM ca WHERE id = 9";
+    let fills = |stack: &Stack| status(stack)["local"]["fills"].as_u64().unwrap_or(0);
+    let refilled = |c: &mut postgres::Client, before: u64| {
+        wait_for(
+            Duration::from_secs(10),
+            "a refill after the invalidation",
+            || {
+                c.query_one(q, &[]).ok()?;
+                (fills(stack) > before).then_some(())
+            },
+        )
+    };
+    c.query_one(q, &[]).unwrap();
+    wait_for(Duration::from_secs(10), "the tagged entry", || {
+        let before = local_hits(stack);
+        c.query_one(q, &[]).ok()?;
+        (local_hits(stack) > before).then_some(())
+    });
+    let before = fills(stack);
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute("SELECT dbopt.invalidate_tags('user:42')")
+        .unwrap();
+    refilled(&mut c, before);
+    let admin = stack.info.router_admin_port;
+    let post = |path: &str, auth: Option<&str>, body: &str| -> (u16, String) {
+        dbopt_e2e::http::post(admin, path, auth, body).expect("admin answers")
+    };
+    assert_eq!(
+        post("/cache/invalidate", None, "db=postgres&tag=user:42").0,
+        401
+    );
+    assert_eq!(
+        post(
+            "/cache/invalidate",
+            Some("Bearer wrong"),
+            "db=postgres&tag=user:42"
+        )
+        .0,
+        401
+    );
+    let token = format!("Bearer {}", "dbopt-admin-token");
+    assert_eq!(
+        post("/cache/invalidate", Some(&token), "db=postgres&tag=").0,
+        400
+    );
+    assert_eq!(
+        post("/cache/invalidate", Some(&token), "db=nope&all=1").0,
+        404
+    );
+    assert_eq!(
+        post("/cache/invalidate", Some(&token), "db=postgres&evil=1").0,
+        400
+    );
+    let before = fills(stack);
+    let (code, body) = post(
+        "/cache/invalidate",
+        Some(&token),
+        "db=postgres&tag=user%3A42",
+    );
+    assert_eq!(code, 200, "{body}");
+    refilled(&mut c, before);
+    let (code, _) = post("/cache/invalidate", Some(&token), "db=postgres&all=1");
+    assert_eq!(code, 200);
+}
+
+fn read_your_writes_across_connections(stack: &Stack) {
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute(
+        "CREATE TABLE IF NOT EXISTS ryw2 (id int PRIMARY KEY, v int);
+         GRANT ALL ON ryw2 TO app;
+         INSERT INTO ryw2 VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET v = 0;",
+    )
+    .unwrap();
+    let mut a = stack.router("app").expect("a");
+    let mut b = stack.router("app").expect("b");
+    let cached = b
+        .prepare("/* dbopt:cache */ SELECT v FROM ryw2 WHERE id = 1")
+        .unwrap();
+    let uncached = b.prepare("SELECT v FROM ryw2 WHERE id = 1").unwrap();
+    let mut misses = 0;
+    for i in 1..=1000 {
+        a.execute("UPDATE ryw2 SET v = $1 WHERE id = 1", &[&i])
+            .unwrap();
+        let st = if i % 2 == 0 { &cached } else { &uncached };
+        let v: i32 = b.query_one(st, &[]).unwrap().get(0);
+        if v != i {
+            misses += 1;
+        }
+    }
+    eprintln!("read-your-writes across two connections of one user: 1000 pairs, {misses} misses");
+    assert_eq!(misses, 0);
+}
+
+/// What every reader checks each read against.
+struct Truth {
+    /// Highest version acknowledged to a router writer, per key (read-your-writes lower bound).
+    acked: Vec<AtomicI64>,
+    violations: Mutex<Vec<String>>,
+    ops: AtomicU64,
+    stop: AtomicBool,
+}
+
+fn connect_retry(f: impl Fn() -> Result<postgres::Client, postgres::Error>) -> postgres::Client {
+    wait_for(Duration::from_secs(120), "a connection", || f().ok())
+}
+
+fn randomized_consistency(stack: &Stack) {
+    let total: u64 = std::env::var("DBOPT_CACHE_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    const KEYS: i32 = 16;
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute(
+        "DROP TABLE IF EXISTS kv; CREATE TABLE kv (id int PRIMARY KEY, ver bigint NOT NULL);
+         GRANT ALL ON kv TO app;",
+    )
+    .unwrap();
+    p.execute(
+        "INSERT INTO kv SELECT g, 0 FROM generate_series(0, $1 - 1) g",
+        &[&KEYS],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let truth = Arc::new(Truth {
+        acked: (0..KEYS).map(|_| AtomicI64::new(0)).collect(),
+        violations: Mutex::new(Vec::new()),
+        ops: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    // Writers: one through the router (user app), one straight on the primary.
+    for direct in [false, true] {
+        let truth = truth.clone();
+        let router_dsn = stack.router_dsn("app");
+        let info = stack.info.clone();
+        handles.push(std::thread::spawn(move || {
+            let connect = || -> Result<postgres::Client, postgres::Error> {
+                if direct {
+                    // Whichever node takes writes now.
+                    for n in &info.nodes {
+                        let dsn = format!(
+                            "host=127.0.0.1 port={} user=postgres password={} dbname=postgres connect_timeout=2",
+                            n.port, info.pg_password
+                        );
+                        if let Ok(mut c) = postgres::Client::connect(&dsn, postgres::NoTls) {
+                            let ro: bool = c.query_one("SELECT pg_is_in_recovery()", &[])?.get(0);
+                            if !ro {
+                                return Ok(c);
+                            }
+                        }
+                    }
+                    postgres::Client::connect("host=127.0.0.1 port=1 connect_timeout=1", postgres::NoTls)
+                } else {
+                    postgres::Client::connect(&router_dsn, postgres::NoTls)
+                }
+            };
+            let mut c = connect_retry(connect);
+            let mut i = 0u64;
+            while !truth.stop.load(Ordering::Relaxed) {
+                i += 1;
+                let key = (i.wrapping_mul(2_654_435_761) % KEYS as u64) as i32;
+                match c.query_one("UPDATE kv SET ver = ver + 1 WHERE id = $1 RETURNING ver", &[&key]) {
+                    Ok(r) => {
+                        if !direct {
+                            truth.acked[key as usize].fetch_max(r.get::<_, i64>(0), Ordering::SeqCst);
+                        }
+                        truth.ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        c = connect_retry(connect);
+                    }
+                }
+            }
+        }));
+    }
+    // Readers through the router: cached and uncached reads mixed, every read checked.
+    for reader in 0..3u64 {
+        let truth = truth.clone();
+        let dsn = stack.router_dsn("app");
+        handles.push(std::thread::spawn(move || {
+            let connect = || postgres::Client::connect(&dsn, postgres::NoTls);
+            let mut c = connect_retry(connect);
+            let mut seen: HashMap<i32, i64> = HashMap::new();
+            let mut x = reader.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            while !truth.stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key = (x % KEYS as u64) as i32;
+                let cached = x % 3 != 0;
+                let floor = truth.acked[key as usize].load(Ordering::SeqCst);
+                let sql = if cached {
+                    "/* dbopt:cache */ SELECT ver FROM kv WHERE id = $1"
+                } else {
+                    "SELECT ver FROM kv WHERE id = $1"
+                };
+                let v: i64 = match c.query_one(sql, &[&key]) {
+                    Ok(r) => r.get(0),
+                    Err(_) => {
+                        // A failover or a dropped connection: a new connection is a new client.
+                        std::thread::sleep(Duration::from_millis(50));
+                        c = connect_retry(connect);
+                        seen.clear();
+                        continue;
+                    }
+                };
+                truth.ops.fetch_add(1, Ordering::Relaxed);
+                let mut bad = Vec::new();
+                if v < floor {
+                    bad.push(format!("read-your-writes: key {key} read {v} after {floor} was acknowledged (cached {cached})"));
+                }
+                if let Some(&prev) = seen.get(&key) {
+                    if v < prev {
+                        bad.push(format!("back in time: key {key} read {v} after {prev} (cached {cached})"));
+                    }
+                }
+                seen.insert(key, v.max(seen.get(&key).copied().unwrap_or(0)));
+                if !bad.is_empty() {
+                    truth.violations.lock().unwrap().extend(bad);
+                }
+            }
+        }));
+    }
+    let phase = |name: &str, until: u64| {
+        eprintln!(
+            "consistency: {name} (ops so far {})",
+            truth.ops.load(Ordering::Relaxed)
+        );
+        wait_for(Duration::from_secs(600), name, || {
+            (truth.ops.load(Ordering::Relaxed) >= until).then_some(())
+        });
+    };
+    phase("steady", total / 5);
+    // A replica lags on purpose.
+    let mut lagging = stack.connect("node2").unwrap();
+    lagging
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .unwrap();
+    phase("node2 paused", 2 * total / 5);
+    lagging
+        .batch_execute("SELECT pg_wal_replay_resume()")
+        .unwrap();
+    // Redis restarts (entries and tags gone; the router bypasses it, then resynchronises).
+    let out = stack.script(&["restart-redis"]);
+    assert!(
+        out.status.success(),
+        "restart redis: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    phase("after a Redis restart", 3 * total / 5);
+    // The listening connection drops.
+    let killed: i64 = p
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'dbopt-router cache listener'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "the listener was connected");
+    phase("after the listener was dropped", 4 * total / 5);
+    // A failover.
+    let out = stack.script(&["kill", "node0"]);
+    assert!(out.status.success(), "kill node0");
+    phase("after a failover", total);
+    truth.stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.join().unwrap();
+    }
+    let st = status(stack);
+    eprintln!(
+        "consistency: {} operations in {:.1} s; cache status {}",
+        truth.ops.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+        st
+    );
+    let v = truth.violations.lock().unwrap();
+    assert!(
+        v.is_empty(),
+        "{} violations, first: {:?}",
+        v.len(),
+        &v[..v.len().min(10)]
+    );
+    assert!(
+        st["local"]["hits"].as_u64().unwrap_or(0) > 0,
+        "the cache was used"
+    );
+}
