@@ -27,6 +27,9 @@ static ADVISOR_MIN_ROWS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// Every this many top-level executions (per backend), the plan of the statement is sampled for
 /// index advice over the whole workload, not only slow queries. 0: off.
 static PLAN_SAMPLE_EVERY: GucSetting<i32> = GucSetting::<i32>::new(1000);
+/// Announce the tables each committed transaction wrote (NOTIFY dbopt_invalidate), for caches.
+/// Superuser-only: a client that turned it off could leave stale entries for everyone else.
+static ANNOUNCE: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -133,6 +136,14 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"dbopt.announce",
+        c"Announce the tables each committed transaction wrote (NOTIFY dbopt_invalidate).",
+        c"Caches in front of the database (dbopt-router) rely on it; turn it off only to measure its cost.",
+        &ANNOUNCE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     // A misspelt `dbopt.` setting is an error, not a silently ignored placeholder.
     // SAFETY: called once from _PG_init, after every dbopt setting is defined.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"dbopt".as_ptr()) };
@@ -171,6 +182,9 @@ pub fn n_plus_one() -> dbopt_querystats::nplusone::Config {
 pub fn plan_sample_every() -> Option<u32> {
     let v = PLAN_SAMPLE_EVERY.get();
     (v > 0).then_some(v as u32)
+}
+pub fn announce() -> bool {
+    ANNOUNCE.get()
 }
 pub fn advisor_min_rows() -> i64 {
     i64::from(ADVISOR_MIN_ROWS.get())

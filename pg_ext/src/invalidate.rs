@@ -240,11 +240,12 @@ unsafe extern "C-unwind" fn xact_callback(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_PRE_COMMIT => {
-            if PENDING.with(|p| !p.borrow().is_empty()) {
+            if PENDING.with(|p| !p.borrow().is_empty()) && crate::gucs::announce() {
                 announce();
             }
         }
         // A prepared transaction cannot NOTIFY: its COMMIT PREPARED announces the database.
+        // (Pre-commit took what it announced; this also clears what `dbopt.announce = off` kept.)
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_COMMIT => {
             PENDING.with(|p| *p.borrow_mut() = Pending::default());
         }

@@ -11,12 +11,8 @@ use crate::cache::{Analysis, Cache, Fill};
 use crate::classify::Kind;
 use crate::config::{PoolMode, ReadYourWrites};
 use crate::protocol as p;
-use crate::server::{ServerConn, SetupError};
+use crate::server::ServerConn;
 use crate::session::{Attached, Session, Step};
-
-/// PostgreSQL's verdict on a statement, asked on the client's own server connection.
-const ANALYSIS_SQL: &str = "SELECT cacheable, reason, relations::text, relation_names::text \
-     FROM dbopt.cache_analysis($1, $2::oid[])";
 
 /// What the cache does with a batch.
 pub(crate) enum CachePlan {
@@ -37,6 +33,8 @@ pub(crate) struct PendingFill {
 /// A reply being captured for the cache.
 pub(crate) struct Capture {
     fill: Fill,
+    /// For a write-through rule's entry: what refreshes it (registered once it stored).
+    spec: Option<crate::cache::refresh::Spec>,
     relations: Vec<u32>,
     buf: Vec<u8>,
     spoiled: bool,
@@ -59,31 +57,6 @@ impl Capture {
             }
         }
     }
-}
-
-/// `{1,2}` (PostgreSQL's text form of an array of numbers) as numbers.
-fn parse_oid_array(s: &str) -> Option<Vec<u32>> {
-    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
-    if inner.is_empty() {
-        return Some(Vec::new());
-    }
-    inner.split(',').map(|x| x.parse().ok()).collect()
-}
-
-/// `{a.b,"c d.e"}` as strings (names with special characters come quoted).
-fn parse_text_array(s: &str) -> Vec<String> {
-    let inner = s.trim_start_matches('{').trim_end_matches('}');
-    if inner.is_empty() {
-        return Vec::new();
-    }
-    inner
-        .split(',')
-        .map(|x| {
-            x.trim_matches('"')
-                .replace("\\\"", "\"")
-                .replace("\\\\", "\\")
-        })
-        .collect()
 }
 
 impl Session {
@@ -149,7 +122,12 @@ impl Session {
                 return Ok(CachePlan::Answered);
             }
         };
-        if hint.is_none() && cache.settings.rules.is_empty() {
+        // A `[[cache.warm]]` statement is cached by configuration, like a rule's.
+        let warm = cache
+            .refresher
+            .as_ref()
+            .is_some_and(|r| r.spec(&req.key).is_some());
+        if hint.is_none() && cache.settings.rules.is_empty() && !warm {
             return Ok(CachePlan::None);
         }
         if self.class_of_text(&req.text).kind != Kind::Read {
@@ -170,16 +148,26 @@ impl Session {
             search_path,
             req.shape.clone(),
         );
-        if let Some(a) = cache.analysis(&analysis_key) {
+        let analysis = cache.analysis(&analysis_key);
+        if let Some(a) = &analysis {
             if !a.cacheable {
                 cache.count_uncacheable();
                 return Ok(CachePlan::None);
             }
-            if hint.is_none() && rule_for(&cache, &text, &a).is_none() {
+            if hint.is_none() && !warm && rule_for(&cache, &text, a).is_none() {
                 return Ok(CachePlan::None);
             }
+        }
+        // Not analysed here yet: only a warm statement's entry may exist (the router analysed it
+        // under this very key when it filled it).
+        if analysis.is_some() || warm {
             if self.may_hit(&cache).await {
                 if let Some(hit) = cache.lookup(&req.key).await {
+                    // A named Parse answered from the cache still defines the statement.
+                    let class = self.class_of_text(&req.text);
+                    for (_, msg) in batch.iter().filter(|(t, _)| *t == b'P') {
+                        crate::translate::remember_parse(&mut self.statements, msg, class);
+                    }
                     self.out.extend_from_slice(&hit.reply.reply);
                     p::put_ready(&mut self.out, b'I');
                     self.floor.after_hit(hit.reply.fill_lsn);
@@ -219,6 +207,7 @@ impl Session {
         &mut self,
         conn: &mut ServerConn,
         plan: PendingFill,
+        batch: &[(u8, Vec<u8>)],
         node: usize,
         is_primary: bool,
     ) -> Option<Capture> {
@@ -231,47 +220,17 @@ impl Session {
         let analysis = match cache.analysis(&analysis_key) {
             Some(a) => a,
             None => {
-                let types = format!(
-                    "{{{}}}",
-                    req.param_types
-                        .iter()
-                        .map(u32::to_string)
-                        .collect::<Vec<_>>()
-                        .join(",")
-                );
-                let a = match conn
-                    .statements(&[(ANALYSIS_SQL, &[&req.text, types.as_bytes()])])
-                    .await
-                {
-                    Ok(rows) => {
-                        let row = rows.into_iter().next().unwrap_or_default();
-                        let col = |i: usize| row.get(i).cloned().flatten();
-                        Analysis {
-                            cacheable: col(0).as_deref() == Some("t"),
-                            reason: col(1),
-                            relations: col(2)
-                                .as_deref()
-                                .and_then(parse_oid_array)
-                                .unwrap_or_default(),
-                            names: col(3).as_deref().map(parse_text_array).unwrap_or_default(),
-                        }
-                    }
-                    // The statement does not analyse (a syntax error, an unknown table...), or
-                    // the extension is missing: not cacheable; the batch reports its own error.
-                    Err(SetupError::Refused(r)) => Analysis {
-                        cacheable: false,
-                        reason: Some(format!("{} ({})", r.message, r.code)),
-                        relations: Vec::new(),
-                        names: Vec::new(),
-                    },
-                    Err(SetupError::Lost(_)) => return None,
-                };
+                let a = crate::cache::analyse_on(conn, &req.text, &req.param_types).await?;
                 cache.remember_analysis(analysis_key, a)
             }
         };
         let text = String::from_utf8_lossy(&req.text);
         let rule = rule_for(&cache, &text, &analysis);
-        if !analysis.cacheable || (hint.is_none() && rule.is_none()) {
+        let warm = cache
+            .refresher
+            .as_ref()
+            .is_some_and(|r| r.spec(&req.key).is_some());
+        if !analysis.cacheable || (hint.is_none() && rule.is_none() && !warm) {
             if analysis.cacheable {
                 return None;
             }
@@ -284,17 +243,34 @@ impl Session {
             return None;
         }
         let tags = hint.map(|h| h.tags).unwrap_or_default();
+        let tags = Cache::tags_for(&self.database, &analysis.relations, &tags);
+        let spec = match (rule.as_ref().is_some_and(|r| r.write_through), &self.auth) {
+            (true, Some(auth)) => crate::cache::refresh::self_contained(batch, &self.statements)
+                .map(|(b, added_parse)| crate::cache::refresh::Spec {
+                    key: req.key.clone(),
+                    database: self.database.clone(),
+                    login: auth.login.clone(),
+                    settings: self.settings.clone(),
+                    batch: b,
+                    added_parse,
+                    tags: Some(tags.clone()),
+                    ttl,
+                    write_through: true,
+                }),
+            _ => None,
+        };
         let fill = cache
             .begin_fill(
                 &req.key,
                 &self.database,
-                Cache::tags_for(&self.database, &analysis.relations, &tags),
+                tags,
                 ttl,
                 if is_primary { None } else { replay },
             )
             .await;
         Some(Capture {
             fill,
+            spec,
             relations: analysis.relations.clone(),
             buf: Vec::new(),
             spoiled: false,
@@ -320,6 +296,7 @@ impl Session {
                 fill,
                 relations,
                 buf,
+                spec,
                 ..
             } = capture;
             let Some(lsn) = cache.barrier(&fill.database).await else {
@@ -334,6 +311,9 @@ impl Session {
                 return;
             }
             cache.store(fill, buf, lsn).await;
+            if let (Some(spec), Some(r)) = (spec, &cache.refresher) {
+                r.register(spec);
+            }
         });
     }
 }
@@ -357,17 +337,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arrays_from_text() {
-        assert_eq!(parse_oid_array("{1,22}"), Some(vec![1, 22]));
-        assert_eq!(parse_oid_array("{}"), Some(vec![]));
-        assert_eq!(parse_oid_array("{x}"), None);
-        assert_eq!(
-            parse_text_array("{public.a,\"odd schema.b\"}"),
-            vec!["public.a", "odd schema.b"]
-        );
-    }
-
-    #[test]
     fn captures_only_plain_results() {
         let fill = Fill {
             key: "k".into(),
@@ -380,6 +349,7 @@ mod tests {
         };
         let mut c = Capture {
             fill,
+            spec: None,
             relations: vec![],
             buf: vec![],
             spoiled: false,

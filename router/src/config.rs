@@ -531,7 +531,13 @@ impl Config {
                 ));
             }
         }
-        self.cache.validate()?;
+        let users: Vec<&str> = self.users.iter().map(|u| u.name.as_str()).collect();
+        let databases = if self.databases.is_empty() {
+            vec![self.server.database.clone()]
+        } else {
+            self.databases.clone()
+        };
+        self.cache.validate(&users, &databases)?;
         Ok(())
     }
 

@@ -88,6 +88,7 @@ impl Session {
         if matches!(tag, b'Q' | b'S') {
             att.batch_open = false;
         }
+        att.executed |= matches!(tag, b'Q' | b'E');
         if let (Some(class), true) = (class, classify) {
             att.wrote |= class.writes();
             if class.session {
@@ -453,7 +454,7 @@ impl Session {
     pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
         self.shared.set_cancel_target(self.key, None);
         let now = self.shared.now_ms();
-        if !att.wrote_here {
+        if !att.wrote_here && att.executed {
             self.floor.after_read(att.node, now);
         }
         self.retry_batch = None;

@@ -57,6 +57,24 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                 db,
             ));
         }
+        // Warm statements are registered before any listener resynchronises (which queues them).
+        if let Some(r) = &cache.refresher {
+            for spec in crate::cache::refresh::warm_specs(&shared) {
+                r.register(spec);
+            }
+        }
+        let queue = cache
+            .refresh_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = queue {
+            tokio::spawn(crate::cache::refresh::run(
+                shared.clone(),
+                cache.clone(),
+                rx,
+            ));
+        }
     }
     {
         let shared = shared.clone();

@@ -292,6 +292,48 @@ impl ServerConn {
 
     /// Sends `out` and reads until `ready` ReadyForQuery messages came back: ParameterStatus is
     /// recorded, an error or a transaction left open fails it; returns the data rows.
+    /// Sends a client batch as it is (ending in Sync or a Query) and returns the server's reply
+    /// bytes up to its ReadyForQuery (excluded): the cache's fills done by the router itself.
+    /// Notifications are kept for the next client; an ErrorResponse is a refusal.
+    pub async fn replay(&mut self, batch: &[u8]) -> Result<Vec<u8>, SetupError> {
+        self.stream
+            .write_all(batch)
+            .await
+            .map_err(|e| SetupError::Lost(e.to_string()))?;
+        let (mut reply, mut failure) = (Vec::new(), None);
+        loop {
+            let (tag, msg) = self
+                .read_message()
+                .await
+                .map_err(|e| SetupError::Lost(e.to_string()))?;
+            match tag {
+                b'A' => self.notifications.extend_from_slice(&msg),
+                b'E' => {
+                    let (code, message) = protocol::error_fields(body(&msg));
+                    failure.get_or_insert(Refusal { code, message });
+                }
+                // Notices and setting reports are not part of a cacheable answer.
+                b'N' | b'S' => {
+                    failure.get_or_insert(Refusal {
+                        code: "01000".into(),
+                        message: "the statement sent a notice or changed a setting".into(),
+                    });
+                }
+                b'Z' => {
+                    return match failure {
+                        Some(f) => Err(SetupError::Refused(f)),
+                        None if body(&msg) == b"I" => Ok(reply),
+                        None => Err(SetupError::Refused(Refusal {
+                            code: "25001".into(),
+                            message: "connection left inside a transaction".into(),
+                        })),
+                    };
+                }
+                _ => reply.extend_from_slice(&msg),
+            }
+        }
+    }
+
     async fn exchange(
         &mut self,
         out: &[u8],

@@ -65,6 +65,9 @@ pub(crate) struct Attached {
     pub(crate) capture: Option<Capture>,
     /// A write was committed during this attachment (the floor was raised for it).
     pub(crate) wrote_here: bool,
+    /// Something ran (an Execute or a Query): a Parse/Describe alone reads no data, and leaves
+    /// the client's floor where it was.
+    pub(crate) executed: bool,
 }
 
 pub struct Session {
@@ -506,9 +509,12 @@ impl Session {
             started: Instant::now(),
             capture: None,
             wrote_here: false,
+            executed: batch.iter().any(|(tag, _)| matches!(tag, b'E' | b'Q')),
         };
         if let CachePlan::Fill(p) = plan {
-            att.capture = self.prepare_fill(&mut att.conn, *p, node, is_primary).await;
+            att.capture = self
+                .prepare_fill(&mut att.conn, *p, &batch, node, is_primary)
+                .await;
         }
         self.shared.set_cancel_target(
             self.key,

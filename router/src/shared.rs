@@ -279,6 +279,9 @@ pub fn reload_problem(old: &Config, new: &Config) -> Option<String> {
     if old.server != new.server {
         return Some("[server] changed: restart the router to apply it".into());
     }
+    if old.cache != new.cache {
+        return Some("[cache] changed: restart the router to apply it".into());
+    }
     None
 }
 

@@ -61,6 +61,28 @@ fn server_name(hash: u64) -> Vec<u8> {
     format!("dbopt_{hash:016x}").into_bytes()
 }
 
+/// Records a client's named Parse in its statements without a server (a batch the cache
+/// answered: later Binds of that name must find it). Unnamed and malformed Parses are ignored.
+pub(crate) fn remember_parse(statements: &mut Statements, msg: &[u8], class: Class) {
+    let Ok(m) = p::parse_parse(body(msg)) else {
+        return;
+    };
+    if m.name.is_empty() {
+        return;
+    }
+    let hash = statement_hash(m.query, m.param_types);
+    statements.insert(
+        m.name.to_vec(),
+        Arc::new(Statement {
+            hash,
+            server_name: server_name(hash),
+            query: m.query.to_vec(),
+            param_types: m.param_types.to_vec(),
+            class,
+        }),
+    );
+}
+
 /// The translation state of one client on one server connection.
 #[derive(Debug, Default)]
 pub(crate) struct Link {

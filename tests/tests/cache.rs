@@ -20,12 +20,21 @@ use postgres::fallible_iterator::FallibleIterator;
 
 #[test]
 fn cache_end_to_end() {
+    // A small in-process layer: entries fall out of it often, so Redis serves hits too.
+    std::env::set_var("DBOPT_CACHE_LOCAL_BYTES", "3000");
+    // A write-through rule and a warm statement for `write_through_and_warming`.
+    std::env::set_var(
+        "DBOPT_ROUTER_EXTRA",
+        "[[cache.rules]]\ntable = \"public.wt\"\nwrite_through = true\n\n\
+         [[cache.warm]]\nuser = \"app\"\ndatabase = \"postgres\"\nsql = \"SELECT count(*) FROM warm_t\"\n",
+    );
     let stack = Stack::start(1);
     announcements_cover_every_kind_of_write(&stack);
     analysis_says_what_may_be_cached(&stack);
     hits_answer_like_postgresql(&stack);
     bad_hints_and_manual_invalidation(&stack);
     read_your_writes_across_connections(&stack);
+    write_through_and_warming(&stack);
     randomized_consistency(&stack);
 }
 
@@ -51,7 +60,7 @@ fn announced(
 
 fn oid(c: &mut postgres::Client, table: &str) -> i64 {
     let o: u32 = c
-        .query_one("SELECT $1::regclass::oid", &[&table])
+        .query_one("SELECT $1::text::regclass::oid", &[&table])
         .expect("oid")
         .get(0);
     i64::from(o)
@@ -489,12 +498,111 @@ fn read_your_writes_across_connections(stack: &Stack) {
     }
     eprintln!("read-your-writes across two connections of one user: 1000 pairs, {misses} misses");
     assert_eq!(misses, 0);
+
+    // Another user, whose cached entry was a hit just before: once a write through the router is
+    // acknowledged, its next read is current (the invalidation was done before the acknowledgement).
+    p.batch_execute("GRANT SELECT ON ryw2 TO ops").unwrap();
+    let mut other = stack.router("ops").expect("ops");
+    // Prepared once: each read is one Bind/Execute/Sync, nothing else goes to a server.
+    let q = other
+        .prepare("/* dbopt:cache */ SELECT v FROM ryw2 WHERE id = 1")
+        .unwrap();
+    let mut stale = 0;
+    for i in 1001..=1300 {
+        // Fill, then hit (the entry is in place and the reader's floor is settled).
+        other.query_one(&q, &[]).unwrap();
+        other.query_one(&q, &[]).unwrap();
+        a.execute("UPDATE ryw2 SET v = $1 WHERE id = 1", &[&i])
+            .unwrap();
+        let v: i32 = other.query_one(&q, &[]).unwrap().get(0);
+        stale += u32::from(v != i);
+    }
+    eprintln!("another user's cached read right after 300 acknowledged writes: {stale} stale");
+    assert_eq!(stale, 0);
+}
+
+fn counter(stack: &Stack, name: &str) -> u64 {
+    status(stack)[name].as_u64().unwrap_or(0)
+}
+
+fn write_through_and_warming(stack: &Stack) {
+    let mut p = stack.connect("node0").unwrap();
+    p.batch_execute(
+        "CREATE TABLE wt (id int PRIMARY KEY, v int); GRANT ALL ON wt TO app;
+         INSERT INTO wt VALUES (1, 1);
+         CREATE TABLE warm_t (n int); GRANT SELECT ON warm_t TO app;
+         INSERT INTO warm_t VALUES (1), (2), (3);",
+    )
+    .unwrap();
+    // Write-through (a rule by table, no hint): after a write through the router, the other
+    // connection's next read is a hit, and current.
+    let mut a = stack.router("app").unwrap();
+    let mut b = stack.router("app").unwrap();
+    let q = "SELECT v FROM wt WHERE id = 1";
+    assert_eq!(b.query_one(q, &[]).unwrap().get::<_, i32>(0), 1);
+    wait_for(Duration::from_secs(10), "the first wt entry", || {
+        let before = local_hits(stack);
+        b.query_one(q, &[]).ok()?;
+        (local_hits(stack) > before).then_some(())
+    });
+    let mut hits = 0;
+    for i in 2..=21 {
+        a.execute("UPDATE wt SET v = $1 WHERE id = 1", &[&i])
+            .unwrap();
+        let before = local_hits(stack);
+        assert_eq!(
+            b.query_one(q, &[]).unwrap().get::<_, i32>(0),
+            i,
+            "current after the write"
+        );
+        hits += u32::from(local_hits(stack) > before);
+    }
+    eprintln!(
+        "write-through: {hits} of 20 reads right after a write were hits ({} refreshes)",
+        counter(stack, "refreshes")
+    );
+    // Without write-through every one of them misses (the write invalidated the entry).
+    assert!(
+        hits >= 10,
+        "write-through refreshed only {hits} of 20 entries"
+    );
+
+    // Warming: the warm statement (its table did not exist when the router started) is filled
+    // when the router resynchronises; a new client's first read is then a hit.
+    let before = counter(stack, "refreshes");
+    p.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'dbopt-router cache listener'",
+    )
+    .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the warm statement to be filled",
+        || (counter(stack, "refreshes") > before).then_some(()),
+    );
+    let mut fresh = stack.router("app").unwrap();
+    let before = local_hits(stack);
+    let rows = fresh.simple_query("SELECT count(*) FROM warm_t").unwrap();
+    assert!(matches!(&rows[0], postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("3")));
+    assert_eq!(
+        local_hits(stack),
+        before + 1,
+        "the first read of a warm statement is a hit"
+    );
 }
 
 /// What every reader checks each read against.
 struct Truth {
     /// Highest version acknowledged to a router writer, per key (read-your-writes lower bound).
     acked: Vec<AtomicI64>,
+    /// Every acknowledged write: (when, key, version, through the router).
+    writes: Mutex<Vec<(Instant, i32, i64, bool)>>,
+    /// Reads by another router user (`ops`, which reads on the primary when it misses): (started,
+    /// key, version read, cached).
+    other_reads: Mutex<Vec<(Instant, i32, i64, bool)>>,
+    /// Writers hold off while set (around the failover: asynchronous replication may lose the
+    /// last commits of a killed primary, which is not the cache's doing).
+    hold_writes: AtomicBool,
     violations: Mutex<Vec<String>>,
     ops: AtomicU64,
     stop: AtomicBool,
@@ -509,21 +617,25 @@ fn randomized_consistency(stack: &Stack) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    const KEYS: i32 = 16;
+    // Keys live in four tables (key % 4); writes favour the first, so the others stay cached
+    // long enough for hits while the first churns.
+    const KEYS: i32 = 32;
     let mut p = stack.connect("node0").unwrap();
-    p.batch_execute(
-        "DROP TABLE IF EXISTS kv; CREATE TABLE kv (id int PRIMARY KEY, ver bigint NOT NULL);
-         GRANT ALL ON kv TO app;",
-    )
-    .unwrap();
-    p.execute(
-        "INSERT INTO kv SELECT g, 0 FROM generate_series(0, $1 - 1) g",
-        &[&KEYS],
-    )
-    .unwrap();
+    for t in 0..4 {
+        p.batch_execute(&format!(
+            "DROP TABLE IF EXISTS kv_{t};
+             CREATE TABLE kv_{t} (id int PRIMARY KEY, ver bigint NOT NULL);
+             GRANT ALL ON kv_{t} TO app;
+             INSERT INTO kv_{t} SELECT g, 0 FROM generate_series(0, {KEYS} - 1) g WHERE g % 4 = {t};"
+        ))
+        .unwrap();
+    }
     std::thread::sleep(Duration::from_millis(500));
     let truth = Arc::new(Truth {
         acked: (0..KEYS).map(|_| AtomicI64::new(0)).collect(),
+        writes: Mutex::new(Vec::new()),
+        other_reads: Mutex::new(Vec::new()),
+        hold_writes: AtomicBool::new(false),
         violations: Mutex::new(Vec::new()),
         ops: AtomicU64::new(0),
         stop: AtomicBool::new(false),
@@ -559,13 +671,28 @@ fn randomized_consistency(stack: &Stack) {
             let mut c = connect_retry(connect);
             let mut i = 0u64;
             while !truth.stop.load(Ordering::Relaxed) {
+                if truth.hold_writes.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
                 i += 1;
-                let key = (i.wrapping_mul(2_654_435_761) % KEYS as u64) as i32;
-                match c.query_one("UPDATE kv SET ver = ver + 1 WHERE id = $1 RETURNING ver", &[&key]) {
+                let r = i.wrapping_mul(2_654_435_761);
+                // 70 % of writes to table 0, 20 % to 1, 8 % to 2, 2 % to 3.
+                let table = match r % 100 {
+                    0..=69 => 0,
+                    70..=89 => 1,
+                    90..=97 => 2,
+                    _ => 3,
+                };
+                let key = ((r / 100) % (KEYS as u64 / 4)) as i32 * 4 + table;
+                let sql = format!("UPDATE kv_{table} SET ver = ver + 1 WHERE id = $1 RETURNING ver");
+                match c.query_one(&sql, &[&key]) {
                     Ok(r) => {
+                        let v: i64 = r.get(0);
                         if !direct {
-                            truth.acked[key as usize].fetch_max(r.get::<_, i64>(0), Ordering::SeqCst);
+                            truth.acked[key as usize].fetch_max(v, Ordering::SeqCst);
                         }
+                        truth.writes.lock().unwrap().push((Instant::now(), key, v, !direct));
                         truth.ops.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {
@@ -593,11 +720,11 @@ fn randomized_consistency(stack: &Stack) {
                 let cached = x % 3 != 0;
                 let floor = truth.acked[key as usize].load(Ordering::SeqCst);
                 let sql = if cached {
-                    "/* dbopt:cache */ SELECT ver FROM kv WHERE id = $1"
+                    format!("/* dbopt:cache */ SELECT ver FROM kv_{} WHERE id = $1", key % 4)
                 } else {
-                    "SELECT ver FROM kv WHERE id = $1"
+                    format!("SELECT ver FROM kv_{} WHERE id = $1", key % 4)
                 };
-                let v: i64 = match c.query_one(sql, &[&key]) {
+                let v: i64 = match c.query_one(&sql, &[&key]) {
                     Ok(r) => r.get(0),
                     Err(_) => {
                         // A failover or a dropped connection: a new connection is a new client.
@@ -620,6 +747,50 @@ fn randomized_consistency(stack: &Stack) {
                 seen.insert(key, v.max(seen.get(&key).copied().unwrap_or(0)));
                 if !bad.is_empty() {
                     truth.violations.lock().unwrap().extend(bad);
+                }
+            }
+        }));
+    }
+    // Another user: no read-your-writes relation with the writers, and critical (its misses
+    // read the primary), so what it reads is checked against the acknowledged writes themselves.
+    p.batch_execute(
+        &(0..4)
+            .map(|t| format!("GRANT SELECT ON kv_{t} TO ops;"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    {
+        let truth = truth.clone();
+        let dsn = stack.router_dsn("ops");
+        handles.push(std::thread::spawn(move || {
+            let connect = || postgres::Client::connect(&dsn, postgres::NoTls);
+            let mut c = connect_retry(connect);
+            let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+            while !truth.stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let key = (x % KEYS as u64) as i32;
+                let cached = !x.is_multiple_of(4);
+                let sql = format!(
+                    "{}SELECT ver FROM kv_{} WHERE id = $1",
+                    if cached { "/* dbopt:cache */ " } else { "" },
+                    key % 4
+                );
+                let started = Instant::now();
+                match c.query_one(&sql, &[&key]) {
+                    Ok(r) => {
+                        truth
+                            .other_reads
+                            .lock()
+                            .unwrap()
+                            .push((started, key, r.get(0), cached));
+                        truth.ops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(50));
+                        c = connect_retry(connect);
+                    }
                 }
             }
         }));
@@ -661,10 +832,24 @@ fn randomized_consistency(stack: &Stack) {
         .get(0);
     assert!(killed >= 1, "the listener was connected");
     phase("after the listener was dropped", 4 * total / 5);
-    // A failover.
+    // A failover: the run goes on until well after the router writes to the new primary.
+    truth.hold_writes.store(true, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(1));
     let out = stack.script(&["kill", "node0"]);
     assert!(out.status.success(), "kill node0");
-    phase("after a failover", total);
+    wait_for(
+        Duration::from_secs(120),
+        "the router to follow the failover",
+        || {
+            let p = stack.router_status()["primary"]
+                .as_str()
+                .map(str::to_string);
+            p.filter(|p| p != "node0")
+        },
+    );
+    truth.hold_writes.store(false, Ordering::SeqCst);
+    let after = truth.ops.load(Ordering::Relaxed);
+    phase("after a failover", total.max(after + total / 5));
     truth.stop.store(true, Ordering::Relaxed);
     for h in handles {
         h.join().unwrap();
@@ -676,7 +861,43 @@ fn randomized_consistency(stack: &Stack) {
         started.elapsed().as_secs_f64(),
         st
     );
-    let v = truth.violations.lock().unwrap();
+    // No staleness of the cache's own: a read by another user started after a write through the
+    // router was acknowledged sees it (no allowance); after a write straight on the primary, the
+    // allowance is the invalidation delay the router measured.
+    let allowance = Duration::from_secs_f64(
+        st["invalidation_delay_ms"]["max"].as_f64().unwrap_or(0.0) / 1000.0,
+    );
+    let writes = truth.writes.lock().unwrap().clone();
+    let reads = truth.other_reads.lock().unwrap().clone();
+    let mut stale = Vec::new();
+    for (started, key, v, cached) in &reads {
+        let required = writes
+            .iter()
+            .filter(|(at, k, _, routed)| {
+                k == key
+                    && if *routed {
+                        at < started
+                    } else {
+                        *at + allowance < *started
+                    }
+            })
+            .map(|w| w.2)
+            .max()
+            .unwrap_or(0);
+        if *v < required {
+            stale.push(format!(
+                "stale: key {key} read {v} by another user, {required} was due (cached {cached})"
+            ));
+        }
+    }
+    eprintln!(
+        "consistency: {} reads by another user checked against {} acknowledged writes; allowance {:.1} ms after writes straight on the primary",
+        reads.len(),
+        writes.len(),
+        allowance.as_secs_f64() * 1000.0
+    );
+    let mut v = truth.violations.lock().unwrap().clone();
+    v.extend(stale);
     assert!(
         v.is_empty(),
         "{} violations, first: {:?}",

@@ -6,16 +6,60 @@
 //! byte-for-byte what the server would have answered (text or binary formats alike).
 //!
 //! The key is a SHA-256 over everything that can change those bytes: the database, the server
-//! role, every session setting of the client (search_path, TimeZone, DateStyle, extra_float_digits,
-//! custom settings read by row-level security…), the statement text and parameter types, the
-//! parameter values and formats, the result formats, and which replies the batch asks for. Names of
-//! prepared statements and portals are left out: they do not change the answer.
+//! role, the client's session settings (search_path, TimeZone, DateStyle, extra_float_digits,
+//! bytea_output, custom settings…), the statement text and parameter types, the parameter values
+//! and formats, the result formats, and which replies the batch asks for. Left out: names of
+//! prepared statements and portals, and the settings listed in [`NEUTRAL_SETTINGS`] (timeouts,
+//! logging, planner costs…), which cannot change the answer of a statement the cache accepts (no
+//! stable or volatile function may read them: `dbopt.cache_analysis` refuses those) — so clients
+//! that differ only in `application_name` share entries.
 
 use sha2::{Digest, Sha256};
 
 use crate::isolation::Settings;
 use crate::protocol::{self as p, body};
 use crate::translate::Statements;
+
+/// Settings (lower case) that cannot change a cacheable statement's reply bytes.
+pub const NEUTRAL_SETTINGS: &[&str] = &[
+    "application_name",
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "client_min_messages",
+    "log_statement",
+    "log_min_duration_statement",
+    "log_min_messages",
+    "log_duration",
+    "work_mem",
+    "maintenance_work_mem",
+    "hash_mem_multiplier",
+    "random_page_cost",
+    "seq_page_cost",
+    "cpu_tuple_cost",
+    "cpu_index_tuple_cost",
+    "cpu_operator_cost",
+    "effective_cache_size",
+    "effective_io_concurrency",
+    "default_statistics_target",
+    "synchronous_commit",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "default_transaction_deferrable",
+    "plan_cache_mode",
+    "from_collapse_limit",
+    "join_collapse_limit",
+];
+
+/// Prefixes of settings that cannot change a cacheable statement's reply bytes (planner switches).
+pub const NEUTRAL_PREFIXES: &[&str] = &["enable_", "jit", "geqo", "parallel_", "max_parallel_"];
+
+/// Whether a setting takes part in the key.
+pub fn keyed_setting(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    !(NEUTRAL_SETTINGS.contains(&n.as_str()) || NEUTRAL_PREFIXES.iter().any(|p| n.starts_with(p)))
+}
 
 /// A batch the cache may answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +98,7 @@ pub(crate) fn request(
     field(&mut h, b"dbopt-cache-v1");
     field(&mut h, database.as_bytes());
     field(&mut h, role.as_bytes());
-    for (k, v) in settings {
+    for (k, v) in settings.iter().filter(|(k, _)| keyed_setting(k)) {
         field(&mut h, k.as_bytes());
         field(&mut h, v.as_bytes());
     }
@@ -252,8 +296,19 @@ mod tests {
                 .unwrap()
                 .key
         );
+        s.insert("application_name".into(), "psql".into());
+        s.insert("enable_seqscan".into(), "off".into());
+        assert_eq!(
+            base,
+            key(&[query("SELECT 1")], &s).unwrap(),
+            "neutral settings"
+        );
         s.insert("TimeZone".into(), "UTC".into());
         assert_ne!(base, key(&[query("SELECT 1")], &s).unwrap());
+        s.insert("search_path".into(), "a".into());
+        let with_a = key(&[query("SELECT 1")], &s).unwrap();
+        s.insert("search_path".into(), "b".into());
+        assert_ne!(with_a, key(&[query("SELECT 1")], &s).unwrap());
         let s = Settings::new();
         let a = |v: &str, bin: bool| {
             key(

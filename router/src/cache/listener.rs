@@ -156,6 +156,12 @@ async fn listen(
                             f.synced = true;
                             f.barriers = Some(btx.clone());
                         });
+                        // Warm statements are filled again (start, failover, reconnection).
+                        if let Some(r) = &cache.refresher {
+                            for spec in r.warm_of(db) {
+                                r.enqueue(&spec.key);
+                            }
+                        }
                         cache.counters.resyncs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         log::info(&format!(
                             "cache listener for database \"{db}\": listening on {}; cache resynchronised",
@@ -234,6 +240,22 @@ async fn apply(shared: &Arc<Shared>, cache: &Arc<Cache>, db: &str, payload: &str
     }
     let tags = a.invalidated();
     cache.invalidate(db, &tags, shared.now_ms()).await;
+    if let Some(r) = &cache.refresher {
+        let (write_through, warm) = r.affected(db, &tags);
+        // Before the next notification (and the writer's barrier behind it): write-through.
+        for (i, spec) in write_through.iter().enumerate() {
+            if i >= crate::cache::refresh::INLINE_MAX {
+                r.enqueue(&spec.key);
+                continue;
+            }
+            if let Err(e) = crate::cache::refresh::refresh(shared, cache, spec).await {
+                log::warn(&format!("cache: write-through refresh failed: {e}"));
+            }
+        }
+        for spec in warm {
+            r.enqueue(&spec.key);
+        }
+    }
     if a.at_us > 0 {
         let now_us = super::unix_ms() as i64 * 1000;
         cache.record_delay(((now_us - a.at_us).max(0) as f64) / 1000.0);

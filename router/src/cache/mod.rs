@@ -8,6 +8,7 @@
 //! - [`redis`] — the Redis client.
 //! - [`listener`] — one task per database on the primary: LISTEN for announcements, invalidate
 //!   both layers, answer barriers, resynchronise after anything was missed.
+//! - [`refresh`] — fills the router does itself: write-through refreshes and warming.
 //! - [`settings`] — the `[cache]` configuration.
 //! - [`report`] — `/metrics`, `/status`, and manual invalidation from the admin endpoint.
 //! - this file — the shared state and the three operations a session uses: [`Cache::lookup`],
@@ -34,6 +35,7 @@ pub mod listener;
 pub mod local;
 pub mod policy;
 pub mod redis;
+pub mod refresh;
 pub mod report;
 pub mod settings;
 
@@ -42,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dbopt_invalidation::Tag;
+pub use dbopt_invalidation::Tag;
 use dbopt_querystats::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
@@ -68,6 +70,78 @@ pub struct Analysis {
     pub reason: Option<String>,
     pub relations: Vec<u32>,
     pub names: Vec<String>,
+}
+
+/// PostgreSQL's verdict on a statement, asked on a server connection of the client's role.
+const ANALYSIS_SQL: &str = "SELECT cacheable, reason, relations::text, relation_names::text \
+     FROM dbopt.cache_analysis($1, $2::oid[])";
+
+/// `{1,2}` (PostgreSQL's text form of an array of numbers) as numbers.
+fn parse_oid_array(s: &str) -> Option<Vec<u32>> {
+    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.is_empty() {
+        return Some(Vec::new());
+    }
+    inner.split(',').map(|x| x.parse().ok()).collect()
+}
+
+/// `{a.b,"c d.e"}` as strings (names with special characters come quoted).
+fn parse_text_array(s: &str) -> Vec<String> {
+    let inner = s.trim_start_matches('{').trim_end_matches('}');
+    if inner.is_empty() {
+        return Vec::new();
+    }
+    inner
+        .split(',')
+        .map(|x| {
+            x.trim_matches('"')
+                .replace("\\\"", "\"")
+                .replace("\\\\", "\\")
+        })
+        .collect()
+}
+
+/// Asks PostgreSQL, on `conn` (the client's role and settings), whether a statement may be cached.
+/// A statement that does not analyse (a syntax error, an unknown table, the extension missing) is
+/// not cacheable; `None` when the connection broke.
+pub async fn analyse_on(
+    conn: &mut crate::server::ServerConn,
+    text: &[u8],
+    param_types: &[u32],
+) -> Option<Analysis> {
+    let types = format!(
+        "{{{}}}",
+        param_types
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    match conn
+        .statements(&[(ANALYSIS_SQL, &[text, types.as_bytes()])])
+        .await
+    {
+        Ok(rows) => {
+            let row = rows.into_iter().next().unwrap_or_default();
+            let col = |i: usize| row.get(i).cloned().flatten();
+            Some(Analysis {
+                cacheable: col(0).as_deref() == Some("t"),
+                reason: col(1),
+                relations: col(2)
+                    .as_deref()
+                    .and_then(parse_oid_array)
+                    .unwrap_or_default(),
+                names: col(3).as_deref().map(parse_text_array).unwrap_or_default(),
+            })
+        }
+        Err(crate::server::SetupError::Refused(r)) => Some(Analysis {
+            cacheable: false,
+            reason: Some(format!("{} ({})", r.message, r.code)),
+            relations: Vec::new(),
+            names: Vec::new(),
+        }),
+        Err(crate::server::SetupError::Lost(_)) => None,
+    }
 }
 
 /// Memo key of an analysis: database, role, search_path, statement shape.
@@ -108,6 +182,9 @@ pub struct CacheCounters {
     pub invalidations: AtomicU64,
     pub resyncs: AtomicU64,
     pub barrier_timeouts: AtomicU64,
+    /// Fills the router did itself (write-through and warming), and those that failed.
+    pub refreshes: AtomicU64,
+    pub refresh_failures: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -125,6 +202,10 @@ pub struct Cache {
     /// Commit → both layers invalidated, in milliseconds.
     pub delay: Mutex<Histogram>,
     pub settings: CacheSettings,
+    /// Write-through and warm specs.
+    pub refresher: Option<refresh::Refresher>,
+    /// The refresher's queue, taken by its worker when the router starts.
+    pub refresh_queue: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
 
 /// What a hit returns.
@@ -186,6 +267,9 @@ fn decode_value(v: &[u8]) -> Option<(u64, u64, Vec<String>, Vec<u8>)> {
     ))
 }
 
+/// Most tags one module command takes (the module's `MAX_TAGS`).
+const MODULE_MAX_TAGS: usize = 1024;
+
 fn entry_key(key: &str) -> String {
     format!("dbopt:entry:{key}")
 }
@@ -200,6 +284,7 @@ impl Cache {
                 settings.redis_timeout_ms,
             )
         });
+        let (refresher, queue) = refresh::Refresher::new();
         Cache {
             local: Mutex::new(Local::new(settings.local_max_bytes as usize)),
             redis,
@@ -209,6 +294,8 @@ impl Cache {
             counters: CacheCounters::default(),
             delay: Mutex::new(Histogram::default()),
             settings: settings.clone(),
+            refresher: Some(refresher),
+            refresh_queue: Mutex::new(Some(queue)),
         }
     }
 
@@ -322,14 +409,16 @@ impl Cache {
             return;
         }
         let Some(r) = &self.redis else { return };
-        let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.INVALIDATE"];
-        args.extend(keys.iter().map(|k| k.as_bytes()));
-        match r.call(&args).await {
-            Ok(Reply::Int(_)) => {}
-            Ok(other) => {
-                self.redis_failed("invalidation", &redis::RedisError(format!("{other:?}")))
-            }
-            Err(e) => self.redis_failed("invalidation", &e),
+        // The module takes at most MAX_TAGS tags per call.
+        for chunk in keys.chunks(MODULE_MAX_TAGS) {
+            let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.INVALIDATE"];
+            args.extend(chunk.iter().map(|k| k.as_bytes()));
+            let failure = match r.call(&args).await {
+                Ok(Reply::Int(_)) => continue,
+                Ok(other) => redis::RedisError(format!("{other:?}")),
+                Err(e) => e,
+            };
+            return self.redis_failed("invalidation", &failure);
         }
     }
 
@@ -440,7 +529,8 @@ impl Cache {
     ) -> Fill {
         let versions = lock(&self.local).versions(&tags);
         let mut token = None;
-        if self.redis_up() {
+        // More tags than the module takes in one call: the entry stays local.
+        if self.redis_up() && tags.len() <= MODULE_MAX_TAGS {
             if let Some(r) = &self.redis {
                 let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.TOKEN"];
                 args.extend(tags.iter().map(|t| t.as_bytes()));
@@ -550,6 +640,17 @@ impl Cache {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrays_from_text() {
+        assert_eq!(parse_oid_array("{1,22}"), Some(vec![1, 22]));
+        assert_eq!(parse_oid_array("{}"), Some(vec![]));
+        assert_eq!(parse_oid_array("{x}"), None);
+        assert_eq!(
+            parse_text_array("{public.a,\"odd schema.b\"}"),
+            vec!["public.a", "odd schema.b"]
+        );
+    }
 
     #[test]
     fn redis_values_round_trip_and_reject_garbage() {

@@ -164,11 +164,13 @@ mod tests {
                 table: Some("public.products".into()),
                 fingerprint: None,
                 ttl_s: Some(30),
+                write_through: false,
             },
             CacheRule {
                 table: None,
                 fingerprint: Some("0123456789abcdef".into()),
                 ttl_s: None,
+                write_through: false,
             },
         ];
         let names = vec!["public.products".to_string()];

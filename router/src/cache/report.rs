@@ -96,6 +96,16 @@ pub fn metrics(cache: &Cache) -> String {
         "1 while Redis is used.",
         f64::from(u8::from(cache.redis_up())),
     );
+    e.counter(
+        "dbopt_router_cache_refreshes_total",
+        "Fills the router did itself (write-through, warming).",
+        get(&c.refreshes),
+    )
+    .counter(
+        "dbopt_router_cache_refresh_failures_total",
+        "Write-through or warming fills that failed (the entry stays invalidated).",
+        get(&c.refresh_failures),
+    );
     let delay = *lock(&cache.delay);
     e.histogram_seconds(
         "dbopt_router_cache_invalidation_delay_seconds",
@@ -130,7 +140,10 @@ pub fn status(cache: &Cache) -> serde_json::Value {
         "fills_not_admitted": get(&c.fills_not_admitted),
         "invalidations": get(&c.invalidations),
         "resyncs": get(&c.resyncs),
-        "invalidation_delay_ms": {"count": delay.n, "p50": delay.quantile_ms(0.5), "p99": delay.quantile_ms(0.99)},
+        "refreshes": get(&c.refreshes),
+        "refresh_failures": get(&c.refresh_failures),
+        "invalidation_delay_ms": {"count": delay.n, "p50": delay.quantile_ms(0.5), "p99": delay.quantile_ms(0.99),
+                                  "max": (delay.n > 0).then_some(delay.max_ms)},
         "databases": feeds,
     })
 }

@@ -28,6 +28,11 @@ pub struct CacheSettings {
     pub invalidation_timeout_ms: u64,
     /// Statements cached without a hint: by table read or by statement fingerprint.
     pub rules: Vec<CacheRule>,
+    /// Statements filled at start, after a failover or reconnection, and after their invalidation.
+    pub warm: Vec<WarmStatement>,
+    /// Most refills (warming, write-through beyond the first few) per second, so they never
+    /// compete with clients for more than this.
+    pub warm_per_second: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -36,12 +41,35 @@ pub struct CacheRule {
     /// `schema.table`: cache every cacheable statement that reads this table.
     #[serde(default)]
     pub table: Option<String>,
-    /// A statement fingerprint (`pg_query` fingerprint, hex, as `/status` lists them).
+    /// A statement fingerprint: the 16 hex digits of libpg_query's fingerprint (pg_query, pganalyze).
     #[serde(default)]
     pub fingerprint: Option<String>,
     /// TTL of entries cached by this rule (default: `default_ttl_s`).
     #[serde(default)]
     pub ttl_s: Option<u64>,
+    /// Write-through: when a commit changes what an entry of this rule read, the router fills it
+    /// again with the committed data before it acknowledges a write made through it (and soon
+    /// after, for writes made elsewhere), so the next read is a hit and current.
+    #[serde(default)]
+    pub write_through: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmStatement {
+    /// The router user whose server role runs it.
+    pub user: String,
+    pub database: String,
+    /// A cacheable statement without parameters (simple protocol).
+    pub sql: String,
+    /// Session settings of the clients that should find it (those in the cache key, e.g.
+    /// `client_encoding`, `DateStyle`, `search_path`); default: `client_encoding = "UTF8"`.
+    #[serde(default = "default_warm_settings")]
+    pub settings: std::collections::BTreeMap<String, String>,
+}
+
+fn default_warm_settings() -> std::collections::BTreeMap<String, String> {
+    [("client_encoding".to_string(), "UTF8".to_string())].into()
 }
 
 impl Default for CacheSettings {
@@ -58,6 +86,8 @@ impl Default for CacheSettings {
             max_ttl_s: 86_400,
             invalidation_timeout_ms: 1000,
             rules: Vec::new(),
+            warm: Vec::new(),
+            warm_per_second: 50,
         }
     }
 }
@@ -70,7 +100,8 @@ fn bad(field: String, message: &str) -> ConfigError {
 }
 
 impl CacheSettings {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// `users`: the configured router users; `databases`: the allow-list (empty: any).
+    pub fn validate(&self, users: &[&str], databases: &[String]) -> Result<(), ConfigError> {
         if let Some(r) = &self.redis {
             if r.rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
@@ -122,6 +153,23 @@ impl CacheSettings {
             if r.ttl_s.is_some_and(|t| t == 0 || t > self.max_ttl_s) {
                 return Err(bad(f("ttl_s"), "must be > 0 and at most max_ttl_s"));
             }
+        }
+        for (i, w) in self.warm.iter().enumerate() {
+            if !users.contains(&w.user.as_str()) {
+                return Err(bad(format!("cache.warm[{i}].user"), "no such user"));
+            }
+            if !databases.is_empty() && !databases.contains(&w.database) {
+                return Err(bad(
+                    format!("cache.warm[{i}].database"),
+                    "not in the databases allow-list",
+                ));
+            }
+            if w.sql.trim().is_empty() {
+                return Err(bad(format!("cache.warm[{i}].sql"), "is empty"));
+            }
+        }
+        if self.warm_per_second == 0 || self.warm_per_second > 10_000 {
+            return Err(bad("cache.warm_per_second".into(), "must be 1..=10000"));
         }
         Ok(())
     }
