@@ -27,6 +27,7 @@ fn refuse(reason: &str) -> Verdict {
 /// One row: `cacheable`, `reason` (why not; NULL when cacheable), `relations` (OIDs read, with
 /// partitions' ancestors) and `relation_names` (`schema.table` of the relations the plan names).
 #[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
 fn cache_analysis(
     query: &str,
     param_types: default!(Vec<pg_sys::Oid>, "'{}'"),

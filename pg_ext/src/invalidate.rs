@@ -239,10 +239,10 @@ unsafe extern "C-unwind" fn xact_callback(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT => {
-            if PENDING.with(|p| !p.borrow().is_empty()) && crate::gucs::announce() {
-                announce();
-            }
+        XACT_EVENT_PRE_COMMIT
+            if PENDING.with(|p| !p.borrow().is_empty()) && crate::gucs::announce() =>
+        {
+            announce();
         }
         // A prepared transaction cannot NOTIFY: its COMMIT PREPARED announces the database.
         // (Pre-commit took what it announced; this also clears what `dbopt.announce = off` kept.)

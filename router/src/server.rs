@@ -290,60 +290,61 @@ impl ServerConn {
         self.exchange(&out, 1).await.map(|_| ())
     }
 
-    /// Sends `out` and reads until `ready` ReadyForQuery messages came back: ParameterStatus is
-    /// recorded, an error or a transaction left open fails it; returns the data rows.
     /// Sends a client batch as it is (ending in Sync or a Query) and returns the server's reply
     /// bytes up to its ReadyForQuery (excluded): the cache's fills done by the router itself.
-    /// Notifications are kept for the next client; an ErrorResponse is a refusal.
+    /// A notice or a setting report is not part of a cacheable answer: it fails the replay.
     pub async fn replay(&mut self, batch: &[u8]) -> Result<Vec<u8>, SetupError> {
-        self.stream
-            .write_all(batch)
-            .await
-            .map_err(|e| SetupError::Lost(e.to_string()))?;
-        let (mut reply, mut failure) = (Vec::new(), None);
-        loop {
-            let (tag, msg) = self
-                .read_message()
-                .await
-                .map_err(|e| SetupError::Lost(e.to_string()))?;
-            match tag {
-                b'A' => self.notifications.extend_from_slice(&msg),
-                b'E' => {
-                    let (code, message) = protocol::error_fields(body(&msg));
-                    failure.get_or_insert(Refusal { code, message });
-                }
-                // Notices and setting reports are not part of a cacheable answer.
-                b'N' | b'S' => {
-                    failure.get_or_insert(Refusal {
-                        code: "01000".into(),
-                        message: "the statement sent a notice or changed a setting".into(),
-                    });
-                }
-                b'Z' => {
-                    return match failure {
-                        Some(f) => Err(SetupError::Refused(f)),
-                        None if body(&msg) == b"I" => Ok(reply),
-                        None => Err(SetupError::Refused(Refusal {
-                            code: "25001".into(),
-                            message: "connection left inside a transaction".into(),
-                        })),
-                    };
-                }
-                _ => reply.extend_from_slice(&msg),
+        let mut reply = Vec::new();
+        self.exchange_with(batch, 1, |tag, msg| match tag {
+            b'N' | b'S' => Err(Refusal {
+                code: "01000".into(),
+                message: "the statement sent a notice or changed a setting".into(),
+            }),
+            _ => {
+                reply.extend_from_slice(msg);
+                Ok(())
             }
-        }
+        })
+        .await?;
+        Ok(reply)
     }
 
+    /// Sends `out` and reads until `ready` ReadyForQuery messages came back: ParameterStatus is
+    /// recorded, an error or a transaction left open fails it; returns the data rows.
     async fn exchange(
         &mut self,
         out: &[u8],
-        mut ready: usize,
+        ready: usize,
     ) -> Result<Vec<Vec<Option<String>>>, SetupError> {
+        let mut rows = Vec::new();
+        self.exchange_with(out, ready, |tag, msg| {
+            if tag == b'D' {
+                rows.push(data_row(body(msg)).ok_or_else(|| Refusal {
+                    code: "08P01".into(),
+                    message: "malformed DataRow from the server".into(),
+                })?);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(rows)
+    }
+
+    /// The loop under [`ServerConn::exchange`] and [`ServerConn::replay`]: sends `out`, reads until
+    /// `ready` ReadyForQuery messages. Notifications are kept for the next client, ParameterStatus
+    /// is recorded; the first ErrorResponse, or the first message `each` refuses, fails it, and so
+    /// does a transaction left open. `each` sees every message but those three kinds.
+    async fn exchange_with(
+        &mut self,
+        out: &[u8],
+        mut ready: usize,
+        mut each: impl FnMut(u8, &[u8]) -> Result<(), Refusal>,
+    ) -> Result<(), SetupError> {
         self.stream
             .write_all(out)
             .await
             .map_err(|e| SetupError::Lost(e.to_string()))?;
-        let (mut rows, mut failure) = (Vec::new(), None);
+        let mut failure = None;
         loop {
             let (tag, msg) = self
                 .read_message()
@@ -351,23 +352,9 @@ impl ServerConn {
                 .map_err(|e| SetupError::Lost(e.to_string()))?;
             match tag {
                 b'A' => self.notifications.extend_from_slice(&msg),
-                b'D' => {
-                    rows.push(data_row(body(&msg)).ok_or_else(|| {
-                        SetupError::Lost("malformed DataRow from the server".into())
-                    })?)
-                }
                 b'E' => {
                     let (code, message) = protocol::error_fields(body(&msg));
                     failure.get_or_insert(Refusal { code, message });
-                }
-                b'S' => {
-                    let mut r = Reader::new(body(&msg));
-                    if let (Ok(k), Ok(v)) = (r.cstr("name"), r.cstr("value")) {
-                        self.params.insert(
-                            String::from_utf8_lossy(k).into_owned(),
-                            String::from_utf8_lossy(v).into_owned(),
-                        );
-                    }
                 }
                 b'Z' => {
                     ready -= 1;
@@ -376,14 +363,27 @@ impl ServerConn {
                     }
                     return match failure {
                         Some(f) => Err(SetupError::Refused(f)),
-                        None if body(&msg) == b"I" => Ok(rows),
+                        None if body(&msg) == b"I" => Ok(()),
                         None => Err(SetupError::Refused(Refusal {
                             code: "25001".into(),
                             message: "connection left inside a transaction".into(),
                         })),
                     };
                 }
-                _ => {}
+                _ => {
+                    if tag == b'S' {
+                        let mut r = Reader::new(body(&msg));
+                        if let (Ok(k), Ok(v)) = (r.cstr("name"), r.cstr("value")) {
+                            self.params.insert(
+                                String::from_utf8_lossy(k).into_owned(),
+                                String::from_utf8_lossy(v).into_owned(),
+                            );
+                        }
+                    }
+                    if let Err(r) = each(tag, &msg) {
+                        failure.get_or_insert(r);
+                    }
+                }
             }
         }
     }

@@ -5,20 +5,28 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// `GET http://127.0.0.1:{port}{path}` → (status code, body); `None` when nothing answers.
-pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+/// Sends one request to `127.0.0.1:{port}` → (status code, body); `None` when nothing answers.
+fn exchange(port: u16, request: &str) -> Option<(u16, String)> {
     let timeout = Duration::from_secs(2);
     let addr = ([127, 0, 0, 1], port).into();
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
     s.set_write_timeout(Some(timeout)).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n").ok()?;
+    s.write_all(request.as_bytes()).ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n")?;
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, body.to_string()))
+}
+
+/// `GET http://127.0.0.1:{port}{path}` → (status code, body); `None` when nothing answers.
+pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    exchange(
+        port,
+        &format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"),
+    )
 }
 
 /// `POST http://127.0.0.1:{port}{path}` with a form body and an optional `Authorization` header.
@@ -28,24 +36,15 @@ pub fn post(
     authorization: Option<&str>,
     body: &str,
 ) -> Option<(u16, String)> {
-    let timeout = Duration::from_secs(2);
-    let addr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
-    s.set_read_timeout(Some(timeout)).ok()?;
-    s.set_write_timeout(Some(timeout)).ok()?;
     let auth = authorization
         .map(|a| format!("Authorization: {a}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    exchange(
+        port,
+        &format!(
+            "POST {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
     )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }

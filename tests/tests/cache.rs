@@ -476,6 +476,14 @@ fn bad_hints_and_manual_invalidation(stack: &Stack) {
     );
     assert_eq!(code, 200, "{body}");
     refilled(&mut c, before);
+    let before = fills(stack);
+    let (code, body) = post(
+        "/cache/invalidate",
+        Some(&token),
+        "db=postgres&tag_pattern=user%3A*",
+    );
+    assert_eq!(code, 200, "{body}");
+    refilled(&mut c, before);
     let (code, _) = post("/cache/invalidate", Some(&token), "db=postgres&all=1");
     assert_eq!(code, 200);
 }

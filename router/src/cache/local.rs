@@ -153,6 +153,22 @@ impl Local {
         }
     }
 
+    /// Invalidates every tag of a stored entry that `matches` (a manual invalidation by pattern);
+    /// returns how many tags were invalidated.
+    pub fn invalidate_matching(&mut self, matches: impl Fn(&str) -> bool) -> usize {
+        let mut tags: Vec<String> = self
+            .slots
+            .values()
+            .flat_map(|s| s.entry.tags.iter())
+            .filter(|t| matches(t))
+            .cloned()
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        self.invalidate(&tags);
+        tags.len()
+    }
+
     /// Drops every entry (versions stay: fills running now are still checked against them).
     pub fn clear(&mut self) {
         self.slots.clear();
@@ -244,6 +260,17 @@ mod tests {
         assert_eq!(l.stats.evictions, 1);
         assert!(l.get("a", 100).is_none(), "expired");
         assert!(!l.insert("huge", entry(&l, vec![], 5000, 100), 0));
+    }
+
+    #[test]
+    fn invalidation_by_pattern() {
+        let mut l = Local::new(1 << 20);
+        assert!(l.insert("a", entry(&l, vec!["u:user:1".into()], 1, 100), 0));
+        assert!(l.insert("b", entry(&l, vec!["u:user:2".into()], 1, 100), 0));
+        assert!(l.insert("c", entry(&l, vec!["u:team:1".into()], 1, 100), 0));
+        assert_eq!(l.invalidate_matching(|t| t.starts_with("u:user:")), 2);
+        assert!(l.get("a", 1).is_none() && l.get("b", 1).is_none());
+        assert!(l.get("c", 1).is_some());
     }
 
     #[test]

@@ -422,6 +422,60 @@ impl Cache {
         }
     }
 
+    /// Drops the Redis tag keys matching a glob (every entry under them becomes invalid).
+    pub async fn invalidate_redis_matching(&self, pattern: &str) {
+        let (Some(r), true) = (&self.redis, self.redis_up()) else {
+            return;
+        };
+        let mut cursor = b"0".to_vec();
+        loop {
+            let reply = r
+                .call(&[
+                    b"SCAN",
+                    &cursor,
+                    b"MATCH",
+                    pattern.as_bytes(),
+                    b"COUNT",
+                    b"1000",
+                ])
+                .await;
+            let (next, keys) = match reply {
+                Ok(Reply::Array(parts)) if parts.len() == 2 => {
+                    let next = match &parts[0] {
+                        Reply::Bulk(Some(c)) => c.clone(),
+                        _ => return,
+                    };
+                    let keys: Vec<Vec<u8>> = match &parts[1] {
+                        Reply::Array(k) => k
+                            .iter()
+                            .filter_map(|k| match k {
+                                Reply::Bulk(Some(k)) => Some(k.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    (next, keys)
+                }
+                Ok(other) => {
+                    return self.redis_failed("SCAN", &redis::RedisError(format!("{other:?}")))
+                }
+                Err(e) => return self.redis_failed("SCAN", &e),
+            };
+            for chunk in keys.chunks(MODULE_MAX_TAGS) {
+                let mut args: Vec<&[u8]> = vec![b"DBOPT.TAG.INVALIDATE"];
+                args.extend(chunk.iter().map(Vec::as_slice));
+                if let Err(e) = r.call(&args).await {
+                    return self.redis_failed("invalidation", &e);
+                }
+            }
+            if next == b"0" {
+                return;
+            }
+            cursor = next;
+        }
+    }
+
     /// Waits until every announcement committed before now is applied; the LSN it is applied to.
     /// `None` when the database's listener is not connected or does not answer in time (the
     /// database is then bypassed until resynchronised).

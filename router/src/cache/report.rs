@@ -152,8 +152,32 @@ pub fn status(cache: &Cache) -> serde_json::Value {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Manual {
     Tag(String),
+    /// Application tags matching a glob (`*` any run, `?` one character): `user:*`.
+    TagPattern(String),
     Table(u32),
     All,
+}
+
+/// Glob match of `*` and `?` (no classes, no escapes), iterative with one backtrack point.
+pub fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 /// Parses `db=…&tag=…` / `db=…&table=<oid>` / `db=…&all=1` (a form body or query string).
@@ -174,19 +198,29 @@ pub fn parse_manual(form: &str) -> Result<(String, Manual), String> {
                 check_user_tag(&v).map_err(|e| e.to_string())?;
                 Manual::Tag(v)
             }
+            "tag_pattern" => {
+                if v.is_empty() || v.len() > dbopt_invalidation::MAX_USER_TAG {
+                    return Err("tag_pattern must be 1 to 256 bytes".into());
+                }
+                Manual::TagPattern(v)
+            }
             "table" => Manual::Table(
                 v.parse()
                     .map_err(|_| "table must be an OID (a number)".to_string())?,
             ),
             "all" => Manual::All,
-            other => return Err(format!("unknown field {other:?} (db, tag, table, all)")),
+            other => {
+                return Err(format!(
+                    "unknown field {other:?} (db, tag, tag_pattern, table, all)"
+                ))
+            }
         };
         if what.replace(next).is_some() {
-            return Err("give exactly one of tag, table, all".into());
+            return Err("give exactly one of tag, tag_pattern, table, all".into());
         }
     }
     let db = db.filter(|d| !d.is_empty()).ok_or("db is required")?;
-    Ok((db, what.ok_or("give one of tag, table, all")?))
+    Ok((db, what.ok_or("give one of tag, tag_pattern, table, all")?))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -213,12 +247,21 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Applies a manual invalidation to both layers.
+/// Applies a manual invalidation to both layers. A pattern reaches the tags the local layer holds
+/// and the tag keys Redis holds (walked with SCAN, 1,000 keys a call); a fill running meanwhile
+/// under a matching tag nobody held yet is not stopped (an operator's action, not a commit).
 pub async fn invalidate(cache: &Cache, db: &str, what: &Manual, now_ms: u64) {
     let tag = match what {
         Manual::Tag(t) => Tag::User(db.to_string(), t.clone()),
         Manual::Table(oid) => Tag::Table(db.to_string(), *oid),
         Manual::All => Tag::Database(db.to_string()),
+        Manual::TagPattern(p) => {
+            let prefix = Tag::User(db.to_string(), String::new()).key();
+            let full = format!("{prefix}{p}");
+            lock(&cache.local).invalidate_matching(|t| glob(full.as_bytes(), t.as_bytes()));
+            cache.invalidate_redis_matching(&full).await;
+            return;
+        }
     };
     cache.invalidate(db, &[tag], now_ms).await;
 }
@@ -227,6 +270,17 @@ pub async fn invalidate(cache: &Cache, db: &str, what: &Manual, now_ms: u64) {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"user:*", b"user:42"));
+        assert!(glob(b"user:?2", b"user:42"));
+        assert!(!glob(b"user:?", b"user:42"));
+        assert!(glob(b"*:4*", b"user:42"));
+        assert!(!glob(b"team:*", b"user:42"));
+        assert!(glob(b"*", b""));
+        assert!(glob(b"a*b*c", b"aXXbYYc") && !glob(b"a*b*c", b"aXXbYY"));
+    }
 
     #[test]
     fn manual_requests() {
@@ -239,6 +293,11 @@ mod tests {
             Manual::Table(16384)
         );
         assert_eq!(parse_manual("db=shop&all=1").unwrap().1, Manual::All);
+        assert_eq!(
+            parse_manual("db=shop&tag_pattern=user%3A*").unwrap().1,
+            Manual::TagPattern("user:*".into())
+        );
+        assert!(parse_manual("db=shop&tag_pattern=").is_err());
         assert!(parse_manual("tag=x").is_err());
         assert!(parse_manual("db=shop").is_err());
         assert!(parse_manual("db=shop&tag=a&all=1").is_err());
