@@ -230,11 +230,11 @@ impl Session {
             .refresher
             .as_ref()
             .is_some_and(|r| r.spec(&req.key).is_some());
-        if !analysis.cacheable || (hint.is_none() && rule.is_none() && !warm) {
-            if analysis.cacheable {
-                return None;
-            }
+        if !analysis.cacheable {
             cache.count_uncacheable();
+            return None;
+        }
+        if hint.is_none() && rule.is_none() && !warm {
             return None;
         }
         let ttl = policy::ttl(&cache.settings, hint.as_ref(), rule.as_ref());
