@@ -30,6 +30,8 @@ static PLAN_SAMPLE_EVERY: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Announce the tables each committed transaction wrote (NOTIFY dbopt_invalidate), for caches.
 /// Superuser-only: a client that turned it off could leave stale entries for everyone else.
 static ANNOUNCE: GucSetting<bool> = GucSetting::<bool>::new(true);
+/// Announce every table written, not only those a cache watches (`dbopt.watch_tables`).
+static ANNOUNCE_ALL_TABLES: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -144,6 +146,14 @@ pub fn init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    GucRegistry::define_bool_guc(
+        c"dbopt.announce_all_tables",
+        c"Announce every table written, not only those a cache registered with dbopt.watch_tables().",
+        c"For consumers of dbopt_invalidate other than dbopt-router; each notifying commit waits for the previous one.",
+        &ANNOUNCE_ALL_TABLES,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     // A misspelt `dbopt.` setting is an error, not a silently ignored placeholder.
     // SAFETY: called once from _PG_init, after every dbopt setting is defined.
     unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"dbopt".as_ptr()) };
@@ -185,6 +195,9 @@ pub fn plan_sample_every() -> Option<u32> {
 }
 pub fn announce() -> bool {
     ANNOUNCE.get()
+}
+pub fn announce_all_tables() -> bool {
+    ANNOUNCE_ALL_TABLES.get()
 }
 pub fn advisor_min_rows() -> i64 {
     i64::from(ADVISOR_MIN_ROWS.get())

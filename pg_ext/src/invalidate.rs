@@ -19,7 +19,9 @@
 //!
 //! # Cost
 //! A read-only transaction pays one walk of each plan's range table (a few comparisons per
-//! relation) and nothing at commit. A writing transaction pays one NOTIFY at commit.
+//! relation) and nothing at commit. A writing transaction pays a look-up in the set of watched
+//! tables ([`crate::watched`]) at pre-commit, and one NOTIFY only when it wrote a watched table
+//! (or `dbopt.announce_all_tables` is on): PostgreSQL serialises notifying commits.
 //!
 //! Not seen: writes applied by logical-replication workers (they skip the permission check) and
 //! writes made with the hooks unloaded; `dbopt.invalidate_table()` covers those by hand.
@@ -246,8 +248,10 @@ unsafe extern "C-unwind" fn xact_callback(
         }
         // A prepared transaction cannot NOTIFY: its COMMIT PREPARED announces the database.
         // (Pre-commit took what it announced; this also clears what `dbopt.announce = off` kept.)
+        // The commit is visible now: the transaction no longer counts as deciding.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_COMMIT => {
             PENDING.with(|p| *p.borrow_mut() = Pending::default());
+            crate::watched::release();
         }
         _ => {}
     }
@@ -270,8 +274,19 @@ unsafe extern "C-unwind" fn announce() {
     let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
     // SAFETY: reads the WAL insert position (a spinlock-protected shared value).
     let lsn = unsafe { pg_sys::GetXLogInsertRecPtr() };
+    let written: Vec<u32> = pending.tables.into_iter().collect();
+    let tables = if crate::gucs::announce_all_tables() {
+        written
+    } else {
+        // Only what some cache watches (and the transaction counts as deciding until its commit
+        // is visible: see `watched`).
+        crate::watched::hold_and_filter(&written)
+    };
+    if tables.is_empty() && pending.tags.is_empty() && !pending.ddl && !pending.all {
+        return;
+    }
     let mut a = Announcement::new(&database_name(), lsn);
-    a.tables = pending.tables.into_iter().collect();
+    a.tables = tables;
     a.tags = pending.tags.into_iter().collect();
     a.ddl = pending.ddl;
     a.all = pending.all;

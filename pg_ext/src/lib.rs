@@ -9,6 +9,8 @@
 //! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
 //! - [`invalidate`] — invalidation on commit: the tables a transaction wrote, announced by NOTIFY;
 //!   `dbopt.invalidate_tags()/invalidate_table()/invalidate_all()`.
+//! - [`watched`] — the tables caches registered (`dbopt.watch_tables()`): only their writes are
+//!   announced.
 //! - [`cache_analysis`] — `dbopt.cache_analysis()`: may a statement's result be cached, and which
 //!   tables it reads (the router's cache asks).
 //! - [`stats`] — `dbopt.query_stats()`, `dbopt.reset()`, `dbopt.statements_info()`.
@@ -42,6 +44,7 @@ pub mod sampler;
 pub mod shmem;
 pub mod slow;
 pub mod stats;
+pub mod watched;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -84,6 +87,7 @@ pub extern "C-unwind" fn _PG_init() {
     shmem::init();
     hooks::init();
     invalidate::init();
+    watched::init();
     sampler::init();
     // Ask the core to compute query ids (compute_query_id = auto turns them on for us).
     // SAFETY: allowed while preloading.

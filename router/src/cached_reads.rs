@@ -237,6 +237,15 @@ impl Session {
         if hint.is_none() && rule.is_none() && !warm {
             return None;
         }
+        // The primary must announce writes to these tables before anything read from them is
+        // stored (only watched tables are announced).
+        let now = self.shared.now_ms();
+        if !cache
+            .ensure_watched(&self.database, &analysis.relations, now)
+            .await
+        {
+            return None;
+        }
         let ttl = policy::ttl(&cache.settings, hint.as_ref(), rule.as_ref());
         let replay = self.shared.topology().nodes[node].replay_lsn;
         if !is_primary && replay.is_none() {

@@ -81,6 +81,10 @@ fn announcements_cover_every_kind_of_write(stack: &Stack) {
     let mut l = stack.connect("node0").expect("listener");
     l.batch_execute("LISTEN dbopt_invalidate").unwrap();
     let mut w = stack.connect("node0").expect("writer");
+    // By default only tables a cache registered are announced; first, everything (what the
+    // router does not use here: each kind of write is what this step checks).
+    w.batch_execute("SET dbopt.announce_all_tables = on")
+        .unwrap();
     w.batch_execute(
         "DROP TABLE IF EXISTS inv_child, inv_parent, inv_t, inv_p CASCADE;
          CREATE TABLE inv_t (id int PRIMARY KEY, v int);
@@ -210,6 +214,30 @@ fn announcements_cover_every_kind_of_write(stack: &Stack) {
         "overflow is a whole-database announcement: {last}"
     );
     assert!(serde_json::to_string(last).unwrap().len() < 8000);
+
+    // Without announce_all_tables, only watched tables are announced (what the router uses).
+    w.batch_execute("RESET dbopt.announce_all_tables").unwrap();
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("INSERT INTO inv_t VALUES (100, 1)")
+            .unwrap();
+    });
+    assert!(
+        a.is_empty(),
+        "a table nobody watches is not announced: {a:?}"
+    );
+    let added: i64 = w
+        .query_one(
+            "SELECT dbopt.watch_tables(ARRAY[$1::text::regclass::oid])",
+            &[&"inv_t"],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(added, 1);
+    let a = announced(stack, &mut l, || {
+        w.batch_execute("INSERT INTO inv_t VALUES (101, 1)")
+            .unwrap();
+    });
+    assert_eq!(tables(&a), vec![t], "a watched table is announced");
 
     // Bad input: precise errors.
     for (sql, code) in [

@@ -95,6 +95,7 @@ async fn listen(
     let mut setup = Some(setup);
     let mut own_pid: Option<i32> = None;
     let (btx, mut brx) = mpsc::unbounded_channel::<oneshot::Sender<u64>>();
+    let (wtx, mut wrx) = mpsc::unbounded_channel::<(Vec<u32>, oneshot::Sender<bool>)>();
     let mut in_flight: BTreeMap<u64, (Vec<oneshot::Sender<u64>>, u64)> = BTreeMap::new();
     let mut queued: Vec<oneshot::Sender<u64>> = Vec::new();
     let mut seq = 0u64;
@@ -155,6 +156,9 @@ async fn listen(
                         cache.feed(db, |f| {
                             f.synced = true;
                             f.barriers = Some(btx.clone());
+                            f.registrations = Some(wtx.clone());
+                            // A new primary (or a restarted one) watches nothing yet.
+                            f.watched.clear();
                         });
                         // Warm statements are filled again (start, failover, reconnection).
                         if let Some(r) = &cache.refresher {
@@ -174,6 +178,18 @@ async fn listen(
                     Ok(Err(e)) => return format!("LISTEN on {}: {e}", n.name),
                     Err(e) => return format!("LISTEN on {}: {e}", n.name),
                 }
+            }
+            Some((tables, done)) = wrx.recv() => {
+                // Registered on this connection's primary; the answer comes when PostgreSQL has
+                // waited out the transactions that decided without these tables.
+                let c = client.clone();
+                tokio::spawn(async move {
+                    let ok = c
+                        .execute("SELECT dbopt.watch_tables($1::oid[])", &[&tables])
+                        .await
+                        .is_ok();
+                    let _ = done.send(ok);
+                });
             }
             Some(w) = brx.recv() => {
                 queued.push(w);
@@ -248,7 +264,7 @@ async fn apply(shared: &Arc<Shared>, cache: &Arc<Cache>, db: &str, payload: &str
                 r.enqueue(&spec.key);
                 continue;
             }
-            if let Err(e) = crate::cache::refresh::refresh(shared, cache, spec).await {
+            if let Err(e) = crate::cache::refresh::refresh(shared, cache, spec, false).await {
                 log::warn(&format!("cache: write-through refresh failed: {e}"));
             }
         }

@@ -163,6 +163,11 @@ pub struct DbFeed {
     pub all_at: u64,
     /// Where barrier requests go (the listener task).
     pub barriers: Option<mpsc::UnboundedSender<oneshot::Sender<u64>>>,
+    /// Tables registered as watched on the current primary (`dbopt.watch_tables`): only writes
+    /// to watched tables are announced.
+    pub watched: std::collections::HashSet<u32>,
+    /// Where registrations go (the listener task, on the primary's connection).
+    pub registrations: Option<mpsc::UnboundedSender<(Vec<u32>, oneshot::Sender<bool>)>>,
 }
 
 /// Most tables whose invalidation time is remembered; beyond, the database-wide time is used.
@@ -351,6 +356,40 @@ impl Cache {
 
     pub fn synced(&self, db: &str) -> bool {
         self.feed(db, |f| f.synced)
+    }
+
+    /// Makes sure the primary announces writes to `relations` (`dbopt.watch_tables`), once per
+    /// table and listener connection; false when that could not be done (then nothing is filled).
+    /// A newly watched table counts as invalidated now: writes before the registration were not
+    /// announced, so a replica fill must have replayed past this moment.
+    pub async fn ensure_watched(&self, db: &str, relations: &[u32], now_ms: u64) -> bool {
+        let (missing, tx) = self.feed(db, |f| {
+            let missing: Vec<u32> = relations
+                .iter()
+                .copied()
+                .filter(|r| !f.watched.contains(r))
+                .collect();
+            (missing, f.registrations.clone())
+        });
+        if missing.is_empty() {
+            return true;
+        }
+        let Some(tx) = tx else { return false };
+        let (done, answer) = oneshot::channel();
+        if tx.send((missing.clone(), done)).is_err() {
+            return false;
+        }
+        let limit = Duration::from_millis(self.settings.invalidation_timeout_ms.max(2000));
+        let ok = matches!(tokio::time::timeout(limit, answer).await, Ok(Ok(true)));
+        if ok {
+            self.feed(db, |f| {
+                for r in missing {
+                    f.watched.insert(r);
+                    f.invalidated_at.insert(r, now_ms);
+                }
+            });
+        }
+        ok
     }
 
     /// Marks a database unsynchronised (bypassed) until its listener resynchronises it.

@@ -235,7 +235,15 @@ pub fn warm_specs(shared: &Shared) -> Vec<Spec> {
 }
 
 /// Re-runs a spec on the primary and stores its answer. `Err` says why not (logged by callers).
-pub async fn refresh(shared: &Arc<Shared>, cache: &Cache, spec: &Spec) -> Result<(), String> {
+/// `register`: analyse the statement and make sure its tables are watched on the primary first
+/// (the warming worker); the listener's inline write-through refreshes pass false — their tables
+/// are watched already (an announcement for them is what triggered the refresh).
+pub async fn refresh(
+    shared: &Arc<Shared>,
+    cache: &Cache,
+    spec: &Spec,
+    register: bool,
+) -> Result<(), String> {
     let work = async {
         let node = shared.topology().primary.ok_or("no primary")?;
         let (pool, mut conn) = shared
@@ -248,15 +256,22 @@ pub async fn refresh(shared: &Arc<Shared>, cache: &Cache, spec: &Spec) -> Result
                 conn.apply(&plan).await.map_err(|e| format!("{e:?}"))?;
                 conn.session = spec.settings.clone();
             }
-            let tags = match &spec.tags {
-                Some(t) => t.clone(),
-                None => {
+            let tags = match (&spec.tags, register) {
+                (Some(t), false) => t.clone(),
+                (None, false) => return Err("not analysed yet".into()),
+                (_, true) => {
                     let text = p::parse_query(p::body(&spec.batch)).map_err(|e| e.to_string())?;
                     let a = crate::cache::analyse_on(&mut conn, text, &[])
                         .await
                         .ok_or("connection lost")?;
                     if !a.cacheable {
                         return Err(format!("not cacheable: {}", a.reason.unwrap_or_default()));
+                    }
+                    if !cache
+                        .ensure_watched(&spec.database, &a.relations, shared.now_ms())
+                        .await
+                    {
+                        return Err("its tables could not be registered as watched".into());
                     }
                     Cache::tags_for(&spec.database, &a.relations, &[])
                 }
@@ -327,7 +342,7 @@ pub async fn run(shared: Arc<Shared>, cache: Arc<Cache>, mut rx: mpsc::Unbounded
             if !cache.synced(&spec.database) {
                 continue;
             }
-            if let Err(e) = refresh(&shared, &cache, &spec).await {
+            if let Err(e) = refresh(&shared, &cache, &spec, true).await {
                 log::warn(&format!("cache: warming a statement failed: {e}"));
             }
             tokio::time::sleep(every).await;
