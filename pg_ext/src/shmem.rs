@@ -215,6 +215,40 @@ unsafe extern "C-unwind" fn shmem_request() {
     }
 }
 
+/// Index of AddinShmemInitLock in MainLWLockArray (lwlocknames.h, PostgreSQL 15): the lock that
+/// serialises extensions creating their shared memory.
+const ADDIN_SHMEM_INIT_LOCK: usize = 21;
+
+/// AddinShmemInitLock.
+///
+/// # Safety
+/// Shared memory must be attached (a shmem startup hook).
+pub unsafe fn addin_shmem_init_lock() -> *mut pg_sys::LWLock {
+    // SAFETY: per the contract, MainLWLockArray exists.
+    unsafe { &raw mut (*pg_sys::MainLWLockArray.add(ADDIN_SHMEM_INIT_LOCK)).lock }
+}
+
+/// Creates, or attaches to, a named shared-memory struct of `size` bytes under AddinShmemInitLock;
+/// in the process that creates it the memory is zeroed and `init` runs on it, still under the lock.
+///
+/// # Safety
+/// Only from a shmem startup hook, for a size requested in the shmem request hook.
+pub unsafe fn init_struct(name: &CStr, size: usize, init: impl FnOnce(*mut u8)) -> *mut u8 {
+    // SAFETY: per the contract; `found` says whether another process created it already.
+    unsafe {
+        let lock = addin_shmem_init_lock();
+        pg_sys::LWLockAcquire(lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
+        let mut found = false;
+        let base = pg_sys::ShmemInitStruct(name.as_ptr(), size, &mut found).cast::<u8>();
+        if !found {
+            ptr::write_bytes(base, 0, size);
+            init(base);
+        }
+        pg_sys::LWLockRelease(lock);
+        base
+    }
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
     // SAFETY: runs in the postmaster (and in EXEC_BACKEND children) with shared memory attached;
@@ -223,7 +257,7 @@ unsafe extern "C-unwind" fn shmem_startup() {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
+        let init_lock = addin_shmem_init_lock();
         pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut found = false;
         let base =

@@ -75,26 +75,19 @@ unsafe extern "C-unwind" fn shmem_request() {
 
 #[pg_guard]
 unsafe extern "C-unwind" fn shmem_startup() {
-    // SAFETY: shared memory is attached; AddinShmemInitLock (MainLWLockArray[21]) serialises
-    // creation and `found` says whether it exists already.
+    // SAFETY: shared memory is attached (the startup hook); previous hooks first.
     unsafe {
         if let Some(prev) = PREV_SHMEM_STARTUP {
             prev();
         }
-        let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-        pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-        let mut found = false;
-        WATCHED = pg_sys::ShmemInitStruct(
-            c"dbopt watched tables".as_ptr(),
+        WATCHED = crate::shmem::init_struct(
+            c"dbopt watched tables",
             std::mem::size_of::<Watched>(),
-            &mut found,
+            |base| {
+                (*base.cast::<Watched>()).lock = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
+            },
         )
         .cast::<Watched>();
-        if !found {
-            ptr::write_bytes(WATCHED.cast::<u8>(), 0, std::mem::size_of::<Watched>());
-            (*WATCHED).lock = pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr());
-        }
-        pg_sys::LWLockRelease(init_lock);
     }
 }
 

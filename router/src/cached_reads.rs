@@ -103,6 +103,14 @@ impl Session {
         if auth.pool_mode == PoolMode::Session {
             return Ok(CachePlan::None);
         }
+        // Without rules or warm statements only a hint makes a statement cacheable: skip the key's
+        // hashing for every batch that cannot carry one (the common case).
+        if cache.settings.rules.is_empty()
+            && cache.settings.warm.is_empty()
+            && !mentions_cache_hint(batch, &self.statements)
+        {
+            return Ok(CachePlan::None);
+        }
         let Some(req) = key::request(
             batch,
             &self.statements,
@@ -327,6 +335,21 @@ impl Session {
     }
 }
 
+/// Whether a batch's statement text may carry a `dbopt:cache` hint (its messages, or the text of
+/// a named statement it binds).
+fn mentions_cache_hint(batch: &[(u8, Vec<u8>)], statements: &crate::translate::Statements) -> bool {
+    const HINT: &[u8] = b"dbopt:cache";
+    let has = |b: &[u8]| b.windows(HINT.len()).any(|w| w == HINT);
+    batch.iter().any(|(tag, msg)| {
+        has(msg)
+            || (*tag == b'B'
+                && p::parse_bind(p::body(msg))
+                    .ok()
+                    .and_then(|m| statements.get(m.statement))
+                    .is_some_and(|s| has(&s.query)))
+    })
+}
+
 fn rule_for(cache: &Cache, text: &str, a: &Analysis) -> Option<crate::cache::settings::CacheRule> {
     let rules = &cache.settings.rules;
     if rules.is_empty() {
@@ -344,6 +367,32 @@ fn rule_for(cache: &Cache, text: &str, a: &Analysis) -> Option<crate::cache::set
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hint_mentions_are_found_in_the_batch_or_its_statement() {
+        let mut q = Vec::new();
+        p::put_msg(&mut q, b'Q', |b| {
+            p::put_cstr(b, b"/* dbopt:cache */ SELECT 1")
+        });
+        assert!(mentions_cache_hint(&[(b'Q', q)], &Default::default()));
+        let mut plain = Vec::new();
+        p::put_msg(&mut plain, b'Q', |b| p::put_cstr(b, b"SELECT 1"));
+        assert!(!mentions_cache_hint(&[(b'Q', plain)], &Default::default()));
+        let mut statements = crate::translate::Statements::new();
+        statements.insert(
+            b"s1".to_vec(),
+            Arc::new(crate::translate::Statement {
+                hash: 1,
+                server_name: b"dbopt_1".to_vec(),
+                query: b"/* dbopt:cache */ SELECT $1".to_vec(),
+                param_types: vec![0, 0],
+                class: crate::classify::Class::write("test"),
+            }),
+        );
+        let mut bind = Vec::new();
+        p::put_bind(&mut bind, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
+        assert!(mentions_cache_hint(&[(b'B', bind)], &statements));
+    }
 
     #[test]
     fn captures_only_plain_results() {

@@ -68,6 +68,20 @@ impl Exposition {
         self
     }
 
+    /// A counter family with one sample per label set.
+    pub fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: &[(Vec<(&str, &str)>, f64)],
+    ) -> &mut Self {
+        self.family(name, "counter", help);
+        for (labels, v) in samples {
+            self.sample(name, labels, *v);
+        }
+        self
+    }
+
     /// A gauge family with one sample per label set.
     pub fn gauges(
         &mut self,

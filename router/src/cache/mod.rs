@@ -760,7 +760,7 @@ mod tests {
             (lsn, exp, tags, reply),
             (99, 77, e.tags.clone(), e.reply.clone())
         );
-        assert!(decode_value(b"XXXX").is_none());
+        assert!(decode_value(b"not an entry").is_none());
         assert!(decode_value(&v[..20]).is_none());
         let mut bad = v.clone();
         bad[20] = 0xff; // tag count far beyond the value

@@ -1,45 +1,111 @@
 //! The cache in `/metrics` (Prometheus text, through `querystats::exposition`) and `/status`, and
 //! manual invalidation from the admin endpoint.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use dbopt_invalidation::{check_user_tag, Tag};
 use dbopt_querystats::exposition::Exposition;
 use serde_json::json;
 
-use crate::cache::{lock, Cache};
+use crate::cache::{lock, Cache, CacheCounters};
+
+/// The cache's plain counters, once for `/metrics` and `/status`:
+/// (metric name, help, `/status` key, counter).
+fn plain_counters(
+    c: &CacheCounters,
+) -> [(&'static str, &'static str, &'static str, &AtomicU64); 9] {
+    [
+        (
+            "dbopt_router_cache_fills_not_admitted_total",
+            "Replica fills not stored: the replica had not replayed a recent invalidation.",
+            "fills_not_admitted",
+            &c.fills_not_admitted,
+        ),
+        (
+            "dbopt_router_cache_bypassed_total",
+            "Cacheable reads sent to PostgreSQL because the cache could not vouch for them.",
+            "bypassed",
+            &c.bypassed,
+        ),
+        (
+            "dbopt_router_cache_uncacheable_total",
+            "Hinted reads PostgreSQL's analysis refused.",
+            "uncacheable",
+            &c.uncacheable,
+        ),
+        (
+            "dbopt_router_cache_invalidations_total",
+            "Announcements applied.",
+            "invalidations",
+            &c.invalidations,
+        ),
+        (
+            "dbopt_router_cache_resyncs_total",
+            "Resynchronisations (listener reconnected, Redis back).",
+            "resyncs",
+            &c.resyncs,
+        ),
+        (
+            "dbopt_router_cache_redis_errors_total",
+            "Failed Redis calls.",
+            "redis_errors",
+            &c.redis_errors,
+        ),
+        (
+            "dbopt_router_cache_barrier_timeouts_total",
+            "Barriers not answered in time.",
+            "barrier_timeouts",
+            &c.barrier_timeouts,
+        ),
+        (
+            "dbopt_router_cache_refreshes_total",
+            "Fills the router did itself (write-through, warming).",
+            "refreshes",
+            &c.refreshes,
+        ),
+        (
+            "dbopt_router_cache_refresh_failures_total",
+            "Write-through or warming fills that failed (the entry stays invalidated).",
+            "refresh_failures",
+            &c.refresh_failures,
+        ),
+    ]
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
 
 /// `/metrics` lines for the cache.
 pub fn metrics(cache: &Cache) -> String {
     let l = lock(&cache.local).stats;
     let c = &cache.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-    let layer = |local: u64, redis: f64| {
+    let layer = |local: u64, redis: &AtomicU64| {
         vec![
             (vec![("layer", "local")], local as f64),
-            (vec![("layer", "redis")], redis),
+            (vec![("layer", "redis")], get(redis) as f64),
         ]
     };
     let mut e = Exposition::default();
-    e.gauges(
+    e.counters(
         "dbopt_router_cache_hits_total",
         "Cache hits, per layer.",
-        &layer(l.hits, get(&c.redis_hits)),
+        &layer(l.hits, &c.redis_hits),
     )
-    .gauges(
+    .counters(
         "dbopt_router_cache_misses_total",
         "Cache misses, per layer.",
-        &layer(l.misses, get(&c.redis_misses)),
+        &layer(l.misses, &c.redis_misses),
     )
-    .gauges(
+    .counters(
         "dbopt_router_cache_fills_total",
         "Entries stored, per layer.",
-        &layer(l.fills, get(&c.redis_fills)),
+        &layer(l.fills, &c.redis_fills),
     )
-    .gauges(
+    .counters(
         "dbopt_router_cache_refused_fills_total",
         "Fills refused because an invalidation raced them, per layer.",
-        &layer(l.refused, get(&c.redis_refused)),
+        &layer(l.refused, &c.redis_refused),
     )
     .counter(
         "dbopt_router_cache_evictions_total",
@@ -56,56 +122,14 @@ pub fn metrics(cache: &Cache) -> String {
         "Entries in the local layer.",
         l.entries as f64,
     )
-    .counter(
-        "dbopt_router_cache_fills_not_admitted_total",
-        "Replica fills not stored: the replica had not replayed a recent invalidation.",
-        get(&c.fills_not_admitted),
-    )
-    .counter(
-        "dbopt_router_cache_bypassed_total",
-        "Cacheable reads sent to PostgreSQL because the cache could not vouch for them.",
-        get(&c.bypassed),
-    )
-    .counter(
-        "dbopt_router_cache_uncacheable_total",
-        "Hinted reads PostgreSQL's analysis refused.",
-        get(&c.uncacheable),
-    )
-    .counter(
-        "dbopt_router_cache_invalidations_total",
-        "Announcements applied.",
-        get(&c.invalidations),
-    )
-    .counter(
-        "dbopt_router_cache_resyncs_total",
-        "Resynchronisations (listener reconnected, Redis back).",
-        get(&c.resyncs),
-    )
-    .counter(
-        "dbopt_router_cache_redis_errors_total",
-        "Failed Redis calls.",
-        get(&c.redis_errors),
-    )
-    .counter(
-        "dbopt_router_cache_barrier_timeouts_total",
-        "Barriers not answered in time.",
-        get(&c.barrier_timeouts),
-    )
     .gauge(
         "dbopt_router_cache_redis_up",
         "1 while Redis is used.",
         f64::from(u8::from(cache.redis_up())),
     );
-    e.counter(
-        "dbopt_router_cache_refreshes_total",
-        "Fills the router did itself (write-through, warming).",
-        get(&c.refreshes),
-    )
-    .counter(
-        "dbopt_router_cache_refresh_failures_total",
-        "Write-through or warming fills that failed (the entry stays invalidated).",
-        get(&c.refresh_failures),
-    );
+    for (name, help, _, v) in plain_counters(c) {
+        e.counter(name, help, get(v) as f64);
+    }
     let delay = *lock(&cache.delay);
     e.histogram_seconds(
         "dbopt_router_cache_invalidation_delay_seconds",
@@ -119,7 +143,6 @@ pub fn metrics(cache: &Cache) -> String {
 pub fn status(cache: &Cache) -> serde_json::Value {
     let l = lock(&cache.local).stats;
     let c = &cache.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let delay = *lock(&cache.delay);
     let feeds: serde_json::Map<String, serde_json::Value> = lock(&cache.feeds)
         .iter()
@@ -130,22 +153,19 @@ pub fn status(cache: &Cache) -> serde_json::Value {
             )
         })
         .collect();
-    json!({
+    let mut out = json!({
         "local": {"hits": l.hits, "misses": l.misses, "fills": l.fills, "refused": l.refused,
                   "evictions": l.evictions, "bytes": l.bytes, "entries": l.entries},
         "redis": {"up": cache.redis_up(), "hits": get(&c.redis_hits), "misses": get(&c.redis_misses),
-                  "fills": get(&c.redis_fills), "refused": get(&c.redis_refused), "errors": get(&c.redis_errors)},
-        "bypassed": get(&c.bypassed),
-        "uncacheable": get(&c.uncacheable),
-        "fills_not_admitted": get(&c.fills_not_admitted),
-        "invalidations": get(&c.invalidations),
-        "resyncs": get(&c.resyncs),
-        "refreshes": get(&c.refreshes),
-        "refresh_failures": get(&c.refresh_failures),
+                  "fills": get(&c.redis_fills), "refused": get(&c.redis_refused)},
         "invalidation_delay_ms": {"count": delay.n, "p50": delay.quantile_ms(0.5), "p99": delay.quantile_ms(0.99),
                                   "max": (delay.n > 0).then_some(delay.max_ms)},
         "databases": feeds,
-    })
+    });
+    for (_, _, key, v) in plain_counters(c) {
+        out[key] = json!(get(v));
+    }
+    out
 }
 
 /// What a manual invalidation asks for.
