@@ -4,7 +4,13 @@
 //! DBOPT.RL.HIT  key limit window_ms [COST n]   → [allowed, limit, remaining, retry_after_ms, reset_after_ms]
 //! DBOPT.RL.PEEK key limit window_ms [COST n]   → the same, without admitting anything (read-only)
 //! DBOPT.RL.RESET key                           → 1 if a limiter was deleted, 0 if there was none
+//! DBOPT.RL.HITALL cost key limit window_ms [key limit window_ms ...]
+//!     → [allowed, index, limit, remaining, retry_after_ms, reset_after_ms]
 //! ```
+//! `HITALL` admits `cost` units on every limiter or on none (one statement under a user's, an end
+//! user's and a global limit at once): `index` is the refusing limiter with the longest wait (the
+//! one the other fields describe), or -1 when all admitted (then the fields describe the limiter
+//! with the least room left). At most [`MAX_HITALL`] limiters, each key once.
 //! `allowed` is 1 or 0; `retry_after_ms` is -1 when allowed. Limits: `limit` 1..=4294967295,
 //! `window_ms` 1..=31536000000 (a year), `COST` 1..=limit (default 1). The semantics (never more than
 //! `limit` units in any `window_ms`, early denial bounded by window/32) are documented in
@@ -105,6 +111,103 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         RL_DENIED.incr();
     }
     Ok(reply(decision))
+}
+
+/// Most limiters one `DBOPT.RL.HITALL` takes.
+pub const MAX_HITALL: usize = 16;
+
+/// Parsed `HITALL` arguments: the cost and `(key index, limit, window_ms)` per limiter.
+fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<(usize, u64, u64)>), RedisError> {
+    if args.len() < 5 || (args.len() - 2) % 3 != 0 {
+        return Err(RedisError::WrongArity);
+    }
+    let n = (args.len() - 2) / 3;
+    if n > MAX_HITALL {
+        return Err(err(format!(
+            "at most {MAX_HITALL} limiters per call, got {n}"
+        )));
+    }
+    let cost = uint(args[1].as_slice(), "cost", 1, MAX_LIMIT)?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = 2 + 3 * i;
+        let key = args[k].as_slice();
+        if out
+            .iter()
+            .any(|&(j, _, _): &(usize, u64, u64)| args[j].as_slice() == key)
+        {
+            return Err(err(format!("key '{}' is given twice", shown(key))));
+        }
+        let limit = uint(args[k + 1].as_slice(), "limit", 1, MAX_LIMIT)?;
+        let window_ms = uint(args[k + 2].as_slice(), "window_ms", 1, MAX_WINDOW_MS)?;
+        validate(limit, window_ms, cost).map_err(|e| err(e.to_string()))?;
+        out.push((k, limit, window_ms));
+    }
+    Ok((cost, out))
+}
+
+pub fn hit_all(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let (cost, limiters) = parse_all(&args)?;
+    let now = store::now_ms();
+    let mut keys = Vec::with_capacity(limiters.len());
+    let mut windows = Vec::with_capacity(limiters.len());
+    for &(k, _, window_ms) in &limiters {
+        let key = ctx.open_key_writable(&args[k]);
+        let w = match key.key_type() {
+            KeyType::Empty => state(None, window_ms, now)?,
+            KeyType::String => state(Some(&key.as_string_dma()?), window_ms, now)?,
+            _ => return Err(wrong_type(WHAT)),
+        };
+        keys.push(key);
+        windows.push(w);
+    }
+    // Decide on all before changing any: all admit, or none is charged.
+    let decisions: Vec<Decision> = windows
+        .iter()
+        .zip(&limiters)
+        .map(|((w, _), &(_, limit, _))| w.peek(now, limit, cost))
+        .collect();
+    let refused = decisions
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| !d.allowed)
+        .max_by_key(|(_, d)| d.retry_after_ms);
+    let (index, decision) = match refused {
+        Some((i, d)) => {
+            RL_DENIED.incr();
+            (i as i64, *d)
+        }
+        None => {
+            let mut tightest: Option<Decision> = None;
+            for (i, ((w, stored), &(k, limit, _))) in windows.iter_mut().zip(&limiters).enumerate()
+            {
+                let keeps_expiry = *stored && w.admission_keeps_reset_time(now);
+                let d = w.hit(now, limit, cost);
+                if keeps_expiry {
+                    store::overwrite_keep_ttl(ctx, &args[k], &keys[i], &w.encode())?;
+                } else {
+                    store::put(
+                        ctx,
+                        &args[k],
+                        &keys[i],
+                        &w.encode(),
+                        now,
+                        now + d.reset_after_ms,
+                    )?;
+                }
+                if tightest.is_none_or(|t| d.remaining < t.remaining) {
+                    tightest = Some(d);
+                }
+            }
+            RL_ALLOWED.incr();
+            (-1, tightest.unwrap_or(decisions[0]))
+        }
+    };
+    let RedisValue::Array(mut fields) = reply(decision) else {
+        return Err(err("internal: reply shape"));
+    };
+    fields.insert(1, RedisValue::Integer(index));
+    Ok(RedisValue::Array(fields))
 }
 
 pub fn peek(ctx: &Context, args: Vec<RedisString>) -> RedisResult {

@@ -22,6 +22,7 @@ const COMMANDS: &[&str] = &[
     "DBOPT.RL.HIT",
     "DBOPT.RL.PEEK",
     "DBOPT.RL.RESET",
+    "DBOPT.RL.HITALL",
     "DBOPT.CACHE.SET",
     "DBOPT.CACHE.GET",
     "DBOPT.CACHE.DEL",

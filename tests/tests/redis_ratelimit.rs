@@ -150,6 +150,40 @@ fn bad_input_gets_precise_errors() {
         (&["DBOPT.RL.RESET", "plain"], "WRONGTYPE"),
         (&["DBOPT.RL.RESET"], "wrong number of arguments"),
         (&["DBOPT.RL.RESET", "a", "b"], "wrong number of arguments"),
+        (&["DBOPT.RL.HITALL", "1", "k"], "wrong number of arguments"),
+        (
+            &["DBOPT.RL.HITALL", "1", "k", "10", "1000", "j"],
+            "wrong number of arguments",
+        ),
+        (
+            &["DBOPT.RL.HITALL", "0", "k", "10", "1000"],
+            "cost must be an integer between 1 and 4294967295",
+        ),
+        (
+            &["DBOPT.RL.HITALL", "11", "k", "10", "1000"],
+            "COST must be between 1 and the limit (10), got 11",
+        ),
+        (
+            &["DBOPT.RL.HITALL", "1", "k", "10", "1000", "k", "5", "1000"],
+            "key 'k' is given twice",
+        ),
+        (
+            &[
+                "DBOPT.RL.HITALL",
+                "1",
+                "k",
+                "10",
+                "1000",
+                "plain",
+                "5",
+                "1000",
+            ],
+            "WRONGTYPE",
+        ),
+        (
+            &["DBOPT.RL.HITALL", "1", "k", "10", "-5"],
+            "window_ms must be an integer",
+        ),
     ];
     for (args, want) in cases {
         let e = error(&mut c, args);
@@ -160,6 +194,45 @@ fn bad_input_gets_precise_errors() {
     assert_eq!(v, "x");
     let exists: i64 = redis::cmd("EXISTS").arg("k").query(&mut c).expect("exists");
     assert_eq!(exists, 0);
+}
+
+/// One statement under several limits: admitted by all of them or charged to none.
+#[test]
+fn hitall_admits_on_every_limiter_or_on_none() {
+    let server = RedisServer::start(e2e_port(54), &[]);
+    let mut c = server.conn();
+    let all = |c: &mut redis::Connection, cost: u64| -> Vec<i64> {
+        redis::cmd("DBOPT.RL.HITALL")
+            .arg(cost)
+            .arg("user")
+            .arg(3)
+            .arg(60_000)
+            .arg("global")
+            .arg(10)
+            .arg(60_000)
+            .query(c)
+            .expect("hitall")
+    };
+    let r = all(&mut c, 1);
+    assert_eq!(&r[..4], &[1, -1, 3, 2], "the tightest limiter is described");
+    let r = all(&mut c, 2);
+    assert_eq!(&r[..4], &[1, -1, 3, 0]);
+    let r = all(&mut c, 1);
+    assert_eq!(&r[..4], &[0, 0, 3, 0], "the user's limiter refuses");
+    assert!(r[4] > 0, "retry_after {}", r[4]);
+    // The refusal charged nothing to the global limiter: 3 of 10 used.
+    let peek: Vec<i64> = redis::cmd("DBOPT.RL.PEEK")
+        .arg("global")
+        .arg(10)
+        .arg(60_000)
+        .query(&mut c)
+        .expect("peek");
+    assert_eq!(&peek[..3], &[1, 10, 7]);
+    // Both keys expire by themselves.
+    for key in ["user", "global"] {
+        let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).expect("pttl");
+        assert!(pttl > 0, "{key} expires ({pttl})");
+    }
 }
 
 /// Replicas and the AOF receive the new state (SET … PXAT), never the command: a replica never
