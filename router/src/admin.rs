@@ -362,6 +362,7 @@ pub fn metrics(shared: &Shared) -> String {
     if let Some(cache) = &shared.cache {
         o.push_str(&crate::cache::report::metrics(cache));
     }
+    o.push_str(&shared.limiter.metrics());
     let t = shared.topology();
     let now = t.now_ms();
     let node_gauges: [(&str, &str); 6] = [
@@ -493,5 +494,6 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         },
         "function_catalogue_names": t.functions.len(),
         "cache": shared.cache.as_ref().map(|c| crate::cache::report::status(c)),
+        "limits": shared.limiter.status(),
     })
 }

@@ -170,7 +170,13 @@ impl Session {
         // under this very key when it filled it).
         if analysis.is_some() || warm {
             if self.may_hit(&cache).await {
-                if let Some(hit) = cache.lookup(&req.key).await {
+                let extra = self.limit_commands_for_cache();
+                let (hit, replies) = cache.lookup_with(&req.key, &extra).await;
+                if let Some(hit) = hit {
+                    // The statement is counted even when the cache answers it.
+                    if !self.settle_limit(batch, replies).await? {
+                        return Ok(CachePlan::Answered);
+                    }
                     // A named Parse answered from the cache still defines the statement.
                     let class = self.class_of_text(&req.text);
                     for (_, msg) in batch.iter().filter(|(t, _)| *t == b'P') {
@@ -180,6 +186,10 @@ impl Session {
                     p::put_ready(&mut self.out, b'I');
                     self.floor.after_hit(hit.reply.fill_lsn);
                     self.flush_client().await?;
+                    return Ok(CachePlan::Answered);
+                }
+                // A miss: the check rode along; decide it now (the statement runs next).
+                if replies.is_some() && !self.settle_limit(batch, replies).await? {
                     return Ok(CachePlan::Answered);
                 }
             } else {

@@ -562,7 +562,13 @@ pub fn hints(sql: &str) -> (Option<Hint>, bool) {
 /// The comments of `sql` that mention `dbopt:`, as PostgreSQL's scanner finds them (never text in
 /// a string or an identifier). Empty when the text does not scan.
 pub fn dbopt_comments(sql: &str) -> Vec<&str> {
-    if !sql.contains("dbopt:") {
+    comments_mentioning(sql, "dbopt:")
+}
+
+/// The comments of `sql` that contain `needle`, as PostgreSQL's scanner finds them (never text in
+/// a string or an identifier). Empty when the text does not scan.
+pub fn comments_mentioning<'a>(sql: &'a str, needle: &str) -> Vec<&'a str> {
+    if !sql.contains(needle) {
         return Vec::new();
     }
     let Ok(scanned) = pg_query::scan(sql) else {
@@ -578,7 +584,7 @@ pub fn dbopt_comments(sql: &str) -> Vec<&str> {
         .iter()
         .filter(|t| comment(t.token))
         .filter_map(|t| sql.get(t.start as usize..t.end as usize))
-        .filter(|text| text.contains("dbopt:"))
+        .filter(|text| text.contains(needle))
         .collect()
 }
 

@@ -39,6 +39,9 @@ pub struct Config {
     /// The result cache.
     #[serde(default)]
     pub cache: crate::cache::settings::CacheSettings,
+    /// Rate limits on statements.
+    #[serde(default)]
+    pub limits: crate::limits::settings::LimitSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -208,8 +211,9 @@ pub struct User {
     /// Password of `server_user` (default: the user's own password).
     #[serde(default)]
     pub server_password: Option<String>,
-    /// May run as a superuser role. Without it the router refuses a server login that turns out
-    /// to be a superuser, and `--check-config` refuses a superuser name it can see.
+    /// A trusted operator: may run as a superuser role, and is never refused by `[limits]` (its
+    /// statements are counted as bypassed). Without it the router refuses a server login that
+    /// turns out to be a superuser, and `--check-config` refuses a superuser name it can see.
     #[serde(default)]
     pub admin: bool,
 }
@@ -538,6 +542,8 @@ impl Config {
             self.databases.clone()
         };
         self.cache.validate(&users, &databases)?;
+        let nodes: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        self.limits.validate(&users, &databases, &nodes)?;
         Ok(())
     }
 

@@ -8,6 +8,8 @@
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
 //! - [`cache`] — the two-layer result cache and its invalidation feed (see its docs for the
 //!   consistency promise).
+//! - [`limits`] — rate limits on statements (sliding windows shared through the Redis module);
+//!   [`rate_limited`] is the session's side.
 //! - [`isolation`] — what one client leaves in a server session never reaches another (pure).
 //! - [`startup`] — a session's startup packet, TLS, authentication and login checks.
 //! - [`tls`] — the TLS acceptor and the client stream.
@@ -25,11 +27,13 @@ pub mod classify;
 pub mod config;
 pub mod handshake;
 pub mod isolation;
+pub mod limits;
 pub mod log;
 pub mod monitor;
 pub mod pool;
 pub mod pools;
 pub mod protocol;
+pub mod rate_limited;
 pub mod relay;
 pub mod route;
 pub mod run;

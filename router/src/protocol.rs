@@ -370,6 +370,34 @@ pub fn put_error(out: &mut Vec<u8>, severity: &str, code: &str, message: &str) {
     });
 }
 
+/// An ErrorResponse (`tag = b'E'`) or NoticeResponse (`b'N'`) with DETAIL and HINT fields.
+pub fn put_report(
+    out: &mut Vec<u8>,
+    tag: u8,
+    severity: &str,
+    code: &str,
+    message: &str,
+    detail: &str,
+    hint: &str,
+) {
+    put_msg(out, tag, |b| {
+        for (field, value) in [
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', code),
+            (b'M', message),
+            (b'D', detail),
+            (b'H', hint),
+        ] {
+            if !value.is_empty() {
+                b.push(field);
+                put_cstr(b, value.replace('\0', " ").as_bytes());
+            }
+        }
+        b.push(0);
+    });
+}
+
 pub fn put_ready(out: &mut Vec<u8>, status: u8) {
     put_msg(out, b'Z', |b| b.push(status));
 }

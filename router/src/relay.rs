@@ -128,6 +128,12 @@ impl Session {
     fn on_server_message(&mut self, att: &mut Attached, tag: u8, msg: &[u8]) {
         self.emit_synthetic(att);
         let relay = att.link.server_message(tag, msg, &mut att.conn.prepared);
+        if let crate::translate::Relay::Replace(error) = &relay {
+            // A refused statement: the router's error, in the server's place.
+            self.out.extend_from_slice(error);
+            att.relayed = true;
+        }
+        let relay = relay == crate::translate::Relay::Pass;
         match tag {
             b'Z' => {
                 att.tx_status = body(msg).first().copied().unwrap_or(b'I');
@@ -349,6 +355,18 @@ impl Session {
                                 }
                                 if att.link.pending.is_empty() && !att.batch_open {
                                     att.batch_open = true;
+                                }
+                                self.note_portal_text(tag, &msg);
+                                if matches!(tag, b'Q' | b'E') {
+                                    if let Err(error) =
+                                        self.check_statement(tag, &msg, att.node).await
+                                    {
+                                        att.link.refuse(tag, error, &mut to_server);
+                                        if tag == b'Q' {
+                                            att.batch_open = false;
+                                        }
+                                        continue;
+                                    }
                                 }
                                 self.translate(&mut att, tag, &msg, &mut to_server, true);
                             }

@@ -96,6 +96,10 @@ pub struct Session {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Idle limits as of the current batch.
     pub(crate) limits: Limits,
+    /// The rate-limit check of the batch being handled, until it is decided.
+    pub(crate) pending_limit: Option<crate::limits::Check>,
+    /// The text of what the client executes next in the extended protocol (its end user).
+    pub(crate) portal_text: Option<Vec<u8>>,
 }
 
 /// The idle timeouts a session applies (seconds, 0: none), copied from the configuration once per
@@ -154,6 +158,8 @@ impl Session {
             retry_batch: None,
             shutdown,
             limits: Limits::default(),
+            pending_limit: None,
+            portal_text: None,
         }
     }
 
@@ -286,8 +292,14 @@ impl Session {
                         return Err(self.fatal("57P01", "dbopt-router is shutting down"));
                     }
                 };
+                if !self.prepare_limit(&batch).await? {
+                    continue;
+                }
                 let plan = self.cache_plan(&batch).await?;
                 if matches!(plan, CachePlan::Answered) {
+                    continue;
+                }
+                if !self.settle_limit(&batch, None).await? {
                     continue;
                 }
                 self.attach_and_send(batch, None, plan).await?;
@@ -434,6 +446,9 @@ impl Session {
                 Ok(x) => x,
                 Err(u) => return self.refuse(&batch, unavailable_error(u)).await,
             };
+            if retry_of.is_none() && broken == 0 && !self.check_node_limit(&batch, node).await? {
+                return Ok(());
+            }
             match self
                 .shared
                 .acquire(node, &self.database, &auth.login, decision.critical)

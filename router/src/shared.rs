@@ -119,6 +119,8 @@ pub struct Shared {
     pub cache: Option<Arc<crate::cache::Cache>>,
     /// Router user → router time of its last acknowledged write (read-your-writes, user scope).
     pub user_writes: Mutex<HashMap<String, u64>>,
+    /// Rate limits (`[limits]`); the rules are read from the configuration at each check.
+    pub limiter: crate::limits::Limiter,
 }
 
 /// (server role, the client's startup settings): what a login's ParameterStatus depends on.
@@ -140,7 +142,12 @@ impl Shared {
             .cache
             .enabled
             .then(|| Arc::new(crate::cache::Cache::new(&config.cache)));
+        let limiter = crate::limits::Limiter::new(
+            &config.limits,
+            cache.as_ref().and_then(|c| c.redis.as_ref()),
+        );
         Arc::new(Shared {
+            limiter,
             tls,
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),
@@ -281,6 +288,24 @@ pub fn reload_problem(old: &Config, new: &Config) -> Option<String> {
     }
     if old.cache != new.cache {
         return Some("[cache] changed: restart the router to apply it".into());
+    }
+    let (a, b) = (&old.limits, &new.limits);
+    if (
+        &a.redis,
+        &a.redis_user,
+        &a.redis_password,
+        a.redis_timeout_ms,
+    ) != (
+        &b.redis,
+        &b.redis_user,
+        &b.redis_password,
+        b.redis_timeout_ms,
+    ) {
+        return Some(
+            "limits.redis or its credentials changed: restart the router to apply it \
+             (rules, modes and the fallback reload)"
+                .into(),
+        );
     }
     None
 }

@@ -32,6 +32,24 @@ pub(crate) enum Expect {
     SyntheticClose,
     Sync,
     Query,
+    /// A statement refused by the router, replaced by one that fails on the server: the server's
+    /// error is replaced by the router's ([`Link::refusals`]).
+    Refused,
+}
+
+/// What a refused statement becomes on the server: it fails at parse analysis (the literal cannot
+/// be an integer), whatever the search_path, and runs nothing. The server's transaction fails
+/// with it, as the client is told.
+pub(crate) const REFUSED_SQL: &[u8] =
+    b"SELECT 'dbopt-router refused this statement (rate limit)'::pg_catalog.int4";
+
+/// What happens to a server message on its way to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Relay {
+    Pass,
+    Swallow,
+    /// Sent in its place (the router's error for a refused statement).
+    Replace(Vec<u8>),
 }
 
 /// A client's named prepared statement.
@@ -88,6 +106,8 @@ pub(crate) fn remember_parse(statements: &mut Statements, msg: &[u8], class: Cla
 pub(crate) struct Link {
     /// Replies owed to the client, in order.
     pub(crate) pending: VecDeque<Expect>,
+    /// The router's ErrorResponse for each [`Expect::Refused`], in order.
+    pub(crate) refusals: VecDeque<Vec<u8>>,
 }
 
 impl Link {
@@ -209,6 +229,22 @@ impl Link {
         }
     }
 
+    /// A Query or Execute the router refuses: the server gets a statement that fails instead
+    /// (a Query for a Query; a Parse under a name of the router's for an Execute, which leaves
+    /// the client's unnamed statement and portals alone), and the client gets `error` in place of
+    /// the server's. Then, as after any error, the server skips to the Sync.
+    pub(crate) fn refuse(&mut self, tag: u8, error: Vec<u8>, out: &mut Vec<u8>) {
+        if tag == b'Q' {
+            p::put_msg(out, b'Q', |b| p::put_cstr(b, REFUSED_SQL));
+            self.pending.push_back(Expect::Refused);
+            self.pending.push_back(Expect::Query);
+        } else {
+            p::put_parse(out, b"dbopt_refused", REFUSED_SQL, &[]);
+            self.pending.push_back(Expect::Refused);
+        }
+        self.refusals.push_back(error);
+    }
+
     /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
     fn ensure_prepared(
         &mut self,
@@ -245,18 +281,22 @@ impl Link {
         tag: u8,
         msg: &[u8],
         prepared: &mut HashSet<u64>,
-    ) -> bool {
+    ) -> Relay {
+        let pass = |relay: bool| if relay { Relay::Pass } else { Relay::Swallow };
         match tag {
-            b'1' => !matches!(self.pending.pop_front(), Some(Expect::HiddenParse(_))),
+            b'1' => pass(!matches!(
+                self.pending.pop_front(),
+                Some(Expect::HiddenParse(_))
+            )),
             b'2' | b'3' => {
                 self.pending.pop_front();
-                true
+                Relay::Pass
             }
             b'T' | b'n' => {
                 if self.pending.front() == Some(&Expect::Describe) {
                     self.pending.pop_front();
                 }
-                true
+                Relay::Pass
             }
             b'C' | b'I' | b's' => {
                 if self.pending.front() == Some(&Expect::Execute) {
@@ -268,9 +308,17 @@ impl Link {
                 {
                     prepared.clear();
                 }
-                true
+                Relay::Pass
             }
             b'E' => {
+                // The error of a refused statement is replaced by the router's.
+                let mut relay = Relay::Pass;
+                if self.pending.front() == Some(&Expect::Refused) {
+                    self.pending.pop_front();
+                    if let Some(e) = self.refusals.pop_front() {
+                        relay = Relay::Replace(e);
+                    }
+                }
                 // In the extended protocol the server skips to the next Sync after an error.
                 while let Some(&front) = self.pending.front() {
                     match front {
@@ -278,17 +326,20 @@ impl Link {
                         Expect::Parse(Some(h)) | Expect::HiddenParse(h) => {
                             prepared.remove(&h);
                         }
+                        Expect::Refused => {
+                            self.refusals.pop_front();
+                        }
                         _ => {}
                     }
                     self.pending.pop_front();
                 }
-                true
+                relay
             }
             b'Z' => {
                 self.pending.pop_front();
-                true
+                Relay::Pass
             }
-            _ => true,
+            _ => Relay::Pass,
         }
     }
 }
@@ -368,8 +419,11 @@ mod tests {
                 } else {
                     msg(t, b"")
                 };
-                if self.link.server_message(t, &m, &mut self.prepared) {
-                    relayed.push(t);
+                match self.link.server_message(t, &m, &mut self.prepared) {
+                    Relay::Pass => relayed.push(t),
+                    // A replacement is marked with its own tag in lower case.
+                    Relay::Replace(r) => relayed.push(r[0].to_ascii_lowercase()),
+                    Relay::Swallow => {}
                 }
                 let mut s = Vec::new();
                 self.link.synthetic_replies(&mut s);
@@ -427,6 +481,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_statement_fails_on_the_server_with_the_routers_error() {
+        let mut c = Client::new();
+        // Extended protocol: Parse and Bind go through, the Execute is refused.
+        let (sent, _) = c.send(&[parse("", "insert into t values (1)"), bind("")]);
+        assert_eq!(sent, b"PB");
+        let mut out = Vec::new();
+        c.link.refuse(b'E', msg(b'E', b"refused\0"), &mut out);
+        assert_eq!(tags(&out), b"P", "a failing Parse under the router's name");
+        assert!(out.windows(13).any(|w| w == b"dbopt_refused"));
+        let (sent, _) = c.send(&[msg(b'S', b"")]);
+        assert_eq!(sent, b"S");
+        // The server: ParseComplete, BindComplete, the poison's error, ReadyForQuery.
+        assert_eq!(c.replies(b"12EZ"), b"12eZ");
+        assert!(c.link.pending.is_empty() && c.link.refusals.is_empty());
+        // Simple protocol: the Query is replaced; its error is the router's.
+        let mut out = Vec::new();
+        c.link.refuse(b'Q', msg(b'E', b"refused\0"), &mut out);
+        assert_eq!(tags(&out), b"Q");
+        assert_eq!(c.replies(b"EZ"), b"eZ");
+        // Refused after an earlier failure in the same batch: the server skips it, and only the
+        // first error reaches the client.
+        c.send(&[bind("")]);
+        c.link
+            .refuse(b'E', msg(b'E', b"refused\0"), &mut Vec::new());
+        c.send(&[msg(b'S', b"")]);
+        assert_eq!(c.replies(b"EZ"), b"EZ");
+        assert!(c.link.pending.is_empty() && c.link.refusals.is_empty());
+    }
+
+    #[test]
     fn closing_a_named_statement_is_answered_by_the_router() {
         let mut c = Client::new();
         c.send(&[parse("s1", "select 1"), msg(b'S', b"")]);
@@ -445,7 +529,10 @@ mod tests {
         c.replies(b"1Z");
         c.send(&[msg(b'Q', b"DISCARD ALL\0")]);
         let m = msg(b'C', b"DISCARD ALL\0");
-        assert!(c.link.server_message(b'C', &m, &mut c.prepared));
+        assert_eq!(
+            c.link.server_message(b'C', &m, &mut c.prepared),
+            Relay::Pass
+        );
         assert!(c.prepared.is_empty());
         // The client's name still works: the statement is prepared again where it runs.
         let (sent, _) = c.send(&[bind("s1"), msg(b'S', b"")]);

@@ -198,7 +198,7 @@ fn inc(c: &AtomicU64) {
 
 pub struct Cache {
     pub local: Mutex<Local>,
-    pub redis: Option<Redis>,
+    pub redis: Option<Arc<Redis>>,
     /// Redis answered its last call, and was emptied of our databases after its last failure.
     redis_up: AtomicBool,
     pub feeds: Mutex<HashMap<String, DbFeed>>,
@@ -282,12 +282,12 @@ fn entry_key(key: &str) -> String {
 impl Cache {
     pub fn new(settings: &CacheSettings) -> Cache {
         let redis = settings.redis.as_ref().map(|a| {
-            Redis::new(
+            Arc::new(Redis::new(
                 a,
                 settings.redis_user.clone(),
                 settings.redis_password.clone(),
                 settings.redis_timeout_ms,
-            )
+            ))
         });
         let (refresher, queue) = refresh::Refresher::new();
         Cache {
@@ -539,19 +539,59 @@ impl Cache {
 
     /// The entry for `key`, from the local layer or else Redis (which then fills the local one).
     pub async fn lookup(&self, key: &str) -> Option<Hit> {
+        self.lookup_with(key, &[]).await.0
+    }
+
+    /// A lookup; when it goes to Redis, `extra` commands (a rate-limit check) ride in the same
+    /// round trip, and their replies (or the failure) come back. Nothing is sent for them when
+    /// the in-process layer answers or Redis is bypassed.
+    pub async fn lookup_with(
+        &self,
+        key: &str,
+        extra: &[Vec<u8>],
+    ) -> (Option<Hit>, Option<Result<Vec<Reply>, redis::RedisError>>) {
         let now = unix_ms();
         if let Some(e) = lock(&self.local).get(key, now) {
-            return Some(Hit {
+            let hit = Hit {
                 reply: e,
                 layer: "local",
-            });
+            };
+            return (Some(hit), None);
         }
-        if !self.redis_up() {
-            return None;
-        }
-        let r = self.redis.as_ref()?;
+        let Some(r) = self.redis.as_ref().filter(|_| self.redis_up()) else {
+            return (None, None);
+        };
         let rkey = entry_key(key);
-        match r.call(&[b"DBOPT.CACHE.GET", rkey.as_bytes()]).await {
+        let mut commands = vec![redis::encode(&[b"DBOPT.CACHE.GET", rkey.as_bytes()])];
+        commands.extend_from_slice(extra);
+        let (get, rest) = match r.pipeline(&commands).await {
+            Ok(mut replies) if replies.len() == commands.len() => {
+                let rest = replies.split_off(1);
+                (
+                    replies
+                        .pop()
+                        .ok_or_else(|| redis::RedisError("no reply".into())),
+                    rest,
+                )
+            }
+            Ok(_) => (Err(redis::RedisError("missing replies".into())), Vec::new()),
+            Err(e) => {
+                let extra_result = (!extra.is_empty()).then(|| Err(e.clone()));
+                self.redis_failed("GET", &e);
+                return (None, extra_result);
+            }
+        };
+        let extra_result = (!extra.is_empty()).then_some(Ok(rest));
+        (self.hit_from_redis(key, get, now), extra_result)
+    }
+
+    fn hit_from_redis(
+        &self,
+        key: &str,
+        get: Result<Reply, redis::RedisError>,
+        now: u64,
+    ) -> Option<Hit> {
+        match get {
             Ok(Reply::Bulk(Some(v))) => {
                 let Some((fill_lsn, expires_ms, tags, reply)) = decode_value(&v) else {
                     inc(&self.counters.redis_misses);

@@ -178,15 +178,30 @@ impl Redis {
 
     /// Runs one command; an `-ERR` reply is returned as [`Reply::Error`] (the connection is fine).
     pub async fn call(&self, args: &[&[u8]]) -> Result<Reply, RedisError> {
-        let request = encode(args);
+        self.pipeline(&[encode(args)])
+            .await?
+            .pop()
+            .ok_or_else(|| RedisError("no reply".into()))
+    }
+
+    /// Sends several commands in one write and reads their replies, in order (one round trip).
+    pub async fn pipeline(&self, commands: &[Vec<u8>]) -> Result<Vec<Reply>, RedisError> {
+        let request = commands.concat();
         let work = async {
             let mut c = match self.take() {
                 Some(c) => c,
                 None => self.connect().await?,
             };
-            let reply = exchange(&mut c, &request).await?;
+            c.get_mut()
+                .write_all(&request)
+                .await
+                .map_err(|e| RedisError(format!("writing: {e}")))?;
+            let mut replies = Vec::with_capacity(commands.len());
+            for _ in commands {
+                replies.push(read_reply(&mut c).await?);
+            }
             self.put(c);
-            Ok(reply)
+            Ok(replies)
         };
         match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
@@ -196,6 +211,10 @@ impl Redis {
                 self.timeout.as_millis()
             ))),
         }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
     }
 }
 
