@@ -22,6 +22,9 @@ DBOPT_ADMIN_TOKEN=${DBOPT_ADMIN_TOKEN:-dbopt-admin-token}  # POST /cache/invalid
 DBOPT_PG_PASSWORD=${DBOPT_PG_PASSWORD:-dbopt-postgres}      # superuser 'postgres'
 DBOPT_REPL_PASSWORD=${DBOPT_REPL_PASSWORD:-dbopt-replicator}
 DBOPT_REWIND_PASSWORD=${DBOPT_REWIND_PASSWORD:-dbopt-rewind}
+# Real clients of the end-to-end tests: Django (psycopg 3) in this virtualenv, Prisma 7 under
+# tests/clients/node_modules (both made by scripts/setup).
+DBOPT_CLIENTS_VENV=${DBOPT_CLIENTS_VENV:-/var/tmp/dbopt-clients-venv}
 NODES=(node0 node1 node2 node3)
 # node3 streams from node1, not from the primary: the cascade.
 declare -A REPLICATE_FROM=([node3]=node1)

@@ -4,6 +4,9 @@
 
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 
+/// `dbopt.end_user`: the application's end user, for dbopt-router (PostgreSQL does nothing with it).
+static END_USER: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
 /// Most distinct statements tracked (size of the shared table; restart to change).
 static MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Also track statements run inside functions (nested), not only top-level ones.
@@ -152,6 +155,14 @@ pub fn init() {
         c"For consumers of dbopt_invalidate other than dbopt-router; each notifying commit waits for the previous one.",
         &ANNOUNCE_ALL_TABLES,
         GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"dbopt.end_user",
+        c"The application's end user for this session (e.g. the id of the person behind a web request).",
+        c"Read by dbopt-router for per-end-user rate limits when no /*dbopt_user='...'*/ comment names one; PostgreSQL itself ignores it.",
+        &END_USER,
+        GucContext::Userset,
         GucFlags::default(),
     );
     // A misspelt `dbopt.` setting is an error, not a silently ignored placeholder.

@@ -116,9 +116,12 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
 /// Most limiters one `DBOPT.RL.HITALL` takes.
 pub const MAX_HITALL: usize = 16;
 
-/// Parsed `HITALL` arguments: the cost and `(key index, limit, window_ms)` per limiter.
-fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<(usize, u64, u64)>), RedisError> {
-    if args.len() < 5 || (args.len() - 2) % 3 != 0 {
+/// One limiter of a `HITALL`: its key's argument index, limit and window.
+type Limiter = (usize, u64, u64);
+
+/// Parsed `HITALL` arguments: the cost and the limiters.
+fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<Limiter>), RedisError> {
+    if args.len() < 5 || !(args.len() - 2).is_multiple_of(3) {
         return Err(RedisError::WrongArity);
     }
     let n = (args.len() - 2) / 3;
@@ -134,7 +137,7 @@ fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<(usize, u64, u64)>), Redi
         let key = args[k].as_slice();
         if out
             .iter()
-            .any(|&(j, _, _): &(usize, u64, u64)| args[j].as_slice() == key)
+            .any(|&(j, _, _): &Limiter| args[j].as_slice() == key)
         {
             return Err(err(format!("key '{}' is given twice", shown(key))));
         }

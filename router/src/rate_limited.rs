@@ -61,6 +61,31 @@ pub fn statements_in(batch: &[(u8, Vec<u8>)]) -> u64 {
         .count() as u64
 }
 
+/// Whether a statement ends a transaction block (`COMMIT`, `ROLLBACK`, `END`, `ABORT`, also
+/// `COMMIT AND CHAIN` and `ROLLBACK TO SAVEPOINT`), judged by its first word after comments.
+pub fn ends_transaction(text: &[u8]) -> bool {
+    let mut t = text;
+    loop {
+        t = t.trim_ascii_start();
+        if let Some(rest) = t.strip_prefix(b"--") {
+            t = rest.split(|&b| b == b'\n').nth(1).unwrap_or_default();
+        } else if let Some(rest) = t.strip_prefix(b"/*") {
+            match rest.windows(2).position(|w| w == b"*/") {
+                Some(i) => t = &rest[i + 2..],
+                None => return false,
+            }
+        } else {
+            break;
+        }
+    }
+    let word: Vec<u8> = t
+        .iter()
+        .take_while(|b| b.is_ascii_alphabetic())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    matches!(word.as_slice(), b"COMMIT" | b"ROLLBACK" | b"END" | b"ABORT")
+}
+
 impl Session {
     /// The check for `cost` statements of this session; `text`: a statement's text (its comment
     /// may name the end user); `node`: where it runs, once known (`only_node`: just the
@@ -246,20 +271,25 @@ impl Session {
 
     /// Inside an attachment: the check for one Query or Execute about to be relayed (node known).
     /// `Err` carries an ErrorResponse to send in the statement's place (refused, or an invalid end
-    /// user).
+    /// user). Never refused: anything in a failed transaction (the server runs nothing there but
+    /// its end) and the statements that end a transaction (refusing them would keep it open).
     pub(crate) async fn check_statement(
         &mut self,
         tag: u8,
         msg: &[u8],
         node: usize,
+        tx_status: u8,
     ) -> Result<(), Vec<u8>> {
-        if self.shared.config().limits.rules.is_empty() {
+        if tx_status == b'E' || self.shared.config().limits.rules.is_empty() {
             return Ok(());
         }
         let text = match tag {
             b'Q' => p::parse_query(body(msg)).ok().map(<[u8]>::to_vec),
             _ => self.portal_text.clone(),
         };
+        if tx_status == b'T' && text.as_deref().is_some_and(ends_transaction) {
+            return Ok(());
+        }
         let check = match self.limit_check(1, text.as_deref(), Some(node), false) {
             Ok(Some(c)) => c,
             Ok(None) => return Ok(()),
@@ -348,6 +378,30 @@ mod tests {
         assert!(d.contains("\"closed\""), "{d}");
         let (m, _, _) = refusal_text(&over(Source::Shared), true);
         assert!(m.contains("warn mode"), "{m}");
+    }
+
+    #[test]
+    fn transaction_ends_are_recognised() {
+        for t in [
+            "COMMIT",
+            "commit;",
+            " /* app */ ROLLBACK",
+            "-- x\nEND",
+            "abort",
+            "ROLLBACK TO SAVEPOINT a",
+        ] {
+            assert!(ends_transaction(t.as_bytes()), "{t}");
+        }
+        for t in [
+            "SELECT 1",
+            "COMMITTED",
+            "/* COMMIT */ SELECT 1",
+            "/* unterminated COMMIT",
+            "-- COMMIT",
+            "BEGIN",
+        ] {
+            assert!(!ends_transaction(t.as_bytes()), "{t}");
+        }
     }
 
     #[test]

@@ -358,8 +358,9 @@ impl Session {
                                 }
                                 self.note_portal_text(tag, &msg);
                                 if matches!(tag, b'Q' | b'E') {
-                                    if let Err(error) =
-                                        self.check_statement(tag, &msg, att.node).await
+                                    if let Err(error) = self
+                                        .check_statement(tag, &msg, att.node, att.tx_status)
+                                        .await
                                     {
                                         att.link.refuse(tag, error, &mut to_server);
                                         if tag == b'Q' {

@@ -28,7 +28,7 @@ pub struct LimitSettings {
     /// The SQLCommenter key naming the application's end user in a statement comment
     /// (`/*dbopt_user='42'*/`).
     pub end_user_key: String,
-    /// The session setting naming the end user when no comment does (`SET dbopt.user = '42'`).
+    /// The session setting naming the end user when no comment does (`SET dbopt.end_user = '42'`).
     pub end_user_setting: String,
     pub rules: Vec<Rule>,
 }
@@ -109,7 +109,7 @@ impl Default for LimitSettings {
             routers: 1,
             mode: Mode::Enforce,
             end_user_key: "dbopt_user".into(),
-            end_user_setting: "dbopt.user".into(),
+            end_user_setting: "dbopt.end_user".into(),
             rules: Vec::new(),
         }
     }
@@ -166,7 +166,7 @@ impl LimitSettings {
         if !setting_ok {
             return Err(bad(
                 "limits.end_user_setting".into(),
-                "must be a custom setting name such as \"dbopt.user\"",
+                "must be a custom setting name such as \"dbopt.end_user\"",
             ));
         }
         let mut names = HashSet::new();
