@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - `lib.rs` (this file): the command table and module registration only.
-//! - [`ratelimit`] — `DBOPT.RL.HIT` / `HITALL` / `PEEK` / `RESET` over `dbopt-ratelimit`.
+//! - [`ratelimit`] — `DBOPT.RL.HIT` / `HITALL` / `LEASE` / `PEEK` / `RESET` over `dbopt-ratelimit`.
 //! - [`cache`] — `DBOPT.CACHE.SET` / `GET` / `DEL` / `INVALIDATE`; [`tags`] — `DBOPT.TAG.TOKEN` /
 //!   `INVALIDATE`; both over `dbopt-tagcache`.
 //! - [`store`] — the only place keys are written: each write replicates its *effect*.
@@ -79,6 +79,7 @@ redis_module! {
         ["dbopt.rl.hit", guarded(ratelimit::hit), "write deny-oom fast", 1, 1, 1, ""],
         ["dbopt.rl.peek", guarded(ratelimit::peek), "readonly fast", 1, 1, 1, ""],
         ["dbopt.rl.hitall", guarded(ratelimit::hit_all), "write deny-oom fast", 2, -1, 3, ""],
+        ["dbopt.rl.lease", guarded(ratelimit::lease), "write deny-oom fast", 3, -1, 3, ""],
         ["dbopt.rl.reset", guarded(ratelimit::reset), "write fast", 1, 1, 1, ""],
         ["dbopt.cache.set", guarded(cache::set), "write deny-oom getkeys-api", 1, 1, 1, ""],
         ["dbopt.cache.get", guarded(cache::get), "readonly fast", 1, 1, 1, ""],

@@ -6,6 +6,8 @@
 //! DBOPT.RL.RESET key                           → 1 if a limiter was deleted, 0 if there was none
 //! DBOPT.RL.HITALL cost key limit window_ms [key limit window_ms ...]
 //!     → [allowed, index, limit, remaining, retry_after_ms, reset_after_ms]
+//! DBOPT.RL.LEASE min max key limit window_ms [...]
+//!     → HITALL's reply and the units granted: as many as every limiter has room for, min..=max
 //! ```
 //! `HITALL` admits `cost` units on every limiter or on none (one statement under a user's, an end
 //! user's and a global limit at once): `index` is the refusing limiter with the longest wait (the
@@ -119,21 +121,25 @@ pub const MAX_HITALL: usize = 16;
 /// One limiter of a `HITALL`: its key's argument index, limit and window.
 type Limiter = (usize, u64, u64);
 
-/// Parsed `HITALL` arguments: the cost and the limiters.
-fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<Limiter>), RedisError> {
-    if args.len() < 5 || !(args.len() - 2).is_multiple_of(3) {
+/// Parsed `HITALL`/`LEASE` arguments: the limiters, from argument `first` on, in triples. Each
+/// must admit at least `least` units.
+fn parse_limiters(
+    args: &[RedisString],
+    first: usize,
+    least: u64,
+) -> Result<Vec<Limiter>, RedisError> {
+    if args.len() < first + 3 || !(args.len() - first).is_multiple_of(3) {
         return Err(RedisError::WrongArity);
     }
-    let n = (args.len() - 2) / 3;
+    let n = (args.len() - first) / 3;
     if n > MAX_HITALL {
         return Err(err(format!(
             "at most {MAX_HITALL} limiters per call, got {n}"
         )));
     }
-    let cost = uint(args[1].as_slice(), "cost", 1, MAX_LIMIT)?;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let k = 2 + 3 * i;
+        let k = first + 3 * i;
         let key = args[k].as_slice();
         if out
             .iter()
@@ -143,18 +149,49 @@ fn parse_all(args: &[RedisString]) -> Result<(u64, Vec<Limiter>), RedisError> {
         }
         let limit = uint(args[k + 1].as_slice(), "limit", 1, MAX_LIMIT)?;
         let window_ms = uint(args[k + 2].as_slice(), "window_ms", 1, MAX_WINDOW_MS)?;
-        validate(limit, window_ms, cost).map_err(|e| err(e.to_string()))?;
+        validate(limit, window_ms, least).map_err(|e| err(e.to_string()))?;
         out.push((k, limit, window_ms));
     }
-    Ok((cost, out))
+    Ok(out)
 }
 
+/// `DBOPT.RL.HITALL cost key limit window_ms [...]`.
 pub fn hit_all(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let (cost, limiters) = parse_all(&args)?;
+    if args.len() < 2 {
+        return Err(RedisError::WrongArity);
+    }
+    let cost = uint(args[1].as_slice(), "cost", 1, MAX_LIMIT)?;
+    let limiters = parse_limiters(&args, 2, cost)?;
+    charge_all(ctx, &args, &limiters, cost, cost, false)
+}
+
+/// `DBOPT.RL.LEASE min max key limit window_ms [...]`: admits as many units as every limiter has
+/// room for, between `min` and `max` (a router's lease of admissions to hand out itself); the reply
+/// is HITALL's with the units granted appended (0 when refused).
+pub fn lease(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() < 3 {
+        return Err(RedisError::WrongArity);
+    }
+    let min = uint(args[1].as_slice(), "min", 1, MAX_LIMIT)?;
+    let max = uint(args[2].as_slice(), "max", min, MAX_LIMIT)?;
+    let limiters = parse_limiters(&args, 3, min)?;
+    charge_all(ctx, &args, &limiters, min, max, true)
+}
+
+/// Charges between `min` and `max` units (the most every limiter admits) on all limiters, or
+/// nothing when one cannot take `min`.
+fn charge_all(
+    ctx: &Context,
+    args: &[RedisString],
+    limiters: &[Limiter],
+    min: u64,
+    max: u64,
+    show_granted: bool,
+) -> RedisResult {
     let now = store::now_ms();
     let mut keys = Vec::with_capacity(limiters.len());
     let mut windows = Vec::with_capacity(limiters.len());
-    for &(k, _, window_ms) in &limiters {
+    for &(k, _, window_ms) in limiters {
         let key = ctx.open_key_writable(&args[k]);
         let w = match key.key_type() {
             KeyType::Empty => state(None, window_ms, now)?,
@@ -167,25 +204,31 @@ pub fn hit_all(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     // Decide on all before changing any: all admit, or none is charged.
     let decisions: Vec<Decision> = windows
         .iter()
-        .zip(&limiters)
-        .map(|((w, _), &(_, limit, _))| w.peek(now, limit, cost))
+        .zip(limiters)
+        .map(|((w, _), &(_, limit, _))| w.peek(now, limit, min))
         .collect();
     let refused = decisions
         .iter()
         .enumerate()
         .filter(|(_, d)| !d.allowed)
         .max_by_key(|(_, d)| d.retry_after_ms);
-    let (index, decision) = match refused {
+    // Room everywhere (each decision's `remaining` is the room before this request).
+    let granted = decisions
+        .iter()
+        .map(|d| d.remaining)
+        .min()
+        .unwrap_or(0)
+        .min(max);
+    let (index, decision, granted) = match refused {
         Some((i, d)) => {
             RL_DENIED.incr();
-            (i as i64, *d)
+            (i as i64, *d, 0)
         }
         None => {
             let mut tightest: Option<Decision> = None;
-            for (i, ((w, stored), &(k, limit, _))) in windows.iter_mut().zip(&limiters).enumerate()
-            {
+            for (i, ((w, stored), &(k, limit, _))) in windows.iter_mut().zip(limiters).enumerate() {
                 let keeps_expiry = *stored && w.admission_keeps_reset_time(now);
-                let d = w.hit(now, limit, cost);
+                let d = w.hit(now, limit, granted);
                 if keeps_expiry {
                     store::overwrite_keep_ttl(ctx, &args[k], &keys[i], &w.encode())?;
                 } else {
@@ -203,13 +246,18 @@ pub fn hit_all(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
                 }
             }
             RL_ALLOWED.incr();
-            (-1, tightest.unwrap_or(decisions[0]))
+            (-1, tightest.unwrap_or(decisions[0]), granted)
         }
     };
     let RedisValue::Array(mut fields) = reply(decision) else {
         return Err(err("internal: reply shape"));
     };
     fields.insert(1, RedisValue::Integer(index));
+    if show_granted {
+        fields.push(RedisValue::Integer(
+            i64::try_from(granted).unwrap_or(i64::MAX),
+        ));
+    }
     Ok(RedisValue::Array(fields))
 }
 

@@ -766,6 +766,70 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_is_valid() {
+        let c = Config::parse(include_str!("../dbopt-router.example.toml")).expect("example");
+        assert_eq!(c.limits.rules[0].name, "per-user");
+    }
+
+    #[test]
+    fn limit_rules_are_checked() {
+        let rule = |extra: &str| {
+            format!(
+                "{GOOD}\n[[limits.rules]]\nname = \"r\"\nscope = \"user\"\nlimit = 5\nwindow_ms = 1000\n{extra}"
+            )
+        };
+        let c = Config::parse(&rule("")).expect("a rule");
+        assert_eq!(c.limits.rules[0].limit, 5);
+        assert_eq!(c.limits.end_user_setting, "dbopt.end_user");
+        let cases: &[(&str, &str)] = &[
+            ("users = [\"nobody\"]", "limits.rules[0].users"),
+            ("databases = [\"other\"]", "limits.rules[0].databases"),
+            ("nodes = [\"node0\"]", "limits.rules[0].nodes"),
+            (
+                "[[limits.rules]]\nname = \"r\"\nscope = \"global\"\nlimit = 1\nwindow_ms = 1",
+                "limits.rules[1].name",
+            ),
+            (
+                "[[limits.rules]]\nname = \"bad name\"\nscope = \"global\"\nlimit = 1\nwindow_ms = 1",
+                "limits.rules[1].name",
+            ),
+            (
+                "[[limits.rules]]\nname = \"z\"\nscope = \"global\"\nlimit = 0\nwindow_ms = 1",
+                "limits.rules[1].limit",
+            ),
+            (
+                "[[limits.rules]]\nname = \"z\"\nscope = \"node\"\nlimit = 1\nwindow_ms = 0",
+                "limits.rules[1].window_ms",
+            ),
+            (
+                "[[limits.rules]]\nname = \"z\"\nscope = \"node\"\nlimit = 1\nwindow_ms = 5\nnodes = [\"nodeX\"]",
+                "limits.rules[1].nodes",
+            ),
+        ];
+        for (extra, field) in cases {
+            let e = Config::parse(&rule(extra)).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(*field), "{extra}: {e}");
+        }
+        let limits = |extra: &str| format!("[limits]\n{extra}\n{GOOD}");
+        for (extra, field) in [
+            ("routers = 0", "limits.routers"),
+            ("redis = \"nowhere\"", "limits.redis"),
+            ("redis_timeout_ms = 1", "limits.redis_timeout_ms"),
+            ("end_user_key = \"a b\"", "limits.end_user_key"),
+            ("end_user_setting = \"nodot\"", "limits.end_user_setting"),
+        ] {
+            // [limits] must come after the top-level keys; GOOD has none.
+            let e = Config::parse(&limits(extra)).expect_err(extra);
+            assert_eq!(e.field.as_deref(), Some(field), "{extra}: {e}");
+        }
+        let e = Config::parse(&rule("scope = \"planet\"")).expect_err("scope");
+        assert!(
+            e.message.contains("scope") || e.message.contains("planet"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn unreadable_file_names_the_path() {
         let e = Config::load(Path::new("/nonexistent/dbopt-router.toml")).expect_err("missing");
         assert!(e.message.contains("/nonexistent/dbopt-router.toml"), "{e}");

@@ -13,9 +13,11 @@ use dbopt_router::config::Config;
 /// weight, CPU and response time; never to one lagging more than health.max_replica_lag_s or
 /// behind the client's own last write); everything else goes to the primary. Each user runs as its
 /// own PostgreSQL role (only `admin = true` users may be superusers), and nothing one client sets in
-/// a server session (settings, roles, locks, LISTEN, temporary tables) reaches another. SIGHUP
-/// reloads the configuration; SIGTERM drains clients and exits. Metrics: GET /metrics and /status
-/// on listen.admin_address.
+/// a server session (settings, roles, locks, LISTEN, temporary tables) reaches another. Results
+/// may be cached ([cache]) and statements rate-limited ([limits]: per user, per end user named by
+/// a /*dbopt_user='42'*/ comment, globally, per database or node; over a limit a client gets
+/// SQLSTATE 53400 with the wait in DETAIL). SIGHUP reloads the configuration; SIGTERM drains
+/// clients and exits. Metrics: GET /metrics and /status on listen.admin_address.
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-router", version, after_help = EXAMPLES)]
 struct Cli {

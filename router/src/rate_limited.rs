@@ -180,7 +180,7 @@ impl Session {
         let text = self.batch_text(batch);
         match self.limit_check(statements_in(batch), text.as_deref(), None, false) {
             Ok(c) => {
-                self.pending_limit = c;
+                self.pending_limit = c.map(|c| self.shared.limiter.begin(c));
                 Ok(true)
             }
             Err(e) => {
@@ -197,7 +197,9 @@ impl Session {
     pub(crate) fn limit_commands_for_cache(&self) -> Vec<Vec<u8>> {
         let l = &self.shared.limiter;
         match &self.pending_limit {
-            Some(c) if l.shares_cache_redis && l.try_redis() => crate::limits::Limiter::commands(c),
+            Some(p) if p.needs_redis() && l.shares_cache_redis && l.try_redis() => {
+                crate::limits::Limiter::commands(p)
+            }
             _ => Vec::new(),
         }
     }
@@ -209,10 +211,15 @@ impl Session {
         batch: &[(u8, Vec<u8>)],
         replies: Option<Result<Vec<crate::cache::redis::Reply>, crate::cache::redis::RedisError>>,
     ) -> Step<bool> {
-        let Some(check) = self.pending_limit.take() else {
+        let Some(pending) = self.pending_limit.take() else {
             return Ok(true);
         };
-        let verdict = self.decide_limit(&check, replies).await;
+        let config = self.shared.config();
+        let verdict = self
+            .shared
+            .limiter
+            .finish(&config.limits, pending, replies)
+            .await;
         if self.report_limit(&verdict).is_none() {
             return Ok(true);
         }
@@ -220,18 +227,6 @@ impl Session {
         self.skip_if_unsynced(batch).await?;
         self.flush_client().await?;
         Ok(false)
-    }
-
-    pub(crate) async fn decide_limit(
-        &self,
-        check: &Check,
-        replies: Option<Result<Vec<crate::cache::redis::Reply>, crate::cache::redis::RedisError>>,
-    ) -> Verdict {
-        let config = self.shared.config();
-        self.shared
-            .limiter
-            .decide(&config.limits, check, replies)
-            .await
     }
 
     /// Writes a warning for a warn-mode window and the error for a refusal into `out`; returns
@@ -299,7 +294,8 @@ impl Session {
                 return Err(error);
             }
         };
-        let verdict = self.decide_limit(&check, None).await;
+        let config = self.shared.config();
+        let verdict = self.shared.limiter.decide(&config.limits, check).await;
         match self.report_limit(&verdict) {
             None => Ok(()),
             Some(error) => {
@@ -335,7 +331,8 @@ impl Session {
         self.pending_limit = self
             .limit_check(statements_in(batch), text.as_deref(), Some(node), true)
             .ok()
-            .flatten();
+            .flatten()
+            .map(|c| self.shared.limiter.begin(c));
         self.settle_limit(batch, None).await
     }
 }

@@ -97,7 +97,7 @@ pub struct Session {
     /// Idle limits as of the current batch.
     pub(crate) limits: Limits,
     /// The rate-limit check of the batch being handled, until it is decided.
-    pub(crate) pending_limit: Option<crate::limits::Check>,
+    pub(crate) pending_limit: Option<crate::limits::Pending>,
     /// The text of what the client executes next in the extended protocol (its end user).
     pub(crate) portal_text: Option<Vec<u8>>,
 }

@@ -319,3 +319,37 @@ pub fn pool_limits(c: &Config) -> PoolLimits {
         warn_percent: c.pool.warn_utilisation_percent,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [listen]
+        address = "127.0.0.1:6432"
+        [server]
+        user = "postgres"
+        [[nodes]]
+        name = "n"
+        host = "127.0.0.1"
+        port = 5
+        [[users]]
+        name = "app"
+        password = "x"
+    "#;
+
+    #[test]
+    fn limit_rules_reload_but_their_redis_needs_a_restart() {
+        let old = Config::parse(BASE).unwrap();
+        let rules = Config::parse(&format!(
+            "{BASE}\n[[limits.rules]]\nname = \"r\"\nscope = \"global\"\nlimit = 5\nwindow_ms = 1000"
+        ))
+        .unwrap();
+        assert_eq!(reload_problem(&old, &rules), None);
+        let redis = Config::parse(&format!("[limits]\nredis = \"127.0.0.1:1\"\n{BASE}")).unwrap();
+        assert!(reload_problem(&old, &redis)
+            .unwrap()
+            .contains("limits.redis"));
+    }
+}

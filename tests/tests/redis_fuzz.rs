@@ -23,6 +23,7 @@ const COMMANDS: &[&str] = &[
     "DBOPT.RL.PEEK",
     "DBOPT.RL.RESET",
     "DBOPT.RL.HITALL",
+    "DBOPT.RL.LEASE",
     "DBOPT.CACHE.SET",
     "DBOPT.CACHE.GET",
     "DBOPT.CACHE.DEL",

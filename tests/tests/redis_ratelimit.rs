@@ -228,6 +228,36 @@ fn hitall_admits_on_every_limiter_or_on_none() {
         .query(&mut c)
         .expect("peek");
     assert_eq!(&peek[..3], &[1, 10, 7]);
+    // A lease takes what every limiter has room for, between min and max.
+    let lease = |c: &mut redis::Connection, min: u64, max: u64| -> Vec<i64> {
+        redis::cmd("DBOPT.RL.LEASE")
+            .arg(min)
+            .arg(max)
+            .arg("user2")
+            .arg(5)
+            .arg(60_000)
+            .arg("global")
+            .arg(10)
+            .arg(60_000)
+            .query(c)
+            .expect("lease")
+    };
+    let r = lease(&mut c, 1, 4);
+    assert_eq!((r[0], r[1], r[6]), (1, -1, 4), "{r:?}");
+    let r = lease(&mut c, 1, 4);
+    assert_eq!((r[0], r[6]), (1, 1), "the user's room: {r:?}");
+    let r = lease(&mut c, 1, 4);
+    assert_eq!((r[0], r[1], r[6]), (0, 0, 0), "{r:?}");
+    let peek: Vec<i64> = redis::cmd("DBOPT.RL.PEEK")
+        .arg("global")
+        .arg(10)
+        .arg(60_000)
+        .query(&mut c)
+        .expect("peek");
+    assert_eq!(peek[2], 2, "3 + 4 + 1 of 10 used");
+    let e =
+        dbopt_e2e::redis_server::error_of(&mut c, &["DBOPT.RL.LEASE", "5", "4", "k", "10", "1000"]);
+    assert!(e.contains("max must be an integer between 5"), "{e}");
     // Both keys expire by themselves.
     for key in ["user", "global"] {
         let pttl: i64 = redis::cmd("PTTL").arg(key).query(&mut c).expect("pttl");

@@ -6,12 +6,14 @@
 //! # Layout
 //! - [`settings`] — the `[limits]` configuration; [`rules`] — which windows a statement is
 //!   counted in (pure); [`end_user`] — the end user from a SQLCommenter comment (pure);
-//!   [`local`] — windows in this router's memory (pure).
+//!   [`local`] — windows in this router's memory (pure); [`lease`] — admissions taken from Redis
+//!   ahead and handed out here (pure).
 //! - [`Limiter`] (this file) — the decision: Redis or fallback, counters, logging once per episode.
 //! - The session's side (when a batch is checked, how a refusal reaches the client) is in
 //!   `crate::rate_limited`.
 
 pub mod end_user;
+pub mod lease;
 pub mod local;
 pub mod rules;
 pub mod settings;
@@ -29,6 +31,22 @@ use settings::{Fallback, LimitSettings};
 
 /// While Redis is unreachable, one statement per this many ms tries it again.
 const RETRY_MS: u64 = 1000;
+
+/// A check under way: which of its sets (enforced, warn-mode) still need Redis, and how many
+/// units to ask for each (a lease).
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub check: Check,
+    pub need: [Option<u64>; 2],
+    /// Router time when the check began (before any request left): leases live from here.
+    pub sent_ms: u64,
+}
+
+impl Pending {
+    pub fn needs_redis(&self) -> bool {
+        self.need.iter().any(Option::is_some)
+    }
+}
 
 /// The windows one check charges: the enforced ones in one all-or-nothing call, the warn-mode
 /// ones in another.
@@ -86,6 +104,7 @@ pub struct Limiter {
     retry_at_ms: AtomicU64,
     redis_errors: AtomicU64,
     local: Mutex<local::LocalWindows>,
+    leases: Mutex<lease::Leases>,
     stats: Mutex<BTreeMap<String, RuleStats>>,
 }
 
@@ -116,6 +135,7 @@ impl Limiter {
             retry_at_ms: AtomicU64::new(0),
             redis_errors: AtomicU64::new(0),
             local: Mutex::new(local::LocalWindows::default()),
+            leases: Mutex::new(lease::Leases::default()),
             stats: Mutex::new(BTreeMap::new()),
         }
     }
@@ -148,21 +168,49 @@ impl Limiter {
                 .is_ok()
     }
 
-    /// The Redis commands of a check, in the order their replies are read.
-    pub fn commands(check: &Check) -> Vec<Vec<u8>> {
-        let mut out = Vec::with_capacity(2);
-        for set in [&check.enforce, &check.warn] {
-            if set.is_empty() {
-                continue;
+    /// Starts deciding a check: the windows a valid lease of this router covers are admitted now
+    /// (consumed); the others need Redis ([`Limiter::commands`], [`Limiter::finish`]).
+    pub fn begin(&self, check: Check) -> Pending {
+        let now = unix_ms();
+        let mut need = [None, None];
+        if self.redis.is_some() {
+            let mut leases = lock(&self.leases);
+            for (i, set) in [&check.enforce, &check.warn].into_iter().enumerate() {
+                if set.is_empty() {
+                    continue;
+                }
+                let key = lease::set_key(set);
+                let cost = cost_for(check.cost, set);
+                if !leases.take(&key, cost, now) {
+                    need[i] = Some(leases.ask(&key, cost, lease::cap(set), now));
+                }
             }
-            // A batch of more statements than a window's limit costs the whole limit.
-            let least = set.iter().map(|a| a.limit).min().unwrap_or(1);
-            let cost = check.cost.clamp(1, least).to_string();
+        }
+        Pending {
+            check,
+            need,
+            sent_ms: now,
+        }
+    }
+
+    /// The Redis commands a pending check needs, in the order their replies are read (none when
+    /// leases covered it).
+    pub fn commands(p: &Pending) -> Vec<Vec<u8>> {
+        let mut out = Vec::with_capacity(2);
+        for (set, need) in [&p.check.enforce, &p.check.warn].into_iter().zip(p.need) {
+            let Some(max) = need else { continue };
+            let min = cost_for(p.check.cost, set).to_string();
+            let max = max.to_string();
             let nums: Vec<(String, String)> = set
                 .iter()
-                .map(|a| (a.limit.to_string(), a.window_ms.to_string()))
+                .map(|a| {
+                    (
+                        a.limit.to_string(),
+                        lease::redis_window(a.window_ms).to_string(),
+                    )
+                })
                 .collect();
-            let mut args: Vec<&[u8]> = vec![b"DBOPT.RL.HITALL", cost.as_bytes()];
+            let mut args: Vec<&[u8]> = vec![b"DBOPT.RL.LEASE", min.as_bytes(), max.as_bytes()];
             for (a, (l, w)) in set.iter().zip(&nums) {
                 args.extend([a.key.as_slice(), l.as_bytes(), w.as_bytes()]);
             }
@@ -171,26 +219,35 @@ impl Limiter {
         out
     }
 
-    /// Decides on a check. `replies`: the answers to [`Limiter::commands`] when the caller already
-    /// sent them (pipelined with a cache lookup).
-    pub async fn decide(
+    /// Decides a pending check. `replies`: the answers to [`Limiter::commands`] when the caller
+    /// already sent them (pipelined with a cache lookup).
+    pub async fn finish(
         &self,
         settings: &LimitSettings,
-        check: &Check,
+        p: Pending,
         replies: Option<Result<Vec<Reply>, RedisError>>,
     ) -> Verdict {
-        let shared = match (replies, self.try_redis()) {
-            (Some(r), _) => Some(r),
-            (None, true) => match &self.redis {
-                Some(r) => Some(r.pipeline(&Self::commands(check)).await),
-                None => None,
-            },
-            (None, false) => None,
+        let needs_redis = p.need.iter().any(Option::is_some);
+        let shared = if self.redis.is_none() {
+            None
+        } else if !needs_redis {
+            Some(Ok(Vec::new()))
+        } else {
+            match (replies, self.try_redis()) {
+                (Some(r), _) => Some(r),
+                (None, true) => match &self.redis {
+                    Some(r) => Some(r.pipeline(&Self::commands(&p)).await),
+                    None => None,
+                },
+                (None, false) => None,
+            }
         };
         let verdict = match shared {
-            Some(Ok(replies)) => match verdict_of(check, &replies) {
+            Some(Ok(replies)) => match self.shared_verdict(&p, &replies) {
                 Ok(v) => {
-                    self.redis_answered();
+                    if needs_redis {
+                        self.redis_answered();
+                    }
                     Some(v)
                 }
                 Err(e) => {
@@ -204,12 +261,13 @@ impl Limiter {
             }
             None => None,
         };
+        let check = &p.check;
         let fallback = verdict.is_none() && self.redis.is_some();
         let verdict =
             verdict.unwrap_or_else(|| match (self.redis.is_some(), settings.on_redis_error) {
                 (true, Fallback::Open) => Verdict::default(),
                 (true, Fallback::Closed) => Verdict {
-                    refused: check.enforce.first().map(|a| Over {
+                    refused: p.need[0].and(check.enforce.first()).map(|a| Over {
                         applied: a.clone(),
                         limit: a.limit,
                         retry_after_ms: RETRY_MS,
@@ -217,17 +275,60 @@ impl Limiter {
                     }),
                     warned: None,
                 },
-                (redis, _) => self.local_verdict(check, if redis { settings.routers } else { 1 }),
+                (true, Fallback::Local) => self.local_verdict(check, settings.routers, p.need),
+                (false, _) => self.local_verdict(check, 1, [Some(0), Some(0)]),
             });
         self.count(check, &verdict, fallback);
         verdict
     }
 
-    fn local_verdict(&self, check: &Check, routers: u32) -> Verdict {
+    /// A check decided at once (no pipelining).
+    pub async fn decide(&self, settings: &LimitSettings, check: Check) -> Verdict {
+        let p = self.begin(check);
+        self.finish(settings, p, None).await
+    }
+
+    /// The verdict from Redis's replies; the leases it granted are kept.
+    fn shared_verdict(&self, p: &Pending, replies: &[Reply]) -> Result<Verdict, RedisError> {
+        let mut it = replies.iter();
+        let mut out = [None, None];
+        let mut grants = Vec::new();
+        for (i, set) in [&p.check.enforce, &p.check.warn].into_iter().enumerate() {
+            if p.need[i].is_none() {
+                continue;
+            }
+            let reply = it
+                .next()
+                .ok_or_else(|| RedisError("missing reply".into()))?;
+            match parse_lease(reply, set.len())? {
+                Ok(granted) => grants.push((set, granted)),
+                Err((index, retry_after_ms)) => {
+                    out[i] = Some(Over {
+                        applied: set[index].clone(),
+                        limit: set[index].limit,
+                        retry_after_ms,
+                        source: Source::Shared,
+                    })
+                }
+            }
+        }
+        let mut leases = lock(&self.leases);
+        for (set, granted) in grants {
+            let cost = cost_for(p.check.cost, set);
+            let key = lease::set_key(set);
+            leases.granted(&key, cost, granted, p.sent_ms, lease::set_life_ms(set));
+        }
+        let [refused, warned] = out;
+        Ok(Verdict { refused, warned })
+    }
+
+    /// The local windows decide the sets that needed Redis (`need`); the others were admitted by a
+    /// lease.
+    fn local_verdict(&self, check: &Check, routers: u32, need: [Option<u64>; 2]) -> Verdict {
         let now = unix_ms();
         let mut local = lock(&self.local);
-        let mut over = |set: &[Applied]| -> Option<Over> {
-            if set.is_empty() {
+        let mut over = |set: &[Applied], needed: bool| -> Option<Over> {
+            if set.is_empty() || !needed {
                 return None;
             }
             let limits: Vec<(u64, u64)> = set
@@ -250,8 +351,8 @@ impl Limiter {
             })
         };
         Verdict {
-            refused: over(&check.enforce),
-            warned: over(&check.warn),
+            refused: over(&check.enforce, need[0].is_some()),
+            warned: over(&check.warn, need[1].is_some()),
         }
     }
 
@@ -373,54 +474,47 @@ impl Limiter {
             "redis_up": self.redis_up(),
             "redis_errors": self.redis_errors.load(Ordering::Relaxed),
             "local_windows": lock(&self.local).len(),
+            "leases": lock(&self.leases).len(),
             "rules": rules,
         })
     }
 }
 
-/// The verdict from the replies to [`Limiter::commands`]; an unexpected reply is an error (Redis
-/// without the module, or an older module).
-fn verdict_of(check: &Check, replies: &[Reply]) -> Result<Verdict, RedisError> {
-    let mut it = replies.iter();
-    let mut read = |set: &[Applied]| -> Result<Option<Over>, RedisError> {
-        if set.is_empty() {
-            return Ok(None);
-        }
-        let bad = |r: &Reply| RedisError(format!("unexpected DBOPT.RL.HITALL reply {r:?}"));
-        let reply = it
-            .next()
-            .ok_or_else(|| RedisError("missing reply".into()))?;
-        let Reply::Array(f) = reply else {
-            return Err(bad(reply));
-        };
-        let n: Vec<i64> = f
-            .iter()
-            .map(|x| match x {
-                Reply::Int(i) => Ok(*i),
-                _ => Err(bad(reply)),
-            })
-            .collect::<Result<_, _>>()?;
-        if n.len() != 6 {
-            return Err(bad(reply));
-        }
-        if n[0] == 1 {
-            return Ok(None);
-        }
-        let i = usize::try_from(n[1])
-            .ok()
-            .filter(|&i| i < set.len())
-            .ok_or_else(|| bad(reply))?;
-        Ok(Some(Over {
-            applied: set[i].clone(),
-            limit: set[i].limit,
-            retry_after_ms: n[4].max(0) as u64,
-            source: Source::Shared,
-        }))
+/// A batch of more statements than a window's limit costs the whole limit.
+fn cost_for(cost: u64, set: &[Applied]) -> u64 {
+    let least = set.iter().map(|a| a.limit).min().unwrap_or(1);
+    cost.clamp(1, least)
+}
+
+/// One `DBOPT.RL.LEASE` reply: the units granted, or the refusing window (index into a set of
+/// `n`) and the wait. Anything else is an error (Redis without the module, or an older module).
+fn parse_lease(reply: &Reply, n: usize) -> Result<Result<u64, (usize, u64)>, RedisError> {
+    let bad = || RedisError(format!("unexpected DBOPT.RL.LEASE reply {reply:?}"));
+    let Reply::Array(f) = reply else {
+        return Err(bad());
     };
-    Ok(Verdict {
-        refused: read(&check.enforce)?,
-        warned: read(&check.warn)?,
-    })
+    let v: Vec<i64> = f
+        .iter()
+        .map(|x| match x {
+            Reply::Int(i) => Ok(*i),
+            _ => Err(bad()),
+        })
+        .collect::<Result<_, _>>()?;
+    if v.len() != 7 {
+        return Err(bad());
+    }
+    if v[0] == 1 {
+        return u64::try_from(v[6])
+            .ok()
+            .filter(|&g| g >= 1)
+            .map(Ok)
+            .ok_or_else(bad);
+    }
+    let i = usize::try_from(v[1])
+        .ok()
+        .filter(|&i| i < n)
+        .ok_or_else(bad)?;
+    Ok(Err((i, v[4].max(0) as u64)))
 }
 
 #[cfg(test)]
@@ -448,65 +542,98 @@ mod tests {
         }
     }
 
-    #[test]
-    fn commands_charge_enforced_and_warned_windows_separately() {
-        let c = Limiter::commands(&check());
-        assert_eq!(c.len(), 2);
-        let first = String::from_utf8_lossy(&c[0]);
-        assert!(first.contains("DBOPT.RL.HITALL") && first.contains("dbopt:rl:b:g"));
-        assert!(!first.contains("dbopt:rl:w:g"));
+    fn with_redis() -> Limiter {
+        // Never contacted in these tests: replies are given.
+        let s = LimitSettings {
+            redis: Some("127.0.0.1:1".into()),
+            ..LimitSettings::default()
+        };
+        Limiter::new(&s, None)
+    }
+
+    fn lease_reply(fields: [i64; 7]) -> Reply {
+        Reply::Array(fields.iter().map(|&i| Reply::Int(i)).collect())
     }
 
     #[test]
-    fn replies_become_verdicts_and_garbage_is_an_error() {
-        let ok = Reply::Array(vec![
-            Reply::Int(1),
-            Reply::Int(-1),
-            Reply::Int(2),
-            Reply::Int(1),
-            Reply::Int(-1),
-            Reply::Int(900),
-        ]);
-        let no = Reply::Array(vec![
-            Reply::Int(0),
-            Reply::Int(1),
-            Reply::Int(2),
-            Reply::Int(0),
-            Reply::Int(250),
-            Reply::Int(900),
-        ]);
-        let v = verdict_of(&check(), &[no.clone(), ok.clone()]).unwrap();
+    fn commands_charge_enforced_and_warned_windows_separately() {
+        let l = with_redis();
+        let p = l.begin(check());
+        assert_eq!(p.need, [Some(1), Some(1)]);
+        let c = Limiter::commands(&p);
+        assert_eq!(c.len(), 2);
+        let first = String::from_utf8_lossy(&c[0]);
+        assert!(first.contains("DBOPT.RL.LEASE") && first.contains("dbopt:rl:b:g"));
+        assert!(!first.contains("dbopt:rl:w:g"));
+        // Counted in windows a lease's life longer than the rule's.
+        assert!(first.contains("\r\n1032\r\n"), "{first:?}");
+    }
+
+    #[tokio::test]
+    async fn replies_become_verdicts_and_garbage_is_an_error() {
+        let l = with_redis();
+        let s = LimitSettings::default();
+        let ok = lease_reply([1, -1, 2, 1, -1, 900, 1]);
+        let no = lease_reply([0, 1, 2, 0, 250, 900, 0]);
+        let v = l
+            .finish(&s, l.begin(check()), Some(Ok(vec![no.clone(), ok.clone()])))
+            .await;
         let r = v.refused.unwrap();
         assert_eq!((r.applied.name.as_str(), r.retry_after_ms), ("b", 250));
         assert!(v.warned.is_none());
-        let no_first = Reply::Array(vec![
-            Reply::Int(0),
-            Reply::Int(0),
-            Reply::Int(2),
-            Reply::Int(0),
-            Reply::Int(250),
-            Reply::Int(900),
-        ]);
-        let v = verdict_of(&check(), &[ok.clone(), no_first]).unwrap();
+        let no_first = lease_reply([0, 0, 2, 0, 250, 900, 0]);
+        let v = l
+            .finish(&s, l.begin(check()), Some(Ok(vec![ok.clone(), no_first])))
+            .await;
         assert!(v.refused.is_none());
         assert_eq!(v.warned.unwrap().applied.name, "w");
         for garbage in [
             vec![Reply::Error("ERR unknown command".into()), ok.clone()],
             vec![ok.clone()],
-            vec![
-                Reply::Array(vec![
-                    Reply::Int(0),
-                    Reply::Int(7),
-                    Reply::Int(0),
-                    Reply::Int(0),
-                    Reply::Int(0),
-                    Reply::Int(0),
-                ]),
-                ok.clone(),
-            ],
+            vec![lease_reply([0, 7, 0, 0, 0, 0, 0]), ok.clone()],
+            vec![lease_reply([1, -1, 0, 0, 0, 0, 0]), ok.clone()],
         ] {
-            assert!(verdict_of(&check(), &garbage).is_err(), "{garbage:?}");
+            assert!(
+                l.shared_verdict(&l.begin(check()), &garbage).is_err(),
+                "{garbage:?}"
+            );
         }
+    }
+
+    #[tokio::test]
+    async fn leases_admit_without_asking_redis_until_used_up() {
+        let l = with_redis();
+        let s = LimitSettings::default();
+        let mut big = applied("big", 0);
+        big.limit = 100_000;
+        let c = Check {
+            cost: 1,
+            enforce: vec![big],
+            warn: vec![],
+        };
+        // Redis grants 3 units: this statement and two more.
+        let p = l.begin(c.clone());
+        assert!(p.needs_redis());
+        let v = l
+            .finish(
+                &s,
+                p,
+                Some(Ok(vec![lease_reply([1, -1, 100_000, 99_997, -1, 1000, 3])])),
+            )
+            .await;
+        assert!(v.refused.is_none());
+        for _ in 0..2 {
+            let p = l.begin(c.clone());
+            assert!(!p.needs_redis(), "covered by the lease");
+            assert!(l.finish(&s, p, None).await.refused.is_none());
+        }
+        let p = l.begin(c.clone());
+        assert_eq!(
+            p.need,
+            [Some(2), None],
+            "used up: the next lease is twice as big"
+        );
+        assert_eq!(l.stats()["big"].admitted, 3);
     }
 
     #[tokio::test]
@@ -518,9 +645,9 @@ mod tests {
             enforce: vec![applied("a", 0)],
             warn: vec![],
         };
-        assert!(l.decide(&s, &c, None).await.refused.is_none());
-        assert!(l.decide(&s, &c, None).await.refused.is_none());
-        let v = l.decide(&s, &c, None).await;
+        assert!(l.decide(&s, c.clone()).await.refused.is_none());
+        assert!(l.decide(&s, c.clone()).await.refused.is_none());
+        let v = l.decide(&s, c.clone()).await;
         assert_eq!(v.refused.unwrap().source, Source::Local);
         let st = l.stats()["a"];
         assert_eq!((st.admitted, st.refused, st.fallback), (2, 1, 0));
@@ -549,11 +676,11 @@ mod tests {
                 ..LimitSettings::default()
             };
             let l = Limiter::new(&s, None);
-            let first = l.decide(&s, &c, None).await;
+            let first = l.decide(&s, c.clone()).await;
             assert!(!l.redis_up());
             let third = {
-                l.decide(&s, &c, None).await;
-                l.decide(&s, &c, None).await
+                l.decide(&s, c.clone()).await;
+                l.decide(&s, c.clone()).await
             };
             match fallback {
                 // Two routers share a limit of 2: each admits 1 on its own.
