@@ -19,7 +19,9 @@
 //! `dbopt-ratelimit`. Calling a key with another `window_ms` starts it afresh. The key expires by
 //! itself once nothing is counted any more.
 
-use dbopt_ratelimit::{validate, Decision, Window, MAX_LIMIT, MAX_WINDOW_MS};
+use dbopt_ratelimit::{
+    longest_refusal, tightest, validate, Decision, Window, MAX_LIMIT, MAX_WINDOW_MS,
+};
 use redis_module::{Context, KeyType, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::args::{err, is_keyword, shown, uint, wrong_type};
@@ -207,11 +209,7 @@ fn charge_all(
         .zip(limiters)
         .map(|((w, _), &(_, limit, _))| w.peek(now, limit, min))
         .collect();
-    let refused = decisions
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| !d.allowed)
-        .max_by_key(|(_, d)| d.retry_after_ms);
+    let refused = longest_refusal(&decisions);
     // Room everywhere (each decision's `remaining` is the room before this request).
     let granted = decisions
         .iter()
@@ -222,10 +220,10 @@ fn charge_all(
     let (index, decision, granted) = match refused {
         Some((i, d)) => {
             RL_DENIED.incr();
-            (i as i64, *d, 0)
+            (i as i64, d, 0)
         }
         None => {
-            let mut tightest: Option<Decision> = None;
+            let mut admitted = Vec::with_capacity(limiters.len());
             for (i, ((w, stored), &(k, limit, _))) in windows.iter_mut().zip(limiters).enumerate() {
                 let keeps_expiry = *stored && w.admission_keeps_reset_time(now);
                 let d = w.hit(now, limit, granted);
@@ -241,12 +239,10 @@ fn charge_all(
                         now + d.reset_after_ms,
                     )?;
                 }
-                if tightest.is_none_or(|t| d.remaining < t.remaining) {
-                    tightest = Some(d);
-                }
+                admitted.push(d);
             }
             RL_ALLOWED.incr();
-            (-1, tightest.unwrap_or(decisions[0]), granted)
+            (-1, tightest(admitted).unwrap_or(decisions[0]), granted)
         }
     };
     let RedisValue::Array(mut fields) = reply(decision) else {

@@ -2,11 +2,11 @@
 //! `POST /cache/invalidate` (authenticated with `listen.admin_token`).
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dbopt_querystats::exposition::Exposition;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -182,16 +182,12 @@ async fn manual_invalidation(
     ("200 OK", "text/plain", "invalidated\n".into())
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The Prometheus exposition.
+/// The Prometheus exposition (escaping and formatting by `dbopt_querystats::exposition`, the one
+/// implementation the extension's metrics use too).
 pub fn metrics(shared: &Shared) -> String {
-    let mut o = String::new();
+    let mut e = Exposition::default();
     let c = &shared.counters;
+    let get = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
     let counters: [(&str, &str, &AtomicU64); 13] = [
         (
             "dbopt_router_clients_total",
@@ -260,23 +256,27 @@ pub fn metrics(shared: &Shared) -> String {
         ),
     ];
     for (name, help, v) in counters {
-        let v = v.load(Ordering::Relaxed);
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        e.counter(name, help, get(v));
     }
-    let _ = writeln!(o, "# HELP dbopt_router_clients Client connections open now.\n# TYPE dbopt_router_clients gauge\ndbopt_router_clients {}", c.clients_active.load(Ordering::Relaxed));
-    let _ = writeln!(o, "# HELP dbopt_router_routed_total Batches routed, by route.\n# TYPE dbopt_router_routed_total counter");
-    for (route, v) in [
+    e.gauge(
+        "dbopt_router_clients",
+        "Client connections open now.",
+        get(&c.clients_active),
+    );
+    let routed: Vec<(Vec<(&str, &str)>, f64)> = [
         ("replica", &c.routed_replica),
         ("primary", &c.routed_primary),
         ("critical", &c.routed_critical),
         ("primary_fallback", &c.routed_primary_fallback),
-    ] {
-        let _ = writeln!(
-            o,
-            "dbopt_router_routed_total{{route=\"{route}\"}} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
+    ]
+    .into_iter()
+    .map(|(route, v)| (vec![("route", route)], get(v)))
+    .collect();
+    e.counters(
+        "dbopt_router_routed_total",
+        "Batches routed, by route.",
+        &routed,
+    );
 
     let pools = shared.pools.all();
     let names: Vec<String> = shared
@@ -285,7 +285,40 @@ pub fn metrics(shared: &Shared) -> String {
         .iter()
         .map(|n| n.name.clone())
         .collect();
-    let gauges: [(&str, &str); 4] = [
+    // One row of numbers per pool, read under its lock once.
+    let rows: Vec<[f64; 8]> = pools
+        .iter()
+        .map(|p| {
+            let st = p.lock();
+            [
+                st.open() as f64,
+                st.in_use() as f64,
+                p.waiting.load(Ordering::Relaxed) as f64,
+                f64::from(st.limits.max),
+                get(&p.waits),
+                get(&p.wait_us_total) / 1e6,
+                get(&p.timeouts),
+                get(&p.connect_failures),
+            ]
+        })
+        .collect();
+    let pool_family = |col: usize| -> Vec<(Vec<(&str, &str)>, f64)> {
+        pools
+            .iter()
+            .zip(&rows)
+            .map(|(p, row)| {
+                (
+                    vec![
+                        ("node", names[p.node].as_str()),
+                        ("database", p.database.as_str()),
+                        ("role", p.login.role.as_str()),
+                    ],
+                    row[col],
+                )
+            })
+            .collect()
+    };
+    let pool_gauges = [
         (
             "dbopt_router_pool_connections",
             "Server connections open, per pool.",
@@ -300,26 +333,10 @@ pub fn metrics(shared: &Shared) -> String {
         ),
         ("dbopt_router_pool_max", "Most connections per pool."),
     ];
-    for (i, (name, help)) in gauges.iter().enumerate() {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for p in &pools {
-            let st = p.lock();
-            let v = match i {
-                0 => st.open(),
-                1 => st.in_use(),
-                2 => p.waiting.load(Ordering::Relaxed),
-                _ => st.limits.max,
-            };
-            let _ = writeln!(
-                o,
-                "{name}{{node=\"{}\",database=\"{}\",role=\"{}\"}} {v}",
-                esc(&names[p.node]),
-                esc(&p.database),
-                esc(&p.login.role)
-            );
-        }
+    for (col, (name, help)) in pool_gauges.into_iter().enumerate() {
+        e.gauges(name, help, &pool_family(col));
     }
-    let counters: [(&str, &str); 4] = [
+    let pool_counters = [
         (
             "dbopt_router_pool_waits_total",
             "Acquisitions that had to wait, per pool.",
@@ -337,32 +354,16 @@ pub fn metrics(shared: &Shared) -> String {
             "Failed connection openings, per pool.",
         ),
     ];
-    for (i, (name, help)) in counters.iter().enumerate() {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
-        for p in &pools {
-            let v = match i {
-                0 => p.waits.load(Ordering::Relaxed).to_string(),
-                1 => format!(
-                    "{:.6}",
-                    p.wait_us_total.load(Ordering::Relaxed) as f64 / 1e6
-                ),
-                2 => p.timeouts.load(Ordering::Relaxed).to_string(),
-                _ => p.connect_failures.load(Ordering::Relaxed).to_string(),
-            };
-            let _ = writeln!(
-                o,
-                "{name}{{node=\"{}\",database=\"{}\",role=\"{}\"}} {v}",
-                esc(&names[p.node]),
-                esc(&p.database),
-                esc(&p.login.role)
-            );
-        }
+    for (i, (name, help)) in pool_counters.into_iter().enumerate() {
+        e.counters(name, help, &pool_family(4 + i));
     }
 
+    let mut o = e.finish();
     if let Some(cache) = &shared.cache {
         o.push_str(&crate::cache::report::metrics(cache));
     }
     o.push_str(&shared.limiter.metrics());
+    let mut e = Exposition::default();
     let t = shared.topology();
     let now = t.now_ms();
     let node_gauges: [(&str, &str); 6] = [
@@ -391,22 +392,26 @@ pub fn metrics(shared: &Shared) -> String {
             "1 while the node's circuit breaker is open or half-open.",
         ),
     ];
-    for (i, (name, help)) in node_gauges.iter().enumerate() {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (idx, n) in t.nodes.iter().enumerate() {
-            let v = match i {
-                0 => Some(f64::from(u8::from(n.reachable))),
-                1 => Some(f64::from(u8::from(t.primary == Some(idx)))),
-                2 => n.lag_s,
-                3 => n.cpu_percent,
-                4 => n.ewma.get(now).map(|ms| ms / 1000.0),
-                _ => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
-            };
-            if let Some(v) = v {
-                let _ = writeln!(o, "{name}{{node=\"{}\"}} {v}", esc(&n.name));
-            }
-        }
+    for (i, (name, help)) in node_gauges.into_iter().enumerate() {
+        let samples: Vec<(Vec<(&str, &str)>, f64)> = t
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(idx, n)| {
+                let v = match i {
+                    0 => Some(f64::from(u8::from(n.reachable))),
+                    1 => Some(f64::from(u8::from(t.primary == Some(idx)))),
+                    2 => n.lag_s,
+                    3 => n.cpu_percent,
+                    4 => n.ewma.get(now).map(|ms| ms / 1000.0),
+                    _ => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
+                };
+                v.map(|v| (vec![("node", n.name.as_str())], v))
+            })
+            .collect();
+        e.gauges(name, help, &samples);
     }
+    o.push_str(&e.finish());
     o
 }
 

@@ -9,6 +9,8 @@
 //! transaction fails exactly as the client is told (the client sees the 53400 error in its place,
 //! and a later COMMIT rolls back).
 
+use std::sync::Arc;
+
 use crate::limits::rules::{self, Subject};
 use crate::limits::{end_user, Check, Over, Source, Verdict};
 use crate::protocol::{self as p, body};
@@ -86,13 +88,37 @@ pub fn ends_transaction(text: &[u8]) -> bool {
     matches!(word.as_slice(), b"COMMIT" | b"ROLLBACK" | b"END" | b"ABORT")
 }
 
+/// A statement's text, where it already is: in the batch, or in a prepared statement.
+enum Text<'b> {
+    Batch(&'b [u8]),
+    Prepared(Arc<crate::translate::Statement>),
+}
+
+impl Text<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Text::Batch(b) => b,
+            Text::Prepared(s) => &s.query,
+        }
+    }
+}
+
+/// The windows a session's last check used, and what they depended on.
+pub(crate) struct LimitMemo {
+    config: Arc<crate::config::Config>,
+    end_user: Option<Vec<u8>>,
+    node: Option<usize>,
+    only_node: bool,
+    check: Option<Check>,
+}
+
 impl Session {
     /// The check for `cost` statements of this session; `text`: a statement's text (its comment
     /// may name the end user); `node`: where it runs, once known (`only_node`: just the
     /// node-scoped windows). `None` when no window applies or the user is an admin (counted as
     /// bypassed). An invalid end user is an error message.
     pub(crate) fn limit_check(
-        &self,
+        &mut self,
         cost: u64,
         text: Option<&[u8]>,
         node: Option<usize>,
@@ -103,7 +129,7 @@ impl Session {
         if ls.rules.is_empty() || cost == 0 {
             return Ok(None);
         }
-        let Some(auth) = self.auth.as_ref() else {
+        let Some(admin) = self.auth.as_ref().map(|a| a.login.admin) else {
             return Ok(None);
         };
         let end_user = if rules::wants_end_user(ls) {
@@ -111,30 +137,51 @@ impl Session {
         } else {
             None
         };
-        let node_name = node.map(|n| self.shared.node_name(n));
-        let applied = rules::applicable(
-            ls,
-            Subject {
-                user: &self.user,
-                database: &self.database,
-                end_user: end_user.as_deref(),
-                node: node_name.as_deref(),
-            },
-            only_node,
-        );
-        if applied.is_empty() {
+        // The windows of the previous statement, when nothing they depend on changed (the common
+        // case: no allocation per statement).
+        let memo = self.limit_memo.as_ref().filter(|m| {
+            Arc::ptr_eq(&m.config, &config)
+                && m.end_user == end_user
+                && m.node == node
+                && m.only_node == only_node
+        });
+        let check = match memo {
+            Some(m) => m.check.clone(),
+            None => {
+                let node_name = node.map(|n| self.shared.node_name(n));
+                let applied = rules::applicable(
+                    ls,
+                    Subject {
+                        user: &self.user,
+                        database: &self.database,
+                        end_user: end_user.as_deref(),
+                        node: node_name.as_deref(),
+                    },
+                    only_node,
+                );
+                let check = (!applied.is_empty()).then(|| {
+                    let (warn, enforce) = applied.into_iter().partition(|a| a.warn);
+                    Check::new(1, enforce, warn)
+                });
+                self.limit_memo = Some(LimitMemo {
+                    config: config.clone(),
+                    end_user,
+                    node,
+                    only_node,
+                    check: check.clone(),
+                });
+                check
+            }
+        };
+        let Some(check) = check else {
+            return Ok(None);
+        };
+        if admin {
+            self.shared.limiter.bypassed(&check.enforce);
+            self.shared.limiter.bypassed(&check.warn);
             return Ok(None);
         }
-        if auth.login.admin {
-            self.shared.limiter.bypassed(&applied);
-            return Ok(None);
-        }
-        let (warn, enforce) = applied.into_iter().partition(|a| a.warn);
-        Ok(Some(Check {
-            cost,
-            enforce,
-            warn,
-        }))
+        Ok(Some(check.with_cost(cost)))
     }
 
     /// The end user: the statement's SQLCommenter comment, else the session setting.
@@ -163,10 +210,23 @@ impl Session {
     }
 
     /// The statement text of a batch that may name its end user (the first one found).
-    fn batch_text(&self, batch: &[(u8, Vec<u8>)]) -> Option<Vec<u8>> {
-        batch
-            .iter()
-            .find_map(|(tag, msg)| crate::relay::statement_text(*tag, msg, &self.statements))
+    /// Only looked for when a rule needs the end user; never copied.
+    fn batch_text<'b>(&self, batch: &'b [(u8, Vec<u8>)]) -> Option<Text<'b>> {
+        if !self.limits.end_users {
+            return None;
+        }
+        batch.iter().find_map(|(tag, msg)| {
+            let b = body(msg);
+            match tag {
+                b'Q' => p::parse_query(b).ok().map(Text::Batch),
+                b'P' => p::parse_parse(b).ok().map(|m| Text::Batch(m.query)),
+                b'B' => p::parse_bind(b)
+                    .ok()
+                    .and_then(|m| self.statements.get(m.statement).cloned())
+                    .map(Text::Prepared),
+                _ => None,
+            }
+        })
     }
 
     /// Before a batch read outside a transaction is answered or routed: its check, kept in
@@ -174,11 +234,12 @@ impl Session {
     /// (an invalid end user: 22023).
     pub(crate) async fn prepare_limit(&mut self, batch: &[(u8, Vec<u8>)]) -> Step<bool> {
         self.pending_limit = None;
-        if self.shared.config().limits.rules.is_empty() {
+        if !self.limits.rate_limited {
             return Ok(true);
         }
         let text = self.batch_text(batch);
-        match self.limit_check(statements_in(batch), text.as_deref(), None, false) {
+        let text = text.as_ref().map(Text::bytes);
+        match self.limit_check(statements_in(batch), text, None, false) {
             Ok(c) => {
                 self.pending_limit = c.map(|c| self.shared.limiter.begin(c));
                 Ok(true)
@@ -275,7 +336,7 @@ impl Session {
         node: usize,
         tx_status: u8,
     ) -> Result<(), Vec<u8>> {
-        if tx_status == b'E' || self.shared.config().limits.rules.is_empty() {
+        if tx_status == b'E' || !self.limits.rate_limited {
             return Ok(());
         }
         let text = match tag {
@@ -309,7 +370,7 @@ impl Session {
     /// Remembers the text of what the client is about to execute in the extended protocol (its
     /// comment may name the end user): the last Parse, or a Bind of a named statement.
     pub(crate) fn note_portal_text(&mut self, tag: u8, msg: &[u8]) {
-        if !matches!(tag, b'P' | b'B') {
+        if !matches!(tag, b'P' | b'B') || !self.limits.end_users {
             return;
         }
         if let Some(t) = crate::relay::statement_text(tag, msg, &self.statements) {
@@ -328,8 +389,9 @@ impl Session {
             return Ok(true);
         }
         let text = self.batch_text(batch);
+        let text = text.as_ref().map(Text::bytes);
         self.pending_limit = self
-            .limit_check(statements_in(batch), text.as_deref(), Some(node), true)
+            .limit_check(statements_in(batch), text, Some(node), true)
             .ok()
             .flatten()
             .map(|c| self.shared.limiter.begin(c));

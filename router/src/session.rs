@@ -100,6 +100,8 @@ pub struct Session {
     pub(crate) pending_limit: Option<crate::limits::Pending>,
     /// The text of what the client executes next in the extended protocol (its end user).
     pub(crate) portal_text: Option<Vec<u8>>,
+    /// The rate-limit windows of the last check (reused while nothing they depend on changes).
+    pub(crate) limit_memo: Option<crate::rate_limited::LimitMemo>,
 }
 
 /// The idle timeouts a session applies (seconds, 0: none), copied from the configuration once per
@@ -108,6 +110,10 @@ pub struct Session {
 pub(crate) struct Limits {
     pub(crate) client_idle_s: u64,
     pub(crate) idle_in_transaction_s: u64,
+    /// Some `[[limits.rules]]` exist (statements are checked).
+    pub(crate) rate_limited: bool,
+    /// Some rule counts end users (statement texts are looked at).
+    pub(crate) end_users: bool,
 }
 
 impl Limits {
@@ -115,6 +121,8 @@ impl Limits {
         Limits {
             client_idle_s: config.pool.client_idle_timeout_s,
             idle_in_transaction_s: config.pool.idle_in_transaction_timeout_s,
+            rate_limited: !config.limits.rules.is_empty(),
+            end_users: crate::limits::rules::wants_end_user(&config.limits),
         }
     }
 }
@@ -160,6 +168,7 @@ impl Session {
             limits: Limits::default(),
             pending_limit: None,
             portal_text: None,
+            limit_memo: None,
         }
     }
 

@@ -318,23 +318,25 @@ fn rate_limits_end_to_end() {
     redis_stopped_mid_run(&routers);
 }
 
-fn per_user_limit_across_two_routers(routers: &Routers) {
+/// Four clients of `app_limited`, two on each router, in bursts for `secs`; `meanwhile` runs
+/// while they do.
+fn app_limited_bursts(routers: &Routers, secs: f64, meanwhile: impl FnOnce()) -> Vec<Sample> {
     let out = Arc::new(Mutex::new(Vec::new()));
     let threads = (0..4)
         .map(|i| {
             let r = i % 2;
-            burst(
-                routers.dsn(r, "app_limited"),
-                r,
-                "app_limited",
-                "SELECT 1".into(),
-                2.0,
-                out.clone(),
-            )
+            let dsn = routers.dsn(r, "app_limited");
+            burst(dsn, r, "app_limited", "SELECT 1".into(), secs, out.clone())
         })
         .collect();
+    meanwhile();
     run(threads);
     let samples = out.lock().unwrap().clone();
+    samples
+}
+
+fn per_user_limit_across_two_routers(routers: &Routers) {
+    let samples = app_limited_bursts(routers, 2.0, || {});
     let all: Vec<&Sample> = samples.iter().collect();
     assert_refusals(
         &all,
@@ -682,26 +684,13 @@ fn global_limit_by_sighup_with_admin_bypass_and_warn_mode(routers: &Routers) {
 
 fn redis_stopped_mid_run(routers: &Routers) {
     let stack = routers.stack;
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let threads: Vec<_> = (0..4)
-        .map(|i| {
-            let r = i % 2;
-            burst(
-                routers.dsn(r, "app_limited"),
-                r,
-                "app_limited",
-                "SELECT 1".into(),
-                4.0,
-                out.clone(),
-            )
-        })
-        .collect();
     // Redis goes away while the clients run.
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(stack.script(&["stop-redis"]).status.success());
-    let stopped_at = now_ms();
-    run(threads);
-    let samples = out.lock().unwrap().clone();
+    let mut stopped_at = 0.0;
+    let samples = app_limited_bursts(routers, 4.0, || {
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(stack.script(&["stop-redis"]).status.success());
+        stopped_at = now_ms();
+    });
     // Once both routers noticed (their first failed call), each enforces half the limit alone.
     let local: Vec<&Sample> = samples
         .iter()
@@ -771,22 +760,7 @@ fn redis_stopped_mid_run(routers: &Routers) {
         },
     );
     std::thread::sleep(Duration::from_millis(1100));
-    let out = Arc::new(Mutex::new(Vec::new()));
-    let threads = (0..4)
-        .map(|i| {
-            let r = i % 2;
-            burst(
-                routers.dsn(r, "app_limited"),
-                r,
-                "app_limited",
-                "SELECT 1".into(),
-                2.0,
-                out.clone(),
-            )
-        })
-        .collect();
-    run(threads);
-    let samples = out.lock().unwrap().clone();
+    let samples = app_limited_bursts(routers, 2.0, || {});
     let all: Vec<&Sample> = samples.iter().collect();
     assert!(all
         .iter()

@@ -281,5 +281,21 @@ impl Window {
     }
 }
 
+/// Several windows deciding one request together (all admit, or none is charged): the refusing
+/// window with the longest wait, if any — the one a client must wait for.
+pub fn longest_refusal(decisions: &[Decision]) -> Option<(usize, Decision)> {
+    decisions
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, d)| !d.allowed)
+        .max_by_key(|(_, d)| d.retry_after_ms)
+}
+
+/// Of the decisions of admitted windows, the one with the least room left (what a reply shows).
+pub fn tightest(decisions: impl IntoIterator<Item = Decision>) -> Option<Decision> {
+    decisions.into_iter().min_by_key(|d| d.remaining)
+}
+
 #[cfg(test)]
 mod tests;

@@ -46,18 +46,13 @@ impl LocalWindows {
                 _ => Window::new(window_ms, now_ms).peek(now_ms, limit, cost),
             })
             .collect();
-        let refused = decisions
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| !d.allowed)
-            .max_by_key(|(_, d)| d.retry_after_ms);
-        if let Some((i, d)) = refused {
+        if let Some((i, d)) = dbopt_ratelimit::longest_refusal(&decisions) {
             return Outcome {
                 refused: Some(i),
-                decision: *d,
+                decision: d,
             };
         }
-        let mut tightest: Option<Decision> = None;
+        let mut admitted = Vec::with_capacity(limits.len());
         for &(key, limit, window_ms) in limits {
             let w = self
                 .windows
@@ -68,14 +63,11 @@ impl LocalWindows {
                     }
                 })
                 .or_insert_with(|| Window::new(window_ms, now_ms));
-            let d = w.hit(now_ms, limit, cost);
-            if tightest.is_none_or(|t| d.remaining < t.remaining) {
-                tightest = Some(d);
-            }
+            admitted.push(w.hit(now_ms, limit, cost));
         }
         Outcome {
             refused: None,
-            decision: tightest.unwrap_or(decisions[0]),
+            decision: dbopt_ratelimit::tightest(admitted).unwrap_or(decisions[0]),
         }
     }
 

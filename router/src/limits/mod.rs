@@ -53,8 +53,30 @@ impl Pending {
 #[derive(Debug, Clone)]
 pub struct Check {
     pub cost: u64,
-    pub enforce: Vec<Applied>,
-    pub warn: Vec<Applied>,
+    pub enforce: Arc<[Applied]>,
+    pub warn: Arc<[Applied]>,
+    /// The lease key of each set (enforced, warn-mode).
+    pub lease_keys: Arc<[Vec<u8>; 2]>,
+}
+
+impl Check {
+    pub fn new(cost: u64, enforce: Vec<Applied>, warn: Vec<Applied>) -> Check {
+        let lease_keys = Arc::new([lease::set_key(&enforce), lease::set_key(&warn)]);
+        Check {
+            cost,
+            enforce: enforce.into(),
+            warn: warn.into(),
+            lease_keys,
+        }
+    }
+
+    /// The same windows for another number of statements (no copy of the windows).
+    pub fn with_cost(&self, cost: u64) -> Check {
+        Check {
+            cost,
+            ..self.clone()
+        }
+    }
 }
 
 /// How a decision was made.
@@ -179,10 +201,10 @@ impl Limiter {
                 if set.is_empty() {
                     continue;
                 }
-                let key = lease::set_key(set);
+                let key = &check.lease_keys[i];
                 let cost = cost_for(check.cost, set);
-                if !leases.take(&key, cost, now) {
-                    need[i] = Some(leases.ask(&key, cost, lease::cap(set), now));
+                if !leases.take(key, cost, now) {
+                    need[i] = Some(leases.ask(key, cost, lease::cap(set), now));
                 }
             }
         }
@@ -301,7 +323,7 @@ impl Limiter {
                 .next()
                 .ok_or_else(|| RedisError("missing reply".into()))?;
             match parse_lease(reply, set.len())? {
-                Ok(granted) => grants.push((set, granted)),
+                Ok(granted) => grants.push((i, set, granted)),
                 Err((index, retry_after_ms)) => {
                     out[i] = Some(Over {
                         applied: set[index].clone(),
@@ -313,10 +335,10 @@ impl Limiter {
             }
         }
         let mut leases = lock(&self.leases);
-        for (set, granted) in grants {
+        for (i, set, granted) in grants {
             let cost = cost_for(p.check.cost, set);
-            let key = lease::set_key(set);
-            leases.granted(&key, cost, granted, p.sent_ms, lease::set_life_ms(set));
+            let key = &p.check.lease_keys[i];
+            leases.granted(key, cost, granted, p.sent_ms, lease::set_life_ms(set));
         }
         let [refused, warned] = out;
         Ok(Verdict { refused, warned })
@@ -379,24 +401,26 @@ impl Limiter {
     fn count(&self, check: &Check, v: &Verdict, fallback: bool) {
         let mut stats = lock(&self.stats);
         let refused = v.refused.as_ref().map(|o| o.applied.rule);
-        for a in &check.enforce {
-            let s = stats.entry(a.name.clone()).or_default();
-            if refused == Some(a.rule) {
-                s.refused += 1;
-            } else if refused.is_none() {
-                s.admitted += 1;
-            }
-            s.fallback += u64::from(fallback);
+        for a in check.enforce.iter() {
+            with_stats(&mut stats, &a.name, |s| {
+                if refused == Some(a.rule) {
+                    s.refused += 1;
+                } else if refused.is_none() {
+                    s.admitted += 1;
+                }
+                s.fallback += u64::from(fallback);
+            });
         }
         let warned = v.warned.as_ref().map(|o| o.applied.rule);
-        for a in &check.warn {
-            let s = stats.entry(a.name.clone()).or_default();
-            if warned == Some(a.rule) {
-                s.warned += 1;
-            } else {
-                s.admitted += 1;
-            }
-            s.fallback += u64::from(fallback);
+        for a in check.warn.iter() {
+            with_stats(&mut stats, &a.name, |s| {
+                if warned == Some(a.rule) {
+                    s.warned += 1;
+                } else {
+                    s.admitted += 1;
+                }
+                s.fallback += u64::from(fallback);
+            });
         }
     }
 
@@ -404,7 +428,7 @@ impl Limiter {
     pub fn bypassed(&self, applied: &[Applied]) {
         let mut stats = lock(&self.stats);
         for a in applied {
-            stats.entry(a.name.clone()).or_default().bypassed += 1;
+            with_stats(&mut stats, &a.name, |s| s.bypassed += 1);
         }
     }
 
@@ -480,6 +504,18 @@ impl Limiter {
     }
 }
 
+/// A rule's counters; allocates only the first time (this runs for every statement).
+fn with_stats(stats: &mut BTreeMap<String, RuleStats>, name: &str, f: impl FnOnce(&mut RuleStats)) {
+    match stats.get_mut(name) {
+        Some(s) => f(s),
+        None => {
+            let mut s = RuleStats::default();
+            f(&mut s);
+            stats.insert(name.to_string(), s);
+        }
+    }
+}
+
 /// A batch of more statements than a window's limit costs the whole limit.
 fn cost_for(cost: u64, set: &[Applied]) -> u64 {
     let least = set.iter().map(|a| a.limit).min().unwrap_or(1);
@@ -535,11 +571,11 @@ mod tests {
     }
 
     fn check() -> Check {
-        Check {
-            cost: 1,
-            enforce: vec![applied("a", 0), applied("b", 1)],
-            warn: vec![applied("w", 2)],
-        }
+        Check::new(
+            1,
+            vec![applied("a", 0), applied("b", 1)],
+            vec![applied("w", 2)],
+        )
     }
 
     fn with_redis() -> Limiter {
@@ -606,11 +642,7 @@ mod tests {
         let s = LimitSettings::default();
         let mut big = applied("big", 0);
         big.limit = 100_000;
-        let c = Check {
-            cost: 1,
-            enforce: vec![big],
-            warn: vec![],
-        };
+        let c = Check::new(1, vec![big], vec![]);
         // Redis grants 3 units: this statement and two more.
         let p = l.begin(c.clone());
         assert!(p.needs_redis());
@@ -640,11 +672,7 @@ mod tests {
     async fn without_redis_windows_are_local_and_exact() {
         let l = Limiter::new(&LimitSettings::default(), None);
         let s = LimitSettings::default();
-        let c = Check {
-            cost: 1,
-            enforce: vec![applied("a", 0)],
-            warn: vec![],
-        };
+        let c = Check::new(1, vec![applied("a", 0)], vec![]);
         assert!(l.decide(&s, c.clone()).await.refused.is_none());
         assert!(l.decide(&s, c.clone()).await.refused.is_none());
         let v = l.decide(&s, c.clone()).await;
@@ -659,11 +687,7 @@ mod tests {
         let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = dead.local_addr().unwrap().to_string();
         drop(dead);
-        let c = Check {
-            cost: 1,
-            enforce: vec![applied("a", 0)],
-            warn: vec![],
-        };
+        let c = Check::new(1, vec![applied("a", 0)], vec![]);
         for (fallback, refused_third) in [
             (Fallback::Local, Some(Source::Local)),
             (Fallback::Open, None),
