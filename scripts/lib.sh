@@ -3,8 +3,11 @@
 # never collides with a running one.
 
 PGRX_VERSION=0.18.0
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-PG_BIN=/usr/lib/postgresql/15/bin
+# PostgreSQL 15: Debian's, or (DBOPT_PG_CONFIG) a relocated copy of it — what scripts/test uses, so
+# that installing test builds of the extension never touches the dbopt.so a running stack has loaded.
+SYSTEM_PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+PG_CONFIG=${DBOPT_PG_CONFIG:-$SYSTEM_PG_CONFIG}
+PG_BIN=$(dirname "$PG_CONFIG")
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf '[dbopt %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -66,6 +69,24 @@ wait_until() {
 # Removes the installed dbopt.so before a new one is copied in. Copying over the file in place
 # changes pages that running postmasters have mapped and crashes every backend (seen here: SIGSEGV
 # in all nodes of a running stack); after an unlink they keep the old inode and the copy is a new one.
+# Makes (or refreshes, when the system's PostgreSQL changed) a relocated copy of the system's
+# PostgreSQL 15 under DIR and prints its pg_config. Nothing the system's servers use is touched.
+private_postgres() {
+  local dir=$1 stamp want
+  want=$("$(dirname "$SYSTEM_PG_CONFIG")/postgres" --version)
+  stamp="$dir/.copied-from"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    log "copying PostgreSQL 15 to $dir (for tests that install extension builds)"
+    rm -rf "$dir"
+    mkdir -p "$dir/lib/postgresql" "$dir/share/postgresql" "$dir/include"
+    cp -a "$(dirname "$(dirname "$SYSTEM_PG_CONFIG")")" "$dir/lib/postgresql/"
+    cp -a "$("$SYSTEM_PG_CONFIG" --sharedir)" "$dir/share/postgresql/"
+    cp -a "$("$SYSTEM_PG_CONFIG" --includedir)" "$dir/include/"
+    echo "$want" >"$stamp"
+  fi
+  echo "$dir/lib/postgresql/15/bin/pg_config"
+}
+
 unlink_installed_extension() {
   rm -f "$("$PG_CONFIG" --pkglibdir)/dbopt.so"
 }

@@ -3,7 +3,18 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The PostgreSQL 15 binaries: those of `DBOPT_PG_CONFIG` (scripts/test points it at a copy of the
+/// system's), else Debian's.
+fn pg_bin() -> String {
+    std::env::var("DBOPT_PG_CONFIG")
+        .ok()
+        .and_then(|c| {
+            std::path::Path::new(&c)
+                .parent()
+                .map(|p| p.display().to_string())
+        })
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())
+}
 
 pub struct PlainPostgres {
     dir: PathBuf,
@@ -17,7 +28,7 @@ fn as_postgres(bin: &str, args: &[&str]) -> std::process::Output {
         // As a careless operator might run it: any error that went through pgrx's guard would
         // then carry a Rust backtrace to the client (the tests check that none does).
         .env("RUST_BACKTRACE", "1")
-        .arg(format!("{PG_BIN}/{bin}"))
+        .arg(format!("{}/{bin}", pg_bin()))
         .args(args)
         .output()
         .expect("setpriv runs")
