@@ -561,6 +561,14 @@ impl Config {
 /// are caught by `--check-config` (it asks the nodes) and at login (`is_superuser`).
 pub const SUPERUSER: &str = "postgres";
 
+/// A `host:port` (a name or an address, and a port number), such as a Redis server's.
+pub fn check_host_port(field: &str, value: &str) -> Result<(), ConfigError> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(bad(field, "must be host:port")),
+    }
+}
+
 fn check_addr(field: &str, value: &str) -> Result<(), ConfigError> {
     value.parse::<SocketAddr>().map(|_| ()).map_err(|_| {
         bad(

@@ -103,12 +103,7 @@ impl CacheSettings {
     /// `users`: the configured router users; `databases`: the allow-list (empty: any).
     pub fn validate(&self, users: &[&str], databases: &[String]) -> Result<(), ConfigError> {
         if let Some(r) = &self.redis {
-            if r.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(bad("cache.redis".into(), "must be host:port"));
-            }
+            crate::config::check_host_port("cache.redis", r)?;
         }
         if !(10..=60_000).contains(&self.redis_timeout_ms) {
             return Err(bad("cache.redis_timeout_ms".into(), "must be 10..=60000"));

@@ -134,12 +134,7 @@ impl LimitSettings {
         nodes: &[&str],
     ) -> Result<(), ConfigError> {
         if let Some(r) = &self.redis {
-            if r.rsplit_once(':')
-                .and_then(|(_, p)| p.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(bad("limits.redis".into(), "must be host:port"));
-            }
+            crate::config::check_host_port("limits.redis", r)?;
         }
         if !(5..=60_000).contains(&self.redis_timeout_ms) {
             return Err(bad("limits.redis_timeout_ms".into(), "must be 5..=60000"));
