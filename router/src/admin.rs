@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /status` (JSON), and
-//! `POST /cache/invalidate` (authenticated with `listen.admin_token`).
+//! `POST /cache/invalidate` (authenticated with `listen.admin_token`); GETs need
+//! `listen.admin_read_token` when one is set.
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +45,14 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     let line = String::from_utf8_lossy(&buf[..head_end.min(buf.len())]).into_owned();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let may_read =
+        method != "GET" || read_allowed(&shared.config().listen, header(&line, "authorization"));
     let (status, ctype, body) = match (method, path) {
+        ("GET", _) if !may_read => (
+            "401 Unauthorized",
+            "text/plain",
+            "a valid Authorization: Bearer token is required (listen.admin_read_token)\n".into(),
+        ),
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics(shared)),
         ("GET", "/status") => (
             "200 OK",
@@ -115,6 +123,23 @@ async fn reply(
     );
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body.as_bytes()).await
+}
+
+/// Whether a GET may be answered: no read token configured, or the request presents it (or the
+/// admin token).
+fn read_allowed(listen: &crate::config::Listen, authorization: Option<&str>) -> bool {
+    let Some(read) = listen.admin_read_token.as_deref() else {
+        return true;
+    };
+    let given = authorization
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .as_bytes();
+    same_secret(given, read.as_bytes())
+        || listen
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| same_secret(given, t.as_bytes()))
 }
 
 /// A request header's value (name case-insensitive).
@@ -501,4 +526,40 @@ pub fn status(shared: &Shared) -> serde_json::Value {
         "cache": shared.cache.as_ref().map(|c| crate::cache::report::status(c)),
         "limits": shared.limiter.status(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn listen(read: Option<&str>, admin: Option<&str>) -> crate::config::Listen {
+        crate::config::Listen {
+            address: "127.0.0.1:1".into(),
+            admin_address: None,
+            max_clients: 1,
+            handshake_timeout_ms: 1000,
+            max_handshakes: 1,
+            tls: None,
+            admin_token: admin.map(str::to_string),
+            admin_read_token: read.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn reads_need_the_read_token_only_when_one_is_set() {
+        assert!(read_allowed(&listen(None, None), None));
+        let l = listen(
+            Some("read-token-0123456789"),
+            Some("admin-token-0123456789"),
+        );
+        assert!(!read_allowed(&l, None));
+        assert!(!read_allowed(&l, Some("Bearer wrong")));
+        assert!(
+            !read_allowed(&l, Some("read-token-0123456789")),
+            "the scheme is required"
+        );
+        assert!(read_allowed(&l, Some("Bearer read-token-0123456789")));
+        assert!(read_allowed(&l, Some("Bearer admin-token-0123456789")));
+    }
 }

@@ -70,6 +70,10 @@ pub struct Listen {
     /// (`Authorization: Bearer …`); without one they are refused.
     #[serde(default)]
     pub admin_token: Option<String>,
+    /// When set, GET requests (`/metrics`, `/status`) must present this bearer token (or
+    /// `admin_token`); without it they are open to whoever reaches `admin_address`.
+    #[serde(default)]
+    pub admin_read_token: Option<String>,
 }
 
 /// Client TLS: PEM files, read at start.
@@ -356,6 +360,14 @@ impl Config {
         }
         if !(100..=60_000).contains(&self.listen.handshake_timeout_ms) {
             return Err(bad("listen.handshake_timeout_ms", "must be in 100..=60000"));
+        }
+        for (field, token) in [
+            ("listen.admin_token", &self.listen.admin_token),
+            ("listen.admin_read_token", &self.listen.admin_read_token),
+        ] {
+            if token.as_deref().is_some_and(|t| t.len() < 16) {
+                return Err(bad(field, "must be at least 16 characters"));
+            }
         }
         if let Some(t) = &self.listen.tls {
             if t.cert_file.is_empty() {
@@ -715,6 +727,12 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("listen.address"));
         let e = Config::parse(&GOOD.replace("127.0.0.1:9930", "127.0.0.1:6432")).expect_err("same");
         assert_eq!(e.field.as_deref(), Some("listen.admin_address"));
+        let short = GOOD.replace(
+            "admin_address = \"127.0.0.1:9930\"",
+            "admin_address = \"127.0.0.1:9930\"\nadmin_read_token = \"short\"",
+        );
+        let e = Config::parse(&short).expect_err("short token");
+        assert_eq!(e.field.as_deref(), Some("listen.admin_read_token"));
     }
 
     #[test]

@@ -23,9 +23,17 @@ fn exchange(port: u16, request: &str) -> Option<(u16, String)> {
 
 /// `GET http://127.0.0.1:{port}{path}` → (status code, body); `None` when nothing answers.
 pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    get_with(port, path, None)
+}
+
+/// A `GET` with an optional `Authorization` header.
+pub fn get_with(port: u16, path: &str, authorization: Option<&str>) -> Option<(u16, String)> {
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     exchange(
         port,
-        &format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n"),
+        &format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"),
     )
 }
 

@@ -1,6 +1,7 @@
 //! dbopt-router's pools against one plain PostgreSQL (no HA stack needed): the wait queue's
 //! 53300, the critical reserve, session pooling's reset, LISTEN/NOTIFY in session mode, a bad
-//! configuration on SIGHUP, and a graceful shutdown that lets a transaction finish.
+//! configuration on SIGHUP, a graceful shutdown that lets a transaction finish, and an admin
+//! endpoint that wants its read token.
 
 // A failed call is the test failure; `unwrap` says so as well as `expect` would here.
 #![allow(clippy::unwrap_used)]
@@ -11,6 +12,10 @@ use std::time::{Duration, Instant};
 use dbopt_e2e::plain::PlainPostgres;
 use dbopt_e2e::{e2e_port, http, repo_root, wait_for};
 use postgres::fallible_iterator::FallibleIterator;
+
+/// The admin endpoint's read token in this test (`listen.admin_read_token`).
+const READ_TOKEN: &str = "metrics-reader-0123456789";
+const READ: &str = "Bearer metrics-reader-0123456789";
 
 struct Router {
     child: Child,
@@ -53,6 +58,7 @@ fn config(pg_port: u16, port: u16, admin: u16) -> String {
 [listen]
 address = "127.0.0.1:{port}"
 admin_address = "127.0.0.1:{admin}"
+admin_read_token = "{READ_TOKEN}"
 
 [pool]
 min_size = 1
@@ -111,11 +117,28 @@ fn start_router(pg_port: u16) -> Router {
         Duration::from_secs(20),
         "the router to find its primary",
         || {
-            let (_, body) = http::get(router.admin, "/status")?;
+            let (_, body) = http::get_with(router.admin, "/status", Some(READ))?;
             body.contains("\"primary\": \"solo\"").then_some(())
         },
     );
     router
+}
+
+/// With `listen.admin_read_token`, GETs without it (or with a wrong one) get 401 and no data.
+fn the_admin_endpoint_wants_its_read_token(router: &Router) {
+    for auth in [None, Some("Bearer wrong"), Some(READ_TOKEN)] {
+        for path in ["/metrics", "/status", "/nowhere"] {
+            let (code, body) = http::get_with(router.admin, path, auth).unwrap();
+            assert_eq!(code, 401, "{path} with {auth:?}: {body}");
+            assert!(!body.contains("dbopt_router"), "{body}");
+        }
+    }
+    let (code, body) = http::get_with(router.admin, "/metrics", Some(READ)).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("# TYPE dbopt_router_routed_total counter"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -130,6 +153,7 @@ fn pools_sessions_reload_and_shutdown() {
         )
         .unwrap();
     let mut router = start_router(e2e_port(80));
+    the_admin_endpoint_wants_its_read_token(&router);
 
     // Two ordinary transactions hold two of the three connections; the third is reserved for
     // critical work, so another ordinary client waits and gets 53300 after wait_timeout_ms.
@@ -206,7 +230,7 @@ fn pools_sessions_reload_and_shutdown() {
     router.signal("-HUP");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(app.query_one("SELECT 1", &[]).unwrap().get::<_, i32>(0), 1);
-    let (_, status) = http::get(router.admin, "/status").unwrap();
+    let (_, status) = http::get_with(router.admin, "/status", Some(READ)).unwrap();
     assert!(status.contains("\"max\": 3"), "{status}");
     std::fs::write(&router.config, good).unwrap();
 
