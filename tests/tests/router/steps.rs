@@ -53,8 +53,13 @@ pub fn reads_go_to_replicas_and_writes_to_the_primary(stack: &Stack) {
     let replicas = replica_ports(stack, "node0");
     // Clients are spread over the replicas; one client's burst of reads stays on the node that
     // served it (another node may be behind what it has read: never back in time).
+    // Balancing weighs in each node's response time, so a replica that was slow at start gets few
+    // clients: connect until every replica has served some (at most 300 clients).
     let mut seen = HashSet::new();
-    for _ in 0..30 {
+    for _ in 0..300 {
+        if seen == replicas {
+            break;
+        }
         let mut c = stack.router("app").expect("connect through the router");
         let mut first = None;
         for _ in 0..3 {
