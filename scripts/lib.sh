@@ -28,6 +28,13 @@ DBOPT_REWIND_PASSWORD=${DBOPT_REWIND_PASSWORD:-dbopt-rewind}
 # Real clients of the end-to-end tests: Django (psycopg 3) in this virtualenv, Prisma 7 under
 # tests/clients/node_modules (both made by scripts/setup).
 DBOPT_CLIENTS_VENV=${DBOPT_CLIENTS_VENV:-/var/tmp/dbopt-clients-venv}
+# Node.js for Prisma 7 (>= 20.19): the machine's, or one scripts/setup fetched from the npm registry
+# into this directory when the machine's is missing or older.
+DBOPT_NODE_DIR=${DBOPT_NODE_DIR:-/var/tmp/dbopt-node}
+if [ -x "$DBOPT_NODE_DIR/bin/node" ]; then
+  PATH="$DBOPT_NODE_DIR/bin:$PATH"
+  export PATH
+fi
 NODES=(node0 node1 node2 node3)
 # node3 streams from node1, not from the primary: the cascade.
 declare -A REPLICATE_FROM=([node3]=node1)
