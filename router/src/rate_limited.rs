@@ -132,7 +132,7 @@ impl Session {
         let Some(admin) = self.auth.as_ref().map(|a| a.login.admin) else {
             return Ok(None);
         };
-        let end_user = if rules::wants_end_user(ls) {
+        let end_user = if self.limits.end_users {
             self.end_user(text, ls)?
         } else {
             None
@@ -384,8 +384,7 @@ impl Session {
         batch: &[(u8, Vec<u8>)],
         node: usize,
     ) -> Step<bool> {
-        let config = self.shared.config();
-        if !rules::has_node_rules(&config.limits) {
+        if !self.limits.node_rules {
             return Ok(true);
         }
         let text = self.batch_text(batch);

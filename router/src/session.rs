@@ -114,6 +114,8 @@ pub(crate) struct Limits {
     pub(crate) rate_limited: bool,
     /// Some rule counts end users (statement texts are looked at).
     pub(crate) end_users: bool,
+    /// Some rule is node-scoped (checked again once routing chose the node).
+    pub(crate) node_rules: bool,
 }
 
 impl Limits {
@@ -123,6 +125,7 @@ impl Limits {
             idle_in_transaction_s: config.pool.idle_in_transaction_timeout_s,
             rate_limited: !config.limits.rules.is_empty(),
             end_users: crate::limits::rules::wants_end_user(&config.limits),
+            node_rules: crate::limits::rules::has_node_rules(&config.limits),
         }
     }
 }

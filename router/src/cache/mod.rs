@@ -538,10 +538,6 @@ impl Cache {
     }
 
     /// The entry for `key`, from the local layer or else Redis (which then fills the local one).
-    pub async fn lookup(&self, key: &str) -> Option<Hit> {
-        self.lookup_with(key, &[]).await.0
-    }
-
     /// A lookup; when it goes to Redis, `extra` commands (a rate-limit check) ride in the same
     /// round trip, and their replies (or the failure) come back. Nothing is sent for them when
     /// the in-process layer answers or Redis is bypassed.
