@@ -25,6 +25,11 @@ DBOPT_ADMIN_TOKEN=${DBOPT_ADMIN_TOKEN:-dbopt-admin-token}  # POST /cache/invalid
 DBOPT_PG_PASSWORD=${DBOPT_PG_PASSWORD:-dbopt-postgres}      # superuser 'postgres'
 DBOPT_REPL_PASSWORD=${DBOPT_REPL_PASSWORD:-dbopt-replicator}
 DBOPT_REWIND_PASSWORD=${DBOPT_REWIND_PASSWORD:-dbopt-rewind}
+DBOPT_PATRONI_TTL=${DBOPT_PATRONI_TTL:-10}       # leader lease, seconds (failover within ≈ ttl + 2 s)
+case "$DBOPT_PATRONI_TTL" in
+  ''|*[!0-9]*) die "DBOPT_PATRONI_TTL must be a whole number of seconds, got '$DBOPT_PATRONI_TTL'" ;;
+esac
+((DBOPT_PATRONI_TTL >= 10)) || die "DBOPT_PATRONI_TTL must be at least 10 (Patroni's minimum), got $DBOPT_PATRONI_TTL"
 # Real clients of the end-to-end tests: Django (psycopg 3) in this virtualenv, Prisma 7 under
 # tests/clients/node_modules (both made by scripts/setup).
 DBOPT_CLIENTS_VENV=${DBOPT_CLIENTS_VENV:-/var/tmp/dbopt-clients-venv}

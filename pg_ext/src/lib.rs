@@ -64,6 +64,11 @@ extension_sql_file!(
         nplusone::n_plus_one_reset
     ]
 );
+extension_sql_file!(
+    "../../sql/alerts.sql",
+    name = "alerts",
+    requires = ["privileges"]
+);
 
 /// Called by PostgreSQL when it loads `dbopt.so`.
 #[pg_guard]

@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /status` (JSON), and
+//! The admin HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /status` (JSON),
+//! `GET /alerts` (firing and recent alerts, JSON), and
 //! `POST /cache/invalidate` (authenticated with `listen.admin_token`); GETs need
 //! `listen.admin_read_token` when one is set.
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
@@ -59,10 +60,15 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             "application/json",
             serde_json::to_string_pretty(&status(shared)).unwrap_or_default(),
         ),
+        ("GET", "/alerts") => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&shared.alerts.report()).unwrap_or_default(),
+        ),
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics or /status\n".into(),
+            "try /metrics, /status or /alerts\n".into(),
         ),
         ("POST", p) if p == "/cache/invalidate" || p.starts_with("/cache/invalidate?") => {
             let mut body = buf[head_end.min(buf.len())..].to_vec();
@@ -388,6 +394,7 @@ pub fn metrics(shared: &Shared) -> String {
         o.push_str(&crate::cache::report::metrics(cache));
     }
     o.push_str(&shared.limiter.metrics());
+    o.push_str(&shared.alerts.metrics());
     let mut e = Exposition::default();
     let t = shared.topology();
     let now = t.now_ms();

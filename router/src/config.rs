@@ -42,6 +42,9 @@ pub struct Config {
     /// Rate limits on statements.
     #[serde(default)]
     pub limits: crate::limits::settings::LimitSettings,
+    /// Alerts through channels (webhook, Slack, SMTP, log, NOTIFY + history table).
+    #[serde(default)]
+    pub alerts: crate::alerts::settings::AlertSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -556,6 +559,7 @@ impl Config {
         self.cache.validate(&users, &databases)?;
         let nodes: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         self.limits.validate(&users, &databases, &nodes)?;
+        self.alerts.validate()?;
         Ok(())
     }
 

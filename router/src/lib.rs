@@ -18,6 +18,7 @@
 //! - `main.rs`: the command line (`--help`, `--version`, `--check-config`).
 
 pub mod admin;
+pub mod alerts;
 pub mod auth;
 pub mod balance;
 pub mod breaker;

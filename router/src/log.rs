@@ -19,7 +19,13 @@ pub fn timestamp() -> String {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = d.as_secs() as i64;
+    utc_ms(d.as_millis() as u64)
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds
+/// (`2026-11-26T21:04:05.123Z`).
+pub fn utc_ms(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -36,7 +42,7 @@ pub fn timestamp() -> String {
         rem / 3600,
         rem % 3600 / 60,
         rem % 60,
-        d.subsec_millis()
+        ms % 1000
     )
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use dbopt_router::config::Config;
 
 /// dbopt-router: a PostgreSQL wire-protocol router — pooling, read/write split, replica
@@ -39,6 +39,99 @@ struct Cli {
     /// Log warnings and errors only.
     #[arg(short, long)]
     quiet: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Patroni's on_role_change callback: on a promotion, send "primary changed" through the
+    /// [alerts] channels of --config — unless a router answers on its listen.admin_address
+    /// (it reports failovers itself). Reads only [alerts] and [listen] of the file. Patroni
+    /// appends ACTION ROLE CLUSTER: in its configuration write
+    /// `callbacks: {on_role_change: "dbopt-router --config /etc/dbopt/alerts.toml on-role-change --node node1"}`.
+    OnRoleChange {
+        /// This node's name (what the alert reports as the new primary).
+        #[arg(long)]
+        node: String,
+        /// A connection string to this node for channels of kind notify
+        /// (e.g. "host=/run/postgresql port=5432 user=postgres dbname=postgres").
+        #[arg(long)]
+        pg: Option<String>,
+        /// What Patroni did (on_role_change; others are ignored).
+        action: String,
+        /// The node's new role (master/primary: a promotion; others are ignored).
+        role: String,
+        /// Patroni's scope.
+        cluster: String,
+    },
+}
+
+fn on_role_change(config: &std::path::Path, command: Command) -> ExitCode {
+    let Command::OnRoleChange {
+        node,
+        pg,
+        action,
+        role,
+        cluster,
+    } = command;
+    let config_text = match std::fs::read_to_string(config) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "dbopt-router on-role-change: cannot read {}: {e}",
+                config.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dbopt-router on-role-change: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args = dbopt_router::alerts::role_change::Args {
+        config_text,
+        node,
+        action,
+        role,
+        cluster,
+        pg,
+    };
+    use dbopt_router::alerts::role_change::Outcome;
+    match runtime.block_on(dbopt_router::alerts::role_change::run(args)) {
+        Ok(Outcome::NotAPromotion) => ExitCode::SUCCESS,
+        Ok(Outcome::RouterReports(at)) => {
+            dbopt_router::log::info(&format!(
+                "on-role-change: the router at {at} answers and reports the failover itself"
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Sent { channels, failed }) if failed.is_empty() => {
+            dbopt_router::log::info(&format!(
+                "on-role-change: primary change sent through {channels} channel(s)"
+            ));
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Sent { channels, failed }) => {
+            dbopt_router::log::error(&format!(
+                "on-role-change: {} of {channels} channel(s) failed: {}",
+                failed.len(),
+                failed.join("; ")
+            ));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("dbopt-router on-role-change: {}: {e}", config.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 const EXAMPLES: &str = "Examples:
@@ -50,6 +143,9 @@ const EXAMPLES: &str = "Examples:
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(command) = cli.command {
+        return on_role_change(&cli.config, command);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {

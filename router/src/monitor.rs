@@ -32,6 +32,10 @@ const FALLBACK_STATUS_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() \
      CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), \
      pg_last_wal_replay_lsn())::float8 ELSE 0::float8 END, NULL::float8";
 
+/// Slow statements since the node started (`[alerts]` turns it into a rate); extension ≥ 0.1 with
+/// the counter only, so a failure just leaves the figure out.
+const SLOW_TOTAL_SQL: &str = "SELECT dbopt.slow_queries_total()";
+
 const FUNCTIONS_SQL: &str =
     "SELECT n.nspname::text, p.proname::text, bool_and(p.provolatile <> 'v') \
      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace GROUP BY 1, 2";
@@ -39,7 +43,7 @@ const FUNCTIONS_SQL: &str =
 const CATALOGUE_EVERY: Duration = Duration::from_secs(60);
 
 /// A connection to `node` with the router's own `[server]` login.
-async fn connect_as_router(
+pub(crate) async fn connect_as_router(
     config: &crate::config::Config,
     node: usize,
     application_name: &str,
@@ -122,6 +126,7 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
     let mut last_status: Option<Instant> = None;
     let mut last_catalogue: Option<Instant> = None;
     let mut has_extension = true;
+    let mut has_slow_total = true;
     loop {
         let config = shared.config();
         let poll = Duration::from_millis(config.health.lsn_poll_ms);
@@ -131,6 +136,7 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                 Ok(c) => {
                     client = Some(c);
                     has_extension = true;
+                    has_slow_total = true;
                 }
                 Err(e) => {
                     fail(&shared, node, format!("health connection: {e}"));
@@ -196,13 +202,31 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
             };
             match with_timeout(timeout_ms, c.query_one(sql, &[])).await {
                 Ok(row) => {
-                    let mut t = shared.topology();
-                    let n = &mut t.nodes[node];
-                    n.lag_s = row.get::<_, Option<f64>>(0);
-                    n.lag_bytes = row.get::<_, Option<f64>>(1);
-                    n.cpu_percent = row.get::<_, Option<f64>>(2);
-                    n.last_check = Some(Instant::now());
-                    t.record(node, true);
+                    {
+                        let mut t = shared.topology();
+                        let n = &mut t.nodes[node];
+                        n.lag_s = row.get::<_, Option<f64>>(0);
+                        n.lag_bytes = row.get::<_, Option<f64>>(1);
+                        n.cpu_percent = row.get::<_, Option<f64>>(2);
+                        n.last_check = Some(Instant::now());
+                        t.record(node, true);
+                    }
+                    if has_slow_total {
+                        match with_timeout(timeout_ms, c.query_one(SLOW_TOTAL_SQL, &[])).await {
+                            Ok(row) => {
+                                let total = row.get::<_, Option<i64>>(0);
+                                shared.topology().nodes[node].slow_total =
+                                    total.and_then(|v| u64::try_from(v).ok());
+                            }
+                            Err(e) => {
+                                log::info(&format!(
+                                    "node {}: no slow-statement counter ({e}); slow_statements alerts skip it",
+                                    shared.node_name(node)
+                                ));
+                                has_slow_total = false;
+                            }
+                        }
+                    }
                 }
                 Err(e) if has_extension && e.contains("dbopt") => {
                     log::warn(&format!(

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -43,6 +44,7 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
     if let Some(l) = admin {
         tokio::spawn(crate::admin::serve(shared.clone(), l));
     }
+    tokio::spawn(crate::alerts::run(shared.clone()));
     if let Some(cache) = &shared.cache {
         // One invalidation feed per database clients may use.
         let databases = if config.databases.is_empty() {
@@ -148,7 +150,7 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
 }
 
 /// One open client connection, in `clients_active` while it lives.
-struct Active(std::sync::Arc<Shared>);
+struct Active(Arc<Shared>);
 
 impl Drop for Active {
     fn drop(&mut self) {
@@ -159,7 +161,7 @@ impl Drop for Active {
     }
 }
 
-fn reload(shared: &Shared, path: &std::path::Path) {
+fn reload(shared: &Arc<Shared>, path: &std::path::Path) {
     match Config::load(path) {
         Err(e) => log::error(&format!("SIGHUP: keeping the running configuration: {e}")),
         Ok(new) => {
@@ -168,6 +170,7 @@ fn reload(shared: &Shared, path: &std::path::Path) {
                     "SIGHUP: keeping the running configuration: {problem}"
                 ));
             } else {
+                shared.alerts.reconfigure(shared, &new);
                 shared.reload(new);
                 log::info(&format!(
                     "SIGHUP: configuration reloaded from {}",

@@ -121,6 +121,8 @@ pub struct Shared {
     pub user_writes: Mutex<HashMap<String, u64>>,
     /// Rate limits (`[limits]`); the rules are read from the configuration at each check.
     pub limiter: crate::limits::Limiter,
+    /// Alerts (`[alerts]`): evaluation state, history and channel queues.
+    pub alerts: Arc<crate::alerts::Alerts>,
 }
 
 /// (server role, the client's startup settings): what a login's ParameterStatus depends on.
@@ -148,6 +150,7 @@ impl Shared {
         );
         Arc::new(Shared {
             limiter,
+            alerts: crate::alerts::Alerts::new(&config),
             tls,
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),

@@ -37,6 +37,8 @@ pub struct NodeState {
     pub lag_s: Option<f64>,
     pub lag_bytes: Option<f64>,
     pub cpu_percent: Option<f64>,
+    /// Slow statements since the node started (`dbopt.slow_queries_total()`), when known.
+    pub slow_total: Option<u64>,
     pub replay_lsn: Option<u64>,
     pub last_error: Option<String>,
     pub last_check: Option<Instant>,
@@ -255,6 +257,7 @@ fn node_state(n: &Node, policy: BreakerPolicy) -> NodeState {
         lag_s: None,
         lag_bytes: None,
         cpu_percent: None,
+        slow_total: None,
         replay_lsn: None,
         last_error: None,
         last_check: None,

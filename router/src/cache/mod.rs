@@ -190,6 +190,10 @@ pub struct CacheCounters {
     /// Fills the router did itself (write-through and warming), and those that failed.
     pub refreshes: AtomicU64,
     pub refresh_failures: AtomicU64,
+    /// Invalidations that may not have reached every layer: a Redis invalidation that failed, or
+    /// the listener losing its connection while synchronised (announcements may be missed; the
+    /// cache is bypassed until resynchronised). Alerted on (`[alerts]`).
+    pub invalidation_failures: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -396,6 +400,7 @@ impl Cache {
     pub fn desync(&self, db: &str, why: &str) {
         let was = self.feed(db, |f| std::mem::replace(&mut f.synced, false));
         if was {
+            inc(&self.counters.invalidation_failures);
             crate::log::warn(&format!(
                 "cache: database \"{db}\" bypassed until resynchronised: {why}"
             ));
@@ -457,6 +462,7 @@ impl Cache {
                 Ok(other) => redis::RedisError(format!("{other:?}")),
                 Err(e) => e,
             };
+            inc(&self.counters.invalidation_failures);
             return self.redis_failed("invalidation", &failure);
         }
     }

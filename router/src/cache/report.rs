@@ -13,7 +13,7 @@ use crate::cache::{lock, Cache, CacheCounters};
 /// (metric name, help, `/status` key, counter).
 fn plain_counters(
     c: &CacheCounters,
-) -> [(&'static str, &'static str, &'static str, &AtomicU64); 9] {
+) -> [(&'static str, &'static str, &'static str, &AtomicU64); 10] {
     [
         (
             "dbopt_router_cache_fills_not_admitted_total",
@@ -50,6 +50,12 @@ fn plain_counters(
             "Failed Redis calls.",
             "redis_errors",
             &c.redis_errors,
+        ),
+        (
+            "dbopt_router_cache_invalidation_failures_total",
+            "Invalidations that may have been missed (Redis failed, or the listener lost its connection).",
+            "invalidation_failures",
+            &c.invalidation_failures,
         ),
         (
             "dbopt_router_cache_barrier_timeouts_total",
