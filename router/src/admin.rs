@@ -1,5 +1,6 @@
 //! The admin HTTP endpoint: `GET /metrics` (Prometheus text format), `GET /status` (JSON),
-//! `GET /alerts` (firing and recent alerts, JSON), and
+//! `GET /alerts` (firing and recent alerts, JSON), `GET /dashboard` (a page over them) and
+//! `GET /statements` (top and slow statements of every node, JSON), and
 //! `POST /cache/invalidate` (authenticated with `listen.admin_token`); GETs need
 //! `listen.admin_read_token` when one is set.
 //! A deliberately small HTTP/1.1 server: one request per connection, bounded request size.
@@ -46,8 +47,11 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     let line = String::from_utf8_lossy(&buf[..head_end.min(buf.len())]).into_owned();
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let may_read =
-        method != "GET" || read_allowed(&shared.config().listen, header(&line, "authorization"));
+    // The dashboard page holds no data (it asks the endpoints below with the token the user
+    // gives it), so it is served without one.
+    let may_read = method != "GET"
+        || path == "/dashboard"
+        || read_allowed(&shared.config().listen, header(&line, "authorization"));
     let (status, ctype, body) = match (method, path) {
         ("GET", _) if !may_read => (
             "401 Unauthorized",
@@ -60,6 +64,16 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             "application/json",
             serde_json::to_string_pretty(&status(shared)).unwrap_or_default(),
         ),
+        ("GET", "/dashboard") => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            crate::dashboard::PAGE.to_string(),
+        ),
+        ("GET", "/statements") => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&shared.statements.get(shared).await).unwrap_or_default(),
+        ),
         ("GET", "/alerts") => (
             "200 OK",
             "application/json",
@@ -68,7 +82,7 @@ async fn answer(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         ("GET", _) => (
             "404 Not Found",
             "text/plain",
-            "try /metrics, /status or /alerts\n".into(),
+            "try /dashboard, /metrics, /status, /alerts or /statements\n".into(),
         ),
         ("POST", p) if p == "/cache/invalidate" || p.starts_with("/cache/invalidate?") => {
             let mut body = buf[head_end.min(buf.len())..].to_vec();
@@ -124,7 +138,8 @@ async fn reply(
     body: &str,
 ) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+         X-Content-Type-Options: nosniff\r\nX-Frame-Options: DENY\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -219,7 +234,7 @@ pub fn metrics(shared: &Shared) -> String {
     let mut e = Exposition::default();
     let c = &shared.counters;
     let get = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
-    let counters: [(&str, &str, &AtomicU64); 13] = [
+    let counters: [(&str, &str, &AtomicU64); 14] = [
         (
             "dbopt_router_clients_total",
             "Client connections accepted.",
@@ -284,6 +299,11 @@ pub fn metrics(shared: &Shared) -> String {
             "dbopt_router_pins_total",
             "Times a client was pinned to its server connection (role, lock, LISTEN, temp table...).",
             &c.pins,
+        ),
+        (
+            "dbopt_router_replica_reclones_total",
+            "Re-clones of replicas that could not catch up, requested from Patroni and accepted.",
+            &c.reclones,
         ),
     ];
     for (name, help, v) in counters {
@@ -398,7 +418,7 @@ pub fn metrics(shared: &Shared) -> String {
     let mut e = Exposition::default();
     let t = shared.topology();
     let now = t.now_ms();
-    let node_gauges: [(&str, &str); 6] = [
+    let node_gauges: [(&str, &str); 7] = [
         (
             "dbopt_router_node_up",
             "1 when the last check reached the node.",
@@ -423,6 +443,10 @@ pub fn metrics(shared: &Shared) -> String {
             "dbopt_router_node_breaker_open",
             "1 while the node's circuit breaker is open or half-open.",
         ),
+        (
+            "dbopt_router_node_replay_lag_bytes",
+            "WAL received but not yet replayed, from dbopt.node_status().",
+        ),
     ];
     for (i, (name, help)) in node_gauges.into_iter().enumerate() {
         let samples: Vec<(Vec<(&str, &str)>, f64)> = t
@@ -436,7 +460,8 @@ pub fn metrics(shared: &Shared) -> String {
                     2 => n.lag_s,
                     3 => n.cpu_percent,
                     4 => n.ewma.get(now).map(|ms| ms / 1000.0),
-                    _ => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
+                    5 => Some(f64::from(u8::from(n.breaker.state().name() != "closed"))),
+                    _ => n.lag_bytes,
                 };
                 v.map(|v| (vec![("node", n.name.as_str())], v))
             })
@@ -497,6 +522,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "writes_here": t.primary == Some(i),
                 "replay_lag_s": n.lag_s,
                 "replay_lag_bytes": n.lag_bytes,
+                "receiver_state": n.receiver_state,
                 "cpu_percent": n.cpu_percent,
                 "replayed_lsn": n.replay_lsn,
                 "latency_ewma_ms": n.ewma.get(now),

@@ -150,6 +150,10 @@ pub struct HealthSettings {
     pub max_replica_lag_s: f64,
     /// A replica at or above this CPU % gets a reduced weight.
     pub cpu_high_percent: f64,
+    /// Ask a node's Patroni (`nodes[].patroni`) to re-clone a replica that has not streamed for
+    /// `reclone_after_s` and needs WAL the primary no longer keeps (it could never catch up).
+    pub reclone_lost_replicas: bool,
+    pub reclone_after_s: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -183,6 +187,9 @@ pub struct Node {
     /// Relative read capacity for weighted balancing.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// The node's Patroni REST API (`http://host:8008`), for `health.reclone_lost_replicas`.
+    #[serde(default)]
+    pub patroni: Option<String>,
 }
 
 /// How a client user proves who they are.
@@ -281,6 +288,8 @@ impl Default for HealthSettings {
             lsn_poll_ms: 100,
             max_replica_lag_s: 5.0,
             cpu_high_percent: 80.0,
+            reclone_lost_replicas: false,
+            reclone_after_s: 60,
         }
     }
 }
@@ -444,6 +453,18 @@ impl Config {
         if !(h.cpu_high_percent > 0.0 && h.cpu_high_percent <= 100.0) {
             return Err(bad("health.cpu_high_percent", "must be in (0, 100]"));
         }
+        if !(5..=86_400).contains(&h.reclone_after_s) {
+            return Err(bad(
+                "health.reclone_after_s",
+                format!("must be between 5 and 86400, got {}", h.reclone_after_s),
+            ));
+        }
+        if h.reclone_lost_replicas && self.nodes.iter().all(|n| n.patroni.is_none()) {
+            return Err(bad(
+                "health.reclone_lost_replicas",
+                "needs the nodes' Patroni REST API: set nodes[].patroni",
+            ));
+        }
 
         let b = &self.breaker;
         if !(b.failure_ratio > 0.0 && b.failure_ratio < 1.0) {
@@ -501,6 +522,10 @@ impl Config {
                     format!("nodes[{i}].weight"),
                     "must be at least 1 (remove the node instead)",
                 ));
+            }
+            if let Some(p) = &n.patroni {
+                crate::alerts::http_post::Target::parse(p)
+                    .map_err(|m| bad(format!("nodes[{i}].patroni"), m))?;
             }
         }
 
@@ -678,6 +703,15 @@ mod tests {
             (
                 "[health]\ncpu_high_percent = 120.0",
                 "health.cpu_high_percent",
+            ),
+            ("[health]\nreclone_after_s = 1", "health.reclone_after_s"),
+            (
+                "[health]\nreclone_lost_replicas = true",
+                "health.reclone_lost_replicas",
+            ),
+            (
+                "[[nodes]]\nname = \"p\"\nhost = \"h\"\nport = 1\npatroni = \"h:8008\"",
+                "nodes[2].patroni",
             ),
             ("[breaker]\nfailure_ratio = 1.0", "breaker.failure_ratio"),
             ("[breaker]\nmin_attempts = 0", "breaker.min_attempts"),

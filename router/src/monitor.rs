@@ -21,8 +21,8 @@ use crate::topology::{parse_lsn, Role};
 const POLL_SQL: &str = "SELECT pg_is_in_recovery(), (CASE WHEN pg_is_in_recovery() \
      THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
 
-const STATUS_SQL: &str = "SELECT replay_lag_s, replay_lag_bytes::float8, cpu_percent \
-     FROM dbopt.node_status()";
+const STATUS_SQL: &str = "SELECT replay_lag_s, replay_lag_bytes::float8, cpu_percent, \
+     receiver_state FROM dbopt.node_status()";
 
 /// Without the extension: lag 0 when everything received is replayed, else the age of the last
 /// replayed transaction; no CPU figure.
@@ -30,7 +30,14 @@ const FALLBACK_STATUS_SQL: &str = "SELECT CASE WHEN NOT pg_is_in_recovery() \
      OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0::float8 \
      ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 END, \
      CASE WHEN pg_is_in_recovery() THEN pg_wal_lsn_diff(pg_last_wal_receive_lsn(), \
-     pg_last_wal_replay_lsn())::float8 ELSE 0::float8 END, NULL::float8";
+     pg_last_wal_replay_lsn())::float8 ELSE 0::float8 END, NULL::float8, \
+     (SELECT status FROM pg_stat_wal_receiver)";
+
+/// The primary's oldest WAL segment and the segment size (`pg_ls_waldir()` needs a superuser or
+/// pg_monitor): a replica needing older WAL can never catch up by streaming.
+pub(crate) const OLDEST_WAL_SQL: &str = "SELECT (SELECT min(name) FROM pg_ls_waldir() \
+     WHERE name ~ '^[0-9A-F]{24}$'), (SELECT setting::int8 FROM pg_settings \
+     WHERE name = 'wal_segment_size')";
 
 /// Slow statements since the node started (`[alerts]` turns it into a rate); extension ≥ 0.1 with
 /// the counter only, so a failure just leaves the figure out.
@@ -208,7 +215,10 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                         n.lag_s = row.get::<_, Option<f64>>(0);
                         n.lag_bytes = row.get::<_, Option<f64>>(1);
                         n.cpu_percent = row.get::<_, Option<f64>>(2);
+                        n.receiver_state = row.get::<_, Option<String>>(3);
                         n.last_check = Some(Instant::now());
+                        // A due trial: this successful check closes the breaker.
+                        t.health_check_as_trial(node);
                         t.record(node, true);
                     }
                     if has_slow_total {
@@ -242,6 +252,10 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
                     continue;
                 }
             }
+        }
+
+        if status_due && config.health.reclone_lost_replicas {
+            crate::resync::check(&shared, &config, node, &c, timeout_ms).await;
         }
 
         let is_primary = shared.topology().primary == Some(node);

@@ -89,6 +89,8 @@ pub struct Counters {
     pub settings_read_backs: AtomicU64,
     /// Times a client got pinned to its connection.
     pub pins: AtomicU64,
+    /// Re-clones of lost replicas Patroni accepted (`health.reclone_lost_replicas`).
+    pub reclones: AtomicU64,
 }
 
 impl Counters {
@@ -123,6 +125,8 @@ pub struct Shared {
     pub limiter: crate::limits::Limiter,
     /// Alerts (`[alerts]`): evaluation state, history and channel queues.
     pub alerts: Arc<crate::alerts::Alerts>,
+    /// The dashboard's statement figures, gathered at most every few seconds.
+    pub statements: crate::dashboard::Statements,
 }
 
 /// (server role, the client's startup settings): what a login's ParameterStatus depends on.
@@ -151,6 +155,7 @@ impl Shared {
         Arc::new(Shared {
             limiter,
             alerts: crate::alerts::Alerts::new(&config),
+            statements: crate::dashboard::Statements::default(),
             tls,
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),

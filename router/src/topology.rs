@@ -39,6 +39,10 @@ pub struct NodeState {
     pub cpu_percent: Option<f64>,
     /// Slow statements since the node started (`dbopt.slow_queries_total()`), when known.
     pub slow_total: Option<u64>,
+    /// A replica's WAL receiver state at the last full check (`streaming`, ...; None: none).
+    pub receiver_state: Option<String>,
+    /// Whether it streams, for re-cloning replicas that cannot catch up.
+    pub resync: crate::resync::ReplicaWatch,
     pub replay_lsn: Option<u64>,
     pub last_error: Option<String>,
     pub last_check: Option<Instant>,
@@ -61,6 +65,8 @@ pub struct Topology {
     balancer: Balancer,
     pub max_lag_s: f64,
     pub cpu_high_percent: f64,
+    /// Where the primary's oldest kept WAL segment starts (`health.reclone_lost_replicas`).
+    pub oldest_wal_lsn: Option<u64>,
     started: Instant,
 }
 
@@ -92,6 +98,7 @@ impl Topology {
             balancer: Balancer::default(),
             max_lag_s: config.health.max_replica_lag_s,
             cpu_high_percent: config.health.cpu_high_percent,
+            oldest_wal_lsn: None,
             started: Instant::now(),
         }
     }
@@ -193,6 +200,18 @@ impl Topology {
         }
     }
 
+    /// Makes a health check the breaker's trial when one is due (open for `open_s`, or half-open
+    /// with no trial running): a node that answers again closes its breaker even when no client
+    /// traffic is routed to it. Returns whether the check is a trial (then `record` its outcome).
+    pub fn health_check_as_trial(&mut self, node: usize) -> bool {
+        let now = self.now_ms();
+        let b = &self.nodes[node].breaker;
+        if b.state() == State::Closed || b.blocks(now) {
+            return false;
+        }
+        matches!(self.admit(node), Ok(true))
+    }
+
     pub fn breaker_state(&self, node: usize) -> State {
         self.nodes[node].breaker.state()
     }
@@ -258,6 +277,8 @@ fn node_state(n: &Node, policy: BreakerPolicy) -> NodeState {
         lag_bytes: None,
         cpu_percent: None,
         slow_total: None,
+        receiver_state: None,
+        resync: crate::resync::ReplicaWatch::default(),
         replay_lsn: None,
         last_error: None,
         last_check: None,
@@ -366,5 +387,23 @@ mod tests {
         }
         assert_eq!(t.pick_for_read(&Floor::default(), None, |_| true), Ok(0));
         assert!(t.admit_attempt(2).is_err());
+    }
+
+    #[test]
+    fn a_health_check_is_the_breakers_trial_once_one_is_due() {
+        let mut c = config();
+        c.breaker.open_s = 1;
+        let mut t = Topology::new(&c);
+        assert!(!t.health_check_as_trial(1), "closed: no trial");
+        for _ in 0..30 {
+            t.record(1, false);
+        }
+        assert!(matches!(t.breaker_state(1), State::Open { .. }));
+        assert!(!t.health_check_as_trial(1), "not due before open_s");
+        std::thread::sleep(std::time::Duration::from_millis(1050));
+        assert!(t.health_check_as_trial(1));
+        assert_eq!(t.breaker_state(1), State::HalfOpen);
+        t.record(1, true);
+        assert_eq!(t.breaker_state(1), State::Closed);
     }
 }

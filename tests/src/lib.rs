@@ -15,6 +15,7 @@
 
 pub mod http;
 pub mod plain;
+pub mod receivers;
 pub mod redis_server;
 pub mod stack;
 
