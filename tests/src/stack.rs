@@ -5,32 +5,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::{http, repo_root, wait_for};
 
-/// What `scripts/stack up` writes to `$DBOPT_DIR/stack.json`: the one description of the layout.
-#[derive(Debug, Clone, Deserialize)]
-pub struct StackInfo {
-    pub dir: String,
-    pub port_base: u16,
-    pub pg_password: String,
-    pub nodes: Vec<NodeInfo>,
-    pub etcd_port: u16,
-    pub redis_port: u16,
-    pub router_port: u16,
-    pub router_admin_port: u16,
-    pub app_password: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub port: u16,
-    pub rest_port: u16,
-    /// The node this one streams from when it is a cascading replica ("" otherwise).
-    pub replicate_from: String,
-}
+pub use dbopt_stackconf::{NodeInfo, StackInfo};
 
 /// A running stack. Dropping it runs `scripts/stack down --wipe`.
 pub struct Stack {
