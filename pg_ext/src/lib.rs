@@ -175,6 +175,40 @@ mod tests {
     }
 
     #[pg_test]
+    fn slow_statements_are_counted_and_alerts_have_a_history_table() {
+        let before = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
+            .expect("spi")
+            .expect("a count");
+        Spi::run("SET dbopt.slow_query_ms = 10").expect("set");
+        Spi::run("SELECT pg_sleep(0.03)").expect("sleep");
+        let after = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
+            .expect("spi")
+            .expect("a count");
+        assert!(after > before, "{before} -> {after}");
+        // The table the notify channel writes.
+        Spi::run(
+            "INSERT INTO dbopt.alert_history (fingerprint, alertname, status, severity, labels,
+                 annotations, starts_at, source)
+             VALUES ('0123456789abcdef', 'NodeDown', 'firing', 'critical', '{}', '{}', now(), 't')",
+        )
+        .expect("insert");
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM dbopt.alert_history").expect("spi");
+        assert_eq!(n, Some(1));
+    }
+
+    #[pg_test(
+        error = "new row for relation \"alert_history\" violates check constraint \"alert_history_status_check\""
+    )]
+    fn alert_history_refuses_an_unknown_status() {
+        Spi::run(
+            "INSERT INTO dbopt.alert_history (fingerprint, alertname, status, severity, labels,
+                 annotations, starts_at, source)
+             VALUES ('x', 'NodeDown', 'bogus', 'critical', '{}', '{}', now(), 't')",
+        )
+        .expect("refused");
+    }
+
+    #[pg_test]
     fn replication_status_is_empty_without_replicas() {
         let n =
             Spi::get_one::<i64>("SELECT count(*) FROM dbopt.replication_status()").expect("spi");

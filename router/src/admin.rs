@@ -523,6 +523,7 @@ pub fn status(shared: &Shared) -> serde_json::Value {
                 "replay_lag_s": n.lag_s,
                 "replay_lag_bytes": n.lag_bytes,
                 "receiver_state": n.receiver_state,
+                "lag_history_s": shared.alerts.lag_history(&n.name),
                 "cpu_percent": n.cpu_percent,
                 "replayed_lsn": n.replay_lsn,
                 "latency_ewma_ms": n.ewma.get(now),

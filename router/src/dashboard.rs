@@ -16,8 +16,12 @@ pub const PAGE: &str = include_str!("dashboard.html");
 /// A gathered answer is served again for this long (several open dashboards cost one round).
 pub const FRESH_FOR: Duration = Duration::from_secs(5);
 
-const TOP_SQL: &str = "SELECT query, calls, total_exec_time, mean_exec_time, p95_exec_time, rows \
-     FROM dbopt.query_stats WHERE toplevel ORDER BY total_exec_time DESC LIMIT 10";
+/// One row per statement text (its entries of every user and database, and of tables dropped and
+/// created again, summed; p95: the highest of them).
+const TOP_SQL: &str = "SELECT query, sum(calls)::int8, sum(total_exec_time), \
+     sum(total_exec_time) / greatest(sum(calls), 1), max(p95_exec_time), sum(rows)::int8 \
+     FROM dbopt.query_stats WHERE toplevel GROUP BY query \
+     ORDER BY sum(total_exec_time) DESC LIMIT 10";
 
 const SLOW_SQL: &str = "SELECT captured_at::text, duration_ms, username, query \
      FROM dbopt.slow_queries() ORDER BY captured_at DESC NULLS LAST LIMIT 10";

@@ -16,8 +16,12 @@ use dbopt_router::config::Config;
 /// a server session (settings, roles, locks, LISTEN, temporary tables) reaches another. Results
 /// may be cached ([cache]) and statements rate-limited ([limits]: per user, per end user named by
 /// a /*dbopt_user='42'*/ comment, globally, per database or node; over a limit a client gets
-/// SQLSTATE 53400 with the wait in DETAIL). SIGHUP reloads the configuration; SIGTERM drains
-/// clients and exits. Metrics: GET /metrics and /status on listen.admin_address.
+/// SQLSTATE 53400 with the wait in DETAIL). Alerts ([alerts]: failover, replica lag, nodes,
+/// breakers, pools, errors, slow statements, cache invalidation, rate limits) go to webhooks
+/// (Alertmanager's format), Slack, mail, the log and dbopt.alert_history; a replica that can no
+/// longer catch up is re-cloned through Patroni (health.reclone_lost_replicas). SIGHUP reloads the
+/// configuration; SIGTERM drains clients and exits. On listen.admin_address: GET /dashboard (a
+/// page), /metrics (Prometheus), /status, /alerts and /statements (JSON).
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-router", version, after_help = EXAMPLES)]
 struct Cli {
@@ -139,7 +143,9 @@ const EXAMPLES: &str = "Examples:
   dbopt-router --config router/dbopt-router.example.toml
   psql 'host=127.0.0.1 port=25450 user=app password=app-secret dbname=postgres'
   psql 'host=127.0.0.1 port=25450 user=app password=app-secret dbname=postgres sslmode=require'
-  curl -s http://127.0.0.1:25451/status";
+  curl -s http://127.0.0.1:25451/status
+  curl -s http://127.0.0.1:25451/alerts
+  chromium http://127.0.0.1:25451/dashboard";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

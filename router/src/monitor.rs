@@ -255,7 +255,7 @@ pub async fn watch_node(shared: Arc<Shared>, node: usize) {
         }
 
         if status_due && config.health.reclone_lost_replicas {
-            crate::resync::check(&shared, &config, node, &c, timeout_ms).await;
+            crate::resync::check(&shared, &config, node, c, timeout_ms).await;
         }
 
         let is_primary = shared.topology().primary == Some(node);

@@ -582,8 +582,7 @@ fn without_a_router_patroni_reports_the_switchover(stack: &Stack, s: &Sinks, lea
         let (_, body) = http::get(rest, "/cluster")?;
         let v: serde_json::Value = serde_json::from_str(&body).ok()?;
         v["members"].as_array()?.iter().find_map(|m| {
-            (m["role"] == "sync_standby" && m["state"] == "streaming"
-                || m["role"] == "sync_standby" && m["state"] == "running")
+            (m["role"] == "sync_standby" && (m["state"] == "streaming" || m["state"] == "running"))
                 .then(|| m["name"].as_str().map(str::to_string))
                 .flatten()
         })

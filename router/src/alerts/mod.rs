@@ -35,6 +35,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Lag samples kept per node (two minutes at the default interval).
+pub const LAG_HISTORY: usize = 120;
+
 pub fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -51,6 +54,9 @@ pub struct Alerts {
     made: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Who sends (in `dbopt.alert_history.source`).
     source: String,
+    /// Each node's replay lag at every evaluation, the last [`LAG_HISTORY`] (the dashboard's
+    /// sparklines).
+    lag_history: Mutex<BTreeMap<String, VecDeque<Option<f64>>>>,
     external_url: Mutex<String>,
 }
 
@@ -63,6 +69,7 @@ impl Alerts {
             history: Mutex::new(VecDeque::new()),
             channels: Mutex::new(Vec::new()),
             made: Mutex::new(BTreeMap::new()),
+            lag_history: Mutex::new(BTreeMap::new()),
             source: format!("router {}", config.listen.address),
             external_url: Mutex::new(external_url(config)),
             settings: Mutex::new(Arc::new(s.clone())),
@@ -108,6 +115,17 @@ impl Alerts {
     /// One evaluation: what the router sees now → notifications → channel queues and history.
     pub fn evaluate(&self, snapshot: &Snapshot) -> Vec<Notification> {
         let s = self.settings();
+        {
+            let mut h = lock(&self.lag_history);
+            h.retain(|name, _| snapshot.nodes.iter().any(|n| &n.name == name));
+            for n in &snapshot.nodes {
+                let q = h.entry(n.name.clone()).or_default();
+                q.push_back(if n.reachable { n.lag_s } else { None });
+                while q.len() > LAG_HISTORY {
+                    q.pop_front();
+                }
+            }
+        }
         let conditions = lock(&self.watch).conditions(snapshot, |k| s.effective(k));
         let out = lock(&self.engine).evaluate(snapshot.now_ms, conditions, Self::policy(&s));
         if out.is_empty() {
@@ -137,6 +155,14 @@ impl Alerts {
             }
         }
         out
+    }
+
+    /// A node's recent replay lag, oldest first (one value per evaluation; null: unknown).
+    pub fn lag_history(&self, node: &str) -> Vec<Option<f64>> {
+        lock(&self.lag_history)
+            .get(node)
+            .map(|q| q.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// `GET /alerts`: firing alerts, recent notifications (newest first), channel counters.

@@ -65,6 +65,18 @@ pub async fn run(a: Args) -> Result<Outcome, String> {
             ));
         }
     }
+    let pg_config = match &a.pg {
+        Some(s) => Some(
+            s.parse::<tokio_postgres::Config>()
+                .map_err(|e| format!("--pg: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(c) = &pg_config {
+        if !new_timeline(c).await {
+            return Ok(Outcome::NotAPromotion);
+        }
+    }
     let listen = file.listen;
     if let Some(admin) = listen.as_ref().and_then(|l| l.admin_address.clone()) {
         let token = listen.as_ref().and_then(|l| l.admin_read_token.clone());
@@ -112,13 +124,6 @@ pub async fn run(a: Args) -> Result<Outcome, String> {
         repeat: false,
     };
     let external = settings.external_url.clone().unwrap_or_default();
-    let pg_config = match &a.pg {
-        Some(s) => Some(
-            s.parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("--pg: {e}"))?,
-        ),
-        None => None,
-    };
     let source = format!("patroni {}", a.node);
     let mut failed = Vec::new();
     for i in &effective.channels {
@@ -169,6 +174,37 @@ async fn attempt(
         }
     }
     Err(last)
+}
+
+/// Whether this node switched to a new timeline in the last two minutes (a promotion writes
+/// its `.history` file): Patroni also reports `on_role_change master` when a primary is restarted
+/// in place, which is no failover. When the node cannot be asked, it counts as a promotion (an
+/// alert too many rather than a failover unreported).
+async fn new_timeline(config: &tokio_postgres::Config) -> bool {
+    let ask = async {
+        let (client, conn) = config.connect(tokio_postgres::NoTls).await.ok()?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let row = client
+            .query_one(
+                "SELECT coalesce((SELECT max(modification) FROM pg_ls_waldir() \
+                 WHERE name ~ '^[0-9A-F]{8}\\.history$') > now() - interval '120 seconds', false)",
+                &[],
+            )
+            .await
+            .ok()?;
+        Some(row.get::<_, bool>(0))
+    };
+    match tokio::time::timeout(Duration::from_secs(5), ask).await {
+        Ok(Some(fresh)) => {
+            if !fresh {
+                log::info("on-role-change: no new timeline: a restart in place, not a failover");
+            }
+            fresh
+        }
+        _ => true,
+    }
 }
 
 /// Whether a router answers `GET /status` on its admin address within 2 s.

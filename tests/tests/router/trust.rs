@@ -388,9 +388,12 @@ fn read_until(s: &mut TcpStream, last: u8) -> Vec<u8> {
 pub fn limits_hold_under_abuse(stack: &Stack) {
     let config = std::path::Path::new(&stack.info.dir).join("router.toml");
     let good = std::fs::read_to_string(&config).unwrap();
+    // The stack writes every setting (defaults included): change the one.
+    let default = "idle_in_transaction_timeout_s = 60\n";
+    assert!(good.contains(default), "{good}");
     std::fs::write(
         &config,
-        good.replace("[pool]\n", "[pool]\nidle_in_transaction_timeout_s = 2\n"),
+        good.replace(default, "idle_in_transaction_timeout_s = 2\n"),
     )
     .unwrap();
     hup_router(stack);
