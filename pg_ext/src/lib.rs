@@ -179,6 +179,8 @@ mod tests {
         let before = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
             .expect("spi")
             .expect("a count");
+        // The test body runs inside a function: its statements are nested ones.
+        Spi::run("SET dbopt.track_nested = on").expect("set");
         Spi::run("SET dbopt.slow_query_ms = 10").expect("set");
         Spi::run("SELECT pg_sleep(0.03)").expect("sleep");
         let after = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
