@@ -175,18 +175,11 @@ mod tests {
     }
 
     #[pg_test]
-    fn slow_statements_are_counted_and_alerts_have_a_history_table() {
-        let before = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
-            .expect("spi")
-            .expect("a count");
-        // The test body runs inside a function: its statements are nested ones.
-        Spi::run("SET dbopt.track_nested = on").expect("set");
-        Spi::run("SET dbopt.slow_query_ms = 10").expect("set");
-        Spi::run("SELECT pg_sleep(0.03)").expect("sleep");
-        let after = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()")
-            .expect("spi")
-            .expect("a count");
-        assert!(after > before, "{before} -> {after}");
+    fn slow_counter_answers_and_alerts_have_a_history_table() {
+        // Slow statements are counted at top level only (a test body runs inside a function);
+        // tests/tests/cluster.rs checks the count after a slow statement.
+        let total = Spi::get_one::<i64>("SELECT dbopt.slow_queries_total()").expect("spi");
+        assert!(total.is_some_and(|n| n >= 0), "{total:?}");
         // The table the notify channel writes.
         Spi::run(
             "INSERT INTO dbopt.alert_history (fingerprint, alertname, status, severity, labels,

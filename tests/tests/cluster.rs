@@ -234,6 +234,11 @@ fn observability_works_on_a_cascaded_replica(stack: &Stack) {
         .expect("stats on the replica")
         .get(0);
     assert!(calls >= 1);
+    let slow: i64 = c
+        .query_one("SELECT dbopt.slow_queries_total()", &[])
+        .expect("slow counter")
+        .get(0);
+    assert!(slow >= 1, "the slow statement is counted: {slow}");
     let metrics: String = c
         .query_one("SELECT dbopt.metrics()", &[])
         .expect("metrics")
