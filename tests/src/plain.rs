@@ -114,6 +114,49 @@ impl PlainPostgres {
         );
     }
 
+    /// A connection to database `db`.
+    pub fn connect_to(&self, db: &str) -> postgres::Client {
+        let dsn = format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db}",
+            self.port
+        );
+        postgres::Client::connect(&dsn, postgres::NoTls).expect("connect to plain PostgreSQL")
+    }
+
+    /// `pg_dump --schema-only` of `db`, without the lines that differ between two dumps of one
+    /// schema (`\restrict` keys, and the `SET default_tablespace` / `SET
+    /// default_table_access_method` lines pg_dump places wherever an object first needs them).
+    pub fn dump_schema(&self, db: &str) -> String {
+        let out = as_postgres(
+            "pg_dump",
+            &[
+                "--schema-only",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                db,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_dump {db}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| {
+                !(l.starts_with("\\restrict")
+                    || l.starts_with("\\unrestrict")
+                    || l.starts_with("SET default_tablespace")
+                    || l.starts_with("SET default_table_access_method"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn connect(&self) -> postgres::Client {
         let dsn = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres",

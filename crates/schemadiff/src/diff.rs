@@ -40,13 +40,17 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
     }
 
     // Views depend on tables and on each other: drop the ones that go or change, newest first.
+    // A column whose type changes cannot be altered under a view that uses it: without the
+    // dependencies at hand, every view is then dropped and created again.
+    let rebuild = retyped_columns(from, to);
     let mut dropped_views: Vec<(&QName, u64, bool)> = from
         .views
         .iter()
         .filter(|(n, v)| {
-            to.views
-                .get(*n)
-                .is_none_or(|t| t.definition != v.definition || t.materialized != v.materialized)
+            rebuild
+                || to.views.get(*n).is_none_or(|t| {
+                    t.definition != v.definition || t.materialized != v.materialized
+                })
         })
         .map(|(n, v)| (n, v.order, v.materialized))
         .collect();
@@ -211,7 +215,8 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
         }
     }
     for (n, s) in &to.sequences {
-        if from.sequences.get(n).map(|f| &f.owned_by) != Some(&s.owned_by) {
+        let was = from.sequences.get(n).map_or(&None, |f| &f.owned_by);
+        if *was != s.owned_by {
             p.push(match &s.owned_by {
                 Some((t, c)) => format!(
                     "ALTER SEQUENCE {} OWNED BY {}.{}",
@@ -265,9 +270,10 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
         .views
         .iter()
         .filter(|(n, v)| {
-            from.views
-                .get(*n)
-                .is_none_or(|f| f.definition != v.definition || f.materialized != v.materialized)
+            rebuild
+                || from.views.get(*n).is_none_or(|f| {
+                    f.definition != v.definition || f.materialized != v.materialized
+                })
         })
         .collect();
     views.sort_by_key(|(_, v)| v.order);
@@ -309,6 +315,19 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
     p
 }
 
+/// Whether a column of a table in both schemas changes its type.
+fn retyped_columns(from: &Schema, to: &Schema) -> bool {
+    from.tables.iter().any(|(n, f)| {
+        to.tables.get(n).is_some_and(|t| {
+            f.columns.iter().any(|c| {
+                t.columns
+                    .iter()
+                    .any(|d| d.name == c.name && d.type_sql != c.type_sql)
+            })
+        })
+    })
+}
+
 fn column_sql(c: &Column) -> String {
     let mut s = format!("{} {}", ident(&c.name), c.type_sql);
     match c.identity {
@@ -326,7 +345,38 @@ fn column_sql(c: &Column) -> String {
     s
 }
 
+/// Columns renamed between `f` and `t`: same position, same type, and a name only one side has.
+fn renames<'a>(f: &'a Table, t: &'a Table) -> Vec<(&'a str, &'a str)> {
+    if f.columns.len() != t.columns.len() {
+        return Vec::new();
+    }
+    let in_f = |name: &str| f.columns.iter().any(|c| c.name == name);
+    let in_t = |name: &str| t.columns.iter().any(|c| c.name == name);
+    f.columns
+        .iter()
+        .zip(&t.columns)
+        .filter(|(a, b)| {
+            a.name != b.name && a.type_sql == b.type_sql && !in_t(&a.name) && !in_f(&b.name)
+        })
+        .map(|(a, b)| (a.name.as_str(), b.name.as_str()))
+        .collect()
+}
+
 fn columns(p: &mut Plan, n: &QName, f: &Table, t: &Table) {
+    let renamed = renames(f, t);
+    let mut f = f.clone();
+    for (from, to) in &renamed {
+        p.push(format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            n.sql(),
+            ident(from),
+            ident(to)
+        ));
+        if let Some(c) = f.columns.iter_mut().find(|c| c.name == *from) {
+            c.name = (*to).to_string();
+        }
+    }
+    let f = &f;
     let old: BTreeMap<&str, &Column> = f.columns.iter().map(|c| (c.name.as_str(), c)).collect();
     let new: BTreeMap<&str, &Column> = t.columns.iter().map(|c| (c.name.as_str(), c)).collect();
     for c in &f.columns {
@@ -611,6 +661,20 @@ mod tests {
         );
         assert_eq!(p.losses.len(), 1);
         assert!(p.caveats[0].contains("id, age, email"), "{:?}", p.caveats);
+    }
+
+    #[test]
+    fn a_renamed_column_is_renamed_back() {
+        let before = schema(vec![("users", users())]);
+        let mut t = users();
+        t.columns[1].name = "mail".into();
+        let after = schema(vec![("users", t)]);
+        let p = transform(&after, &before);
+        assert_eq!(
+            p.statements,
+            ["ALTER TABLE public.users RENAME COLUMN mail TO email"]
+        );
+        assert!(p.losses.is_empty() && p.caveats.is_empty());
     }
 
     #[test]
