@@ -2,7 +2,13 @@
 //! database, each with a rollback generated from catalog snapshots before and after it.
 //!
 //! - [`files`]: the migration directory (pure);
-//! - [`snapshot`]: the catalog → a [`dbopt_schemadiff::Schema`].
+//! - [`snapshot`]: the catalog → a [`dbopt_schemadiff::Schema`];
+//! - [`status`]: applied / pending / changed / missing (pure);
+//! - [`lint`]: rewrites and long locks in a migration (pure);
+//! - [`run`]: apply and rollback against a database, the history table.
 
 pub mod files;
+pub mod lint;
+pub mod run;
 pub mod snapshot;
+pub mod status;

@@ -1,0 +1,221 @@
+//! `dbopt-migrate` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use dbopt_migrate::{files, lint, run, status};
+
+/// dbopt-migrate: versioned PostgreSQL schema migrations (Flyway's V<version>__<name>.sql files),
+/// each applied in a transaction under an advisory lock, recorded in dbopt_migrate.history with a
+/// rollback script generated from catalog snapshots before and after it (no hand-written undo).
+#[derive(Parser, Debug)]
+#[command(name = "dbopt-migrate", version, after_help = EXAMPLES)]
+struct Cli {
+    /// The database (postgresql:// URL or key=value string); default: $DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    url: String,
+    /// The migrations directory.
+    #[arg(long, default_value = "migrations")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the next migration file (V<n>__<name>.sql) in --dir.
+    New { name: String },
+    /// Applied, pending, changed-since-applied and missing migrations.
+    Status,
+    /// Apply every pending migration (one transaction each; a failure leaves the schema and the
+    /// history as they were and names the file, line and column).
+    Apply {
+        /// All pending migrations in one transaction.
+        #[arg(long)]
+        single_transaction: bool,
+        /// Give up on a lock after this long instead of queueing traffic behind it.
+        #[arg(long, default_value_t = 5000)]
+        lock_timeout_ms: u64,
+    },
+    /// Run the stored rollback scripts of every version after VERSION (0: all), newest first, in
+    /// one transaction.
+    Rollback {
+        #[arg(long)]
+        to: String,
+    },
+    /// Every apply and rollback, oldest first.
+    History,
+    /// Flag what pending migrations do to live tables (rewrites, long locks) with the reason and
+    /// the safer way; table sizes are the database's estimates. Exit 1 when anything is flagged.
+    Lint {
+        /// Index builds and constraint validations are flagged on tables from this many rows.
+        #[arg(long, default_value_t = 100_000.0)]
+        big_rows: f64,
+    },
+}
+
+const EXAMPLES: &str = "Examples:
+  export DATABASE_URL=postgresql://postgres@127.0.0.1:25400/postgres
+  dbopt-migrate --dir migrations new add_users
+  dbopt-migrate --dir migrations status
+  dbopt-migrate --dir migrations lint
+  dbopt-migrate --dir migrations apply
+  dbopt-migrate --dir migrations rollback --to 3
+  dbopt-migrate history";
+
+fn read_dir(dir: &Path) -> Result<Vec<files::Migration>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".sql") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path())
+            .map_err(|x| format!("{}: {x}", e.path().display()))?;
+        out.push((name, text));
+    }
+    files::ordered(out)
+}
+
+fn connect(url: &str) -> Result<postgres::Client, String> {
+    let config: postgres::Config = url.parse().map_err(|e| format!("--url: {e}"))?;
+    config
+        .connect(postgres::NoTls)
+        .map_err(|e| format!("cannot connect: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run_cli(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dbopt-migrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::New { name } => {
+            std::fs::create_dir_all(&cli.dir).map_err(|e| format!("{}: {e}", cli.dir.display()))?;
+            let existing = read_dir(&cli.dir)?;
+            let file = files::next_file_name(existing.last().map(|m| &m.version), &name)?;
+            let path = cli.dir.join(&file);
+            std::fs::write(&path, format!("-- {file}: {name}\n"))
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("{}", path.display());
+        }
+        Command::Status => {
+            let files = read_dir(&cli.dir)?;
+            let mut c = connect(&cli.url)?;
+            run::ensure_history(&mut c)?;
+            let done = run::applied(&mut c)?;
+            println!("{:<10} {:<22} name", "version", "state");
+            for r in status::status(&files, &done) {
+                println!("{:<10} {:<22} {}", r.version, r.state.name(), r.name);
+            }
+        }
+        Command::Apply {
+            single_transaction,
+            lock_timeout_ms,
+        } => {
+            let files = read_dir(&cli.dir)?;
+            let mut c = connect(&cli.url)?;
+            let o = run::Options {
+                lock_timeout_ms,
+                single_transaction,
+            };
+            let reports = run::apply(&mut c, &files, &o)?;
+            if reports.is_empty() {
+                println!("nothing to apply");
+            }
+            for r in reports {
+                println!(
+                    "applied V{} ({}) in {:.1} ms; rollback: {} statement(s){}",
+                    r.version,
+                    r.name,
+                    r.duration_ms,
+                    r.rollback_statements,
+                    r.notes
+                        .iter()
+                        .map(|n| format!("\n  note: {n}"))
+                        .collect::<String>()
+                );
+            }
+        }
+        Command::Rollback { to } => {
+            let mut c = connect(&cli.url)?;
+            let undone = run::rollback(&mut c, &to)?;
+            if undone.is_empty() {
+                println!("nothing to roll back after V{to}");
+            }
+            for u in undone {
+                println!("rolled back {u}");
+            }
+        }
+        Command::Lint { big_rows } => {
+            let files = read_dir(&cli.dir)?;
+            let mut c = connect(&cli.url)?;
+            run::ensure_history(&mut c)?;
+            let done = run::applied(&mut c)?;
+            let todo = status::pending(&files, &done)?;
+            let mut rows = std::collections::HashMap::new();
+            for r in c
+                .query(
+                    "SELECT n.nspname::text, c.relname::text, c.reltuples::float8 FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p')",
+                    &[],
+                )
+                .map_err(|e| e.to_string())?
+            {
+                let (schema, table, n): (String, String, f64) = (r.get(0), r.get(1), r.get(2));
+                if schema == "public" {
+                    rows.insert(table.clone(), n.max(0.0));
+                }
+                rows.insert(format!("{schema}.{table}"), n.max(0.0));
+            }
+            let mut flagged = 0;
+            for m in todo {
+                for f in lint::lint(&m.sql, &rows, big_rows)
+                    .map_err(|e| format!("{}: {e}", m.file_name))?
+                {
+                    flagged += 1;
+                    println!(
+                        "{} statement {}: {} ({})\n  {}",
+                        m.file_name, f.statement, f.rule, f.table, f.reason
+                    );
+                }
+            }
+            if flagged > 0 {
+                return Err(format!("{flagged} statement(s) flagged"));
+            }
+            println!("nothing flagged");
+        }
+        Command::History => {
+            let mut c = connect(&cli.url)?;
+            println!(
+                "{:<8} {:<24} {:<9} {:<12} {:<20} {:>10}  now",
+                "version", "name", "action", "by", "at", "ms"
+            );
+            for (v, n, a, by, at, ms, current, notes) in run::history(&mut c)? {
+                println!(
+                    "{v:<8} {n:<24} {a:<9} {by:<12} {at:<20} {ms:>10.1}  {}{}",
+                    if a == "apply" && current {
+                        "applied"
+                    } else {
+                        "-"
+                    },
+                    notes
+                        .iter()
+                        .map(|x| format!("\n         note: {x}"))
+                        .collect::<String>()
+                );
+            }
+        }
+    }
+    Ok(())
+}
