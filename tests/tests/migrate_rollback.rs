@@ -28,6 +28,7 @@ CREATE TABLE orders (
 );
 CREATE INDEX orders_user_id_idx ON orders (user_id);
 CREATE VIEW big_orders AS SELECT id, user_id, total FROM orders WHERE total > 100;
+COMMENT ON VIEW big_orders IS 'orders over 100';
 CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN NEW.note := coalesce(NEW.note, ''); RETURN NEW; END $$;
 CREATE TRIGGER orders_touch BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION touch();

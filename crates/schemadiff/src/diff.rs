@@ -277,6 +277,7 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
         })
         .collect();
     views.sort_by_key(|(_, v)| v.order);
+    let mut recreated = std::collections::BTreeSet::new();
     for (n, v) in views {
         p.push(format!(
             "CREATE {}VIEW {} AS\n{}",
@@ -284,9 +285,10 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
             n.sql(),
             v.definition.trim_end().trim_end_matches(';')
         ));
+        recreated.insert(n);
     }
 
-    comments_and_grants(&mut p, from, to);
+    comments_and_grants(&mut p, from, to, &recreated);
 
     for n in from
         .sequences
@@ -492,7 +494,13 @@ fn enum_change(p: &mut Plan, n: &QName, from: &[String], to: &[String]) {
     }
 }
 
-fn comments_and_grants(p: &mut Plan, from: &Schema, to: &Schema) {
+/// `recreated`: views created by this plan (a view dropped and created again lost its comment).
+fn comments_and_grants(
+    p: &mut Plan,
+    from: &Schema,
+    to: &Schema,
+    recreated: &std::collections::BTreeSet<&QName>,
+) {
     let comment = |c: &Option<String>| c.as_deref().map_or_else(|| "NULL".to_string(), literal);
     for (n, t) in &to.tables {
         let f = from.tables.get(n);
@@ -534,11 +542,12 @@ fn comments_and_grants(p: &mut Plan, from: &Schema, to: &Schema) {
         }
     }
     for (n, v) in &to.views {
-        if from
-            .views
-            .get(n)
-            .map_or(v.comment.is_some(), |f| f.comment != v.comment)
-        {
+        let had = if recreated.contains(n) {
+            None
+        } else {
+            from.views.get(n)
+        };
+        if had.map_or(v.comment.is_some(), |f| f.comment != v.comment) {
             let kind = if v.materialized {
                 "MATERIALIZED VIEW"
             } else {
