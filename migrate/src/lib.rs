@@ -5,10 +5,12 @@
 //! - [`snapshot`]: the catalog → a [`dbopt_schemadiff::Schema`];
 //! - [`status`]: applied / pending / changed / missing (pure);
 //! - [`lint`]: rewrites and long locks in a migration (pure);
-//! - [`run`]: apply and rollback against a database, the history table.
+//! - [`run`]: apply and rollback against a database, the history table;
+//! - [`validate`]: pending migrations applied, rolled back and applied again on a staging copy.
 
 pub mod files;
 pub mod lint;
 pub mod run;
 pub mod snapshot;
 pub mod status;
+pub mod validate;

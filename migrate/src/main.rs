@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dbopt_migrate::{files, lint, run, status};
+use dbopt_migrate::{files, lint, run, status, validate};
 
 /// dbopt-migrate: versioned PostgreSQL schema migrations (Flyway's V<version>__<name>.sql files),
 /// each applied in a transaction under an advisory lock, recorded in dbopt_migrate.history with a
@@ -34,6 +34,9 @@ enum Command {
         /// All pending migrations in one transaction.
         #[arg(long)]
         single_transaction: bool,
+        /// Apply even though `validate` did not pass these migrations on the current schema.
+        #[arg(long)]
+        no_validate: bool,
         /// Give up on a lock after this long instead of queueing traffic behind it.
         #[arg(long, default_value_t = 5000)]
         lock_timeout_ms: u64,
@@ -46,6 +49,15 @@ enum Command {
     },
     /// Every apply and rollback, oldest first.
     History,
+    /// Apply every pending migration on a throwaway staging database with the production schema,
+    /// run its generated rollback and compare, apply it again and compare; record the result so
+    /// that `apply` accepts these migrations on this schema.
+    Validate {
+        /// The staging server (its database is only used to create and drop the throwaway one);
+        /// default: the production server.
+        #[arg(long)]
+        staging_url: Option<String>,
+    },
     /// Flag what pending migrations do to live tables (rewrites, long locks) with the reason and
     /// the safer way; table sizes are the database's estimates. Exit 1 when anything is flagged.
     Lint {
@@ -60,6 +72,7 @@ const EXAMPLES: &str = "Examples:
   dbopt-migrate --dir migrations new add_users
   dbopt-migrate --dir migrations status
   dbopt-migrate --dir migrations lint
+  dbopt-migrate --dir migrations validate
   dbopt-migrate --dir migrations apply
   dbopt-migrate --dir migrations rollback --to 3
   dbopt-migrate history";
@@ -80,11 +93,22 @@ fn read_dir(dir: &Path) -> Result<Vec<files::Migration>, String> {
     files::ordered(out)
 }
 
+/// An error with its causes (`error connecting to server: Connection refused (os error 111)`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 fn connect(url: &str) -> Result<postgres::Client, String> {
     let config: postgres::Config = url.parse().map_err(|e| format!("--url: {e}"))?;
     config
         .connect(postgres::NoTls)
-        .map_err(|e| format!("cannot connect: {e}"))
+        .map_err(|e| format!("cannot connect: {}", chain(&e)))
 }
 
 fn main() -> ExitCode {
@@ -121,10 +145,23 @@ fn run_cli(cli: Cli) -> Result<(), String> {
         }
         Command::Apply {
             single_transaction,
+            no_validate,
             lock_timeout_ms,
         } => {
             let files = read_dir(&cli.dir)?;
             let mut c = connect(&cli.url)?;
+            if !no_validate {
+                run::ensure_history(&mut c)?;
+                let done = run::applied(&mut c)?;
+                let todo = status::pending(&files, &done)?;
+                if !todo.is_empty() && !validate::validated(&mut c, &todo)? {
+                    return Err(
+                        "these pending migrations were not validated against the current schema: run \
+                         `dbopt-migrate validate` first (or apply --no-validate)"
+                            .into(),
+                    );
+                }
+            }
             let o = run::Options {
                 lock_timeout_ms,
                 single_transaction,
@@ -194,6 +231,30 @@ fn run_cli(cli: Cli) -> Result<(), String> {
                 return Err(format!("{flagged} statement(s) flagged"));
             }
             println!("nothing flagged");
+        }
+        Command::Validate { staging_url } => {
+            let files = read_dir(&cli.dir)?;
+            let mut c = connect(&cli.url)?;
+            run::ensure_history(&mut c)?;
+            let done = run::applied(&mut c)?;
+            let todo = status::pending(&files, &done)?;
+            if todo.is_empty() {
+                println!("nothing pending");
+                return Ok(());
+            }
+            let url = staging_url.unwrap_or_else(|| cli.url.clone());
+            let staging_config: postgres::Config =
+                url.parse().map_err(|e| format!("--staging-url: {e}"))?;
+            let mut staging = staging_config
+                .connect(postgres::NoTls)
+                .map_err(|e| format!("staging server unreachable: {}", chain(&e)))?;
+            let db = format!("dbopt_validate_{}", std::process::id());
+            for line in validate::validate(&mut c, &mut staging, &staging_config, &db, &todo)? {
+                println!("{line}");
+            }
+            println!(
+                "validated: `dbopt-migrate apply` accepts these migrations on the current schema"
+            );
         }
         Command::History => {
             let mut c = connect(&cli.url)?;

@@ -7,6 +7,7 @@ use dbopt_e2e::e2e_port;
 use dbopt_e2e::plain::PlainPostgres;
 use dbopt_migrate::files::{ordered, Migration, NO_TRANSACTION};
 use dbopt_migrate::run::{self, Options};
+use dbopt_migrate::validate;
 
 fn migrations(files: &[(&str, &str)]) -> Vec<Migration> {
     ordered(
@@ -175,4 +176,70 @@ fn two_concurrent_runs_apply_each_version_once() {
         .expect("history")
         .get(0);
     assert_eq!(twice, 0);
+}
+
+#[test]
+fn validate_on_staging_before_apply() {
+    let pg = PlainPostgres::start(e2e_port(59), &[]);
+    pg.connect()
+        .batch_execute("CREATE DATABASE app")
+        .expect("db");
+    let mut prod = pg.connect_to("app");
+    run::apply(&mut prod, &migrations(&[V1]), &options()).expect("V1");
+    let all = migrations(&[V1, V2, V3]);
+    let pending: Vec<&Migration> = all[1..].iter().collect();
+    let staging_config: postgres::Config = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=postgres",
+        pg.port
+    )
+    .parse()
+    .expect("config");
+    let mut staging = pg.connect();
+    assert!(!validate::validated(&mut prod, &pending).expect("check"));
+    let lines = validate::validate(
+        &mut prod,
+        &mut staging,
+        &staging_config,
+        "dbopt_validate_t",
+        &pending,
+    )
+    .expect("validate");
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(
+        lines[1].contains("V3 (drop nickname)") && lines[1].contains("identical"),
+        "{lines:?}"
+    );
+    assert!(validate::validated(&mut prod, &pending).expect("check"));
+    // The staging database is gone, production untouched by it.
+    let left: i64 = staging
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'dbopt_validate_t'",
+            &[],
+        )
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0);
+    // Once production's schema changes, the validation no longer holds.
+    prod.batch_execute("CREATE TABLE adhoc (id int)")
+        .expect("ad-hoc DDL");
+    assert!(!validate::validated(&mut prod, &pending).expect("check"));
+
+    // A migration whose rollback cannot restore the schema fails validation, naming it.
+    prod.batch_execute("DROP TABLE adhoc; CREATE TYPE mood AS ENUM ('sad', 'happy')")
+        .expect("enum");
+    let grow = migrations(&[V1, ("V2__mood.sql", "ALTER TYPE mood ADD VALUE 'ok'")]);
+    let pending: Vec<&Migration> = grow[1..].iter().collect();
+    let e = validate::validate(
+        &mut prod,
+        &mut staging,
+        &staging_config,
+        "dbopt_validate_t",
+        &pending,
+    )
+    .expect_err("an enum label cannot be rolled back");
+    assert!(
+        e.contains("V2__mood.sql: its rollback does not restore the schema"),
+        "{e}"
+    );
+    assert!(!validate::validated(&mut prod, &pending).expect("check"));
 }
