@@ -111,6 +111,17 @@ fn connect(url: &str) -> Result<postgres::Client, String> {
         .map_err(|e| format!("cannot connect: {}", chain(&e)))
 }
 
+/// The pending migrations (the history created when missing); changed or out-of-order files are
+/// an error.
+fn pending<'a>(
+    c: &mut postgres::Client,
+    files: &'a [files::Migration],
+) -> Result<Vec<&'a files::Migration>, String> {
+    run::ensure_history(c)?;
+    let done = run::applied(c)?;
+    status::pending(files, &done)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run_cli(cli) {
@@ -151,9 +162,7 @@ fn run_cli(cli: Cli) -> Result<(), String> {
             let files = read_dir(&cli.dir)?;
             let mut c = connect(&cli.url)?;
             if !no_validate {
-                run::ensure_history(&mut c)?;
-                let done = run::applied(&mut c)?;
-                let todo = status::pending(&files, &done)?;
+                let todo = pending(&mut c, &files)?;
                 if !todo.is_empty() && !validate::validated(&mut c, &todo)? {
                     return Err(
                         "these pending migrations were not validated against the current schema: run \
@@ -197,9 +206,7 @@ fn run_cli(cli: Cli) -> Result<(), String> {
         Command::Lint { big_rows } => {
             let files = read_dir(&cli.dir)?;
             let mut c = connect(&cli.url)?;
-            run::ensure_history(&mut c)?;
-            let done = run::applied(&mut c)?;
-            let todo = status::pending(&files, &done)?;
+            let todo = pending(&mut c, &files)?;
             let mut rows = std::collections::HashMap::new();
             for r in c
                 .query(
@@ -235,9 +242,7 @@ fn run_cli(cli: Cli) -> Result<(), String> {
         Command::Validate { staging_url } => {
             let files = read_dir(&cli.dir)?;
             let mut c = connect(&cli.url)?;
-            run::ensure_history(&mut c)?;
-            let done = run::applied(&mut c)?;
-            let todo = status::pending(&files, &done)?;
+            let todo = pending(&mut c, &files)?;
             if todo.is_empty() {
                 println!("nothing pending");
                 return Ok(());

@@ -49,7 +49,7 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-fn db_error(e: &postgres::Error) -> String {
+pub(crate) fn db_error(e: &postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => {
             let mut s = format!("{} (SQLSTATE {})", d.message(), d.code().code());

@@ -38,10 +38,7 @@ fn same(a: &Schema, b: &Schema) -> bool {
 }
 
 fn err(e: postgres::Error) -> String {
-    e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
-    )
+    crate::run::db_error(&e)
 }
 
 /// Validates `pending` (in order) against production's current schema on a throwaway database

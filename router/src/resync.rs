@@ -6,8 +6,8 @@
 //!
 //! The decision is pure; the monitor feeds it and makes the call.
 
-/// The start LSN of a WAL segment file name (`TTTTTTTTXXXXXXXXYYYYYYYY`: timeline, then the
-/// segment number split into "log" and "seg" parts), for `segment_size` bytes per segment.
+/// The start LSN of a WAL segment file name (24 hex digits: 8 of timeline, then the segment
+/// number as 8 of "log" and 8 of "seg"), for `segment_size` bytes per segment.
 pub fn segment_start_lsn(name: &str, segment_size: u64) -> Option<u64> {
     if name.len() != 24 || !name.bytes().all(|b| b.is_ascii_hexdigit()) || segment_size == 0 {
         return None;

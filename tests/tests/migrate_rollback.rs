@@ -77,6 +77,9 @@ const CORPUS: &[(&str, &str)] = &[
     ("comments", "COMMENT ON TABLE orders IS 'purchases'; COMMENT ON COLUMN users.email IS NULL"),
     ("grants", "GRANT INSERT, UPDATE ON orders TO reader; REVOKE SELECT ON users FROM reader"),
     ("a new schema with an identity column", "CREATE SCHEMA audit; CREATE TABLE audit.log (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, at timestamptz DEFAULT now())"),
+    ("hostile names (quotes, semicolons, comments)", r#"CREATE TABLE "Robert'); DROP TABLE users;--" ("we""ird col" int, "x; y" text DEFAULT 'it''s');
+      CREATE INDEX "i"" ; --" ON "Robert'); DROP TABLE users;--" ("we""ird col");
+      COMMENT ON TABLE "Robert'); DROP TABLE users;--" IS 'a ''quoted''; comment'"#),
     ("a column's comment and a table's", "COMMENT ON COLUMN orders.note IS 'free text'; COMMENT ON TABLE users IS NULL"),
 ];
 

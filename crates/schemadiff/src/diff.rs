@@ -152,15 +152,9 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
     for (n, s) in &to.sequences {
         if !from.sequences.contains_key(n) {
             p.push(format!(
-                "CREATE SEQUENCE {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {}{}",
+                "CREATE SEQUENCE {} {}",
                 n.sql(),
-                s.type_sql,
-                s.increment,
-                s.min,
-                s.max,
-                s.start,
-                s.cache,
-                if s.cycle { " CYCLE" } else { "" }
+                sequence_options(s)
             ));
         }
     }
@@ -193,24 +187,11 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
         let Some(f) = from.sequences.get(n) else {
             continue;
         };
-        if f.type_sql != s.type_sql
-            || f.increment != s.increment
-            || f.min != s.min
-            || f.max != s.max
-            || f.start != s.start
-            || f.cache != s.cache
-            || f.cycle != s.cycle
-        {
+        if sequence_options(f) != sequence_options(s) {
             p.push(format!(
-                "ALTER SEQUENCE {} AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}CYCLE",
+                "ALTER SEQUENCE {} {}",
                 n.sql(),
-                s.type_sql,
-                s.increment,
-                s.min,
-                s.max,
-                s.start,
-                s.cache,
-                if s.cycle { "" } else { "NO " }
+                sequence_options(s)
             ));
         }
     }
@@ -328,6 +309,20 @@ fn retyped_columns(from: &Schema, to: &Schema) -> bool {
             })
         })
     })
+}
+
+/// Everything of a sequence but its name and owner, as CREATE and ALTER SEQUENCE take it.
+fn sequence_options(s: &crate::model::Sequence) -> String {
+    format!(
+        "AS {} INCREMENT BY {} MINVALUE {} MAXVALUE {} START WITH {} CACHE {} {}CYCLE",
+        s.type_sql,
+        s.increment,
+        s.min,
+        s.max,
+        s.start,
+        s.cache,
+        if s.cycle { "" } else { "NO " }
+    )
 }
 
 fn column_sql(c: &Column) -> String {
@@ -670,6 +665,41 @@ mod tests {
         );
         assert_eq!(p.losses.len(), 1);
         assert!(p.caveats[0].contains("id, age, email"), "{:?}", p.caveats);
+    }
+
+    #[test]
+    fn hostile_names_stay_identifiers() {
+        let evil = "x\"; DROP TABLE users; --";
+        let q = "\"x\"\"; DROP TABLE users; --\"";
+        let before = schema(vec![(evil, users())]);
+        let mut t = users();
+        t.columns.push(col("a\"b c", "text"));
+        t.indexes.insert(evil.into(), "CREATE INDEX ...".into());
+        t.triggers.insert(evil.into(), "CREATE TRIGGER ...".into());
+        let after = schema(vec![(evil, t)]);
+        assert_eq!(
+            transform(&after, &before).statements,
+            [
+                format!("DROP TRIGGER {q} ON public.{q}"),
+                format!("DROP INDEX public.{q}"),
+                format!("ALTER TABLE public.{q} DROP COLUMN \"a\"\"b c\""),
+            ]
+        );
+        assert_eq!(
+            transform(&before, &Schema::default()).statements,
+            [format!("DROP TABLE public.{q}")]
+        );
+        let mut c = Schema::default();
+        c.enums.insert(
+            QName::new("public", "m"),
+            Enum {
+                labels: vec!["it's".into()],
+            },
+        );
+        assert_eq!(
+            transform(&Schema::default(), &c).statements,
+            ["CREATE TYPE public.m AS ENUM ('it''s')"]
+        );
     }
 
     #[test]
