@@ -5,9 +5,11 @@
 //! - [`snapshot`]: the catalog → a [`dbopt_schemadiff::Schema`];
 //! - [`status`]: applied / pending / changed / missing (pure);
 //! - [`lint`]: rewrites and long locks in a migration (pure);
+//! - [`ddl_log`]: DDL outside migrations, from the dbopt extension's `dbopt.ddl_history`;
 //! - [`run`]: apply and rollback against a database, the history table;
 //! - [`validate`]: pending migrations applied, rolled back and applied again on a staging copy.
 
+pub mod ddl_log;
 pub mod files;
 pub mod lint;
 pub mod run;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dbopt_migrate::{files, lint, run, status, validate};
+use dbopt_migrate::{ddl_log, files, lint, run, status, validate};
 
 /// dbopt-migrate: versioned PostgreSQL schema migrations (Flyway's V<version>__<name>.sql files),
 /// each applied in a transaction under an advisory lock, recorded in dbopt_migrate.history with a
@@ -47,7 +47,8 @@ enum Command {
         #[arg(long)]
         to: String,
     },
-    /// Every apply and rollback, oldest first.
+    /// Every apply and rollback, oldest first; then the newest schema changes made outside
+    /// migrations (with the dbopt extension installed: dbopt.ddl_history).
     History,
     /// Apply every pending migration on a throwaway staging database with the production schema,
     /// run its generated rollback and compare, apply it again and compare; record the result so
@@ -76,6 +77,9 @@ const EXAMPLES: &str = "Examples:
   dbopt-migrate --dir migrations apply
   dbopt-migrate --dir migrations rollback --to 3
   dbopt-migrate history";
+
+/// Ad-hoc schema changes `history` lists.
+const HISTORY_DDL_ROWS: i64 = 20;
 
 fn read_dir(dir: &Path) -> Result<Vec<files::Migration>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -152,6 +156,18 @@ fn run_cli(cli: Cli) -> Result<(), String> {
             println!("{:<10} {:<22} name", "version", "state");
             for r in status::status(&files, &done) {
                 println!("{:<10} {:<22} {}", r.version, r.state.name(), r.name);
+            }
+            if let ddl_log::Record::Changes {
+                since_last_migration: n,
+                ..
+            } = ddl_log::outside_migrations(&mut c, 0)?
+            {
+                if n > 0 {
+                    println!(
+                        "\n{n} schema change(s) outside migrations since the last one ran \
+                         (dbopt.ddl_history; `dbopt-migrate history` lists them)"
+                    );
+                }
             }
         }
         Command::Apply {
@@ -280,6 +296,36 @@ fn run_cli(cli: Cli) -> Result<(), String> {
                         .map(|x| format!("\n         note: {x}"))
                         .collect::<String>()
                 );
+            }
+            match ddl_log::outside_migrations(&mut c, HISTORY_DDL_ROWS)? {
+                ddl_log::Record::Changes { newest, .. } if newest.is_empty() => {
+                    println!("\nno schema changes outside migrations (dbopt.ddl_history)");
+                }
+                ddl_log::Record::Changes { newest, .. } => {
+                    println!(
+                        "\nschema changes outside migrations (dbopt.ddl_history, newest {HISTORY_DDL_ROWS} first):"
+                    );
+                    for d in newest {
+                        println!(
+                            "{} {:<12} {:<18} {:<28} {}",
+                            d.at,
+                            if d.login == d.role {
+                                d.login
+                            } else {
+                                format!("{} as {}", d.login, d.role)
+                            },
+                            d.command,
+                            d.object,
+                            ddl_log::one_line(&d.statement, 60)
+                        );
+                    }
+                }
+                ddl_log::Record::NotRecorded => println!(
+                    "\n(DDL outside migrations is not recorded here: CREATE EXTENSION dbopt records it)"
+                ),
+                ddl_log::Record::NotReadable => println!(
+                    "\n(dbopt.ddl_history is not readable by this login: grant it pg_monitor or dbopt_admin)"
+                ),
             }
         }
     }

@@ -179,6 +179,7 @@ fn apply_in(
 ) -> Result<Report, String> {
     tx.batch_execute(&format!("SET LOCAL lock_timeout = {}", o.lock_timeout_ms))
         .map_err(|e| db_error(&e))?;
+    crate::ddl_log::label(tx, &m.version.text, true)?;
     let before =
         snapshot(tx).map_err(|e| format!("snapshot before {}: {}", m.file_name, db_error(&e)))?;
     let started = Instant::now();
@@ -197,9 +198,11 @@ fn apply_outside(c: &mut Client, m: &Migration, o: &Options) -> Result<Report, S
     c.batch_execute(&format!("SET lock_timeout = {}", o.lock_timeout_ms))
         .map_err(|e| db_error(&e))?;
     let before = snapshot(c).map_err(|e| db_error(&e))?;
+    crate::ddl_log::label(c, &m.version.text, false)?;
     let started = Instant::now();
     for (i, s) in statements.iter().enumerate() {
         if let Err(e) = c.batch_execute(s) {
+            let _ = c.batch_execute("RESET dbopt.migration_version");
             let after = snapshot(c).map_err(|e| db_error(&e))?;
             let undo = transform(&after, &before);
             return Err(format!(
@@ -216,7 +219,7 @@ fn apply_outside(c: &mut Client, m: &Migration, o: &Options) -> Result<Report, S
         }
     }
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let _ = c.batch_execute("RESET lock_timeout");
+    let _ = c.batch_execute("RESET lock_timeout; RESET dbopt.migration_version");
     let after = snapshot(c).map_err(|e| db_error(&e))?;
     let mut tx = c.transaction().map_err(|e| db_error(&e))?;
     let r = record(&mut tx, m, duration_ms, &after, &before)?;
@@ -304,6 +307,7 @@ fn rollback_locked(
         }
         let name: String = r.get(2);
         let script: Option<String> = r.get(4);
+        crate::ddl_log::label(&mut tx, &format!("{version} rollback"), true)?;
         let started = Instant::now();
         tx.batch_execute(script.as_deref().unwrap_or_default())
             .map_err(|e| format!("rolling back V{version} ({name}): {}", db_error(&e)))?;

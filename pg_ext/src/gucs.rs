@@ -7,6 +7,10 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 /// `dbopt.end_user`: the application's end user, for dbopt-router (PostgreSQL does nothing with it).
 static END_USER: GucSetting<Option<std::ffi::CString>> =
     GucSetting::<Option<std::ffi::CString>>::new(None);
+/// `dbopt.migration_version`: the migration a transaction applies (dbopt-migrate sets it), for
+/// `dbopt.ddl_history`. The event trigger reads it with `current_setting`; no Rust getter.
+static MIGRATION_VERSION: GucSetting<Option<std::ffi::CString>> =
+    GucSetting::<Option<std::ffi::CString>>::new(None);
 /// Most distinct statements tracked (size of the shared table; restart to change).
 static MAX_STATEMENTS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 /// Also track statements run inside functions (nested), not only top-level ones.
@@ -162,6 +166,14 @@ pub fn init() {
         c"The application's end user for this session (e.g. the id of the person behind a web request).",
         c"Read by dbopt-router for per-end-user rate limits when no /*dbopt_user='...'*/ comment names one; PostgreSQL itself ignores it.",
         &END_USER,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"dbopt.migration_version",
+        c"The schema migration this transaction applies (set by dbopt-migrate with SET LOCAL).",
+        c"Recorded with every DDL statement in dbopt.ddl_history; empty outside migrations. A label only: the login that ran the DDL is recorded beside it.",
+        &MIGRATION_VERSION,
         GucContext::Userset,
         GucFlags::default(),
     );

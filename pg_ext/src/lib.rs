@@ -3,6 +3,7 @@
 //! # Layout
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
 //! - [`advisor`] — `dbopt.index_advice()`: missing indexes from slow-query plans (+ hypopg).
+//! - [`ddl_history`] — `dbopt.ddl_history`: every DDL statement (event triggers, `sql/ddl_history.sql`).
 //! - [`fast_ffi`] — unguarded calls to a few never-erroring PostgreSQL functions (hot path).
 //! - [`gucs`] — every `dbopt.*` setting.
 //! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
@@ -32,6 +33,7 @@ use pgrx::prelude::*;
 
 pub mod advisor;
 pub mod cache_analysis;
+pub mod ddl_history;
 pub mod fast_ffi;
 pub mod gucs;
 pub mod hooks;
@@ -63,6 +65,11 @@ extension_sql_file!(
         slow::slow_queries_reset,
         nplusone::n_plus_one_reset
     ]
+);
+extension_sql_file!(
+    "../../sql/ddl_history.sql",
+    name = "ddl_history",
+    requires = ["privileges", ddl_history::outer_role]
 );
 extension_sql_file!(
     "../../sql/alerts.sql",
