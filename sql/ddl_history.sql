@@ -3,8 +3,9 @@
 -- GRANT/REVOKE included) and sql_drop (one row per object a command dropped, CASCADE victims
 -- included). A row is written in the transaction of the DDL, so a rolled-back change leaves none.
 --
--- Not covered (PostgreSQL fires no event trigger for them): roles, databases, tablespaces,
--- and changes to temporary objects (skipped on purpose).
+-- Not covered (PostgreSQL fires no event trigger for them): roles, databases, tablespaces;
+-- skipped on purpose: temporary objects, and the objects an extension script creates (the
+-- CREATE EXTENSION row stands for them).
 --
 -- Who: `login` is the authenticated session user, `role` the role in effect (SET ROLE), which a
 -- SECURITY DEFINER function cannot see through current_user, hence dbopt.outer_role().
@@ -23,7 +24,6 @@ CREATE TABLE dbopt.ddl_history (
     object_type       text,                     -- table, index, table column, function, ...
     schema_name       text,
     object_identity   text,                     -- pg_identify_object's text: public.users, ...
-    in_extension      boolean NOT NULL DEFAULT false,
     migration_version text,
     statement         text                      -- the client's statement (hidden for commands that may carry a password)
 );
@@ -47,16 +47,17 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     INSERT INTO dbopt.ddl_history (login, role, application_name, client_addr, backend_pid,
-        transaction_id, command_tag, object_type, schema_name, object_identity, in_extension,
+        transaction_id, command_tag, object_type, schema_name, object_identity,
         migration_version, statement)
     SELECT session_user, dbopt.outer_role(), nullif(current_setting('application_name'), ''),
            inet_client_addr(), pg_backend_pid(), pg_current_xact_id(), c.command_tag,
-           c.object_type, c.schema_name, c.object_identity, c.in_extension,
+           c.object_type, c.schema_name, c.object_identity,
            nullif(current_setting('dbopt.migration_version', true), ''),
            dbopt._ddl_statement(c.command_tag)
       FROM pg_event_trigger_ddl_commands() AS c
      WHERE c.schema_name IS DISTINCT FROM 'pg_temp'
-       AND NOT (c.command_tag = 'CREATE EXTENSION' AND c.object_identity = 'dbopt');
+       -- An extension's own objects: its CREATE/ALTER EXTENSION row stands for them.
+       AND NOT c.in_extension;
 END
 $$;
 

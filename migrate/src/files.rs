@@ -109,14 +109,86 @@ pub fn parse(file_name: &str, sql: &str) -> Result<Migration, String> {
         .map(|b| format!("{b:02x}"))
         .collect();
     let transactional = sql.lines().next().map(str::trim) != Some(NO_TRANSACTION);
+    let run = if transactional {
+        without_transaction_wrapper(sql).map_err(|e| format!("{file_name}: {e}"))?
+    } else {
+        sql.to_string()
+    };
     Ok(Migration {
         version,
         name: name.replace('_', " "),
         file_name: file_name.to_string(),
-        sql: sql.to_string(),
+        sql: run,
         checksum,
         transactional,
     })
+}
+
+/// The SQL of a transactional migration without a `BEGIN; … COMMIT;` around it (Django's
+/// `sqlmigrate` and many hand-written files have one; dbopt-migrate opens the transaction itself).
+/// The two statements are blanked, not cut, so positions in errors still point into the file.
+/// Any other statement that ends or opens a transaction is refused: it would commit half a
+/// migration. Savepoints stay. SQL that does not parse is left for the server to report.
+fn without_transaction_wrapper(sql: &str) -> Result<String, String> {
+    use pg_query::protobuf::TransactionStmtKind as K;
+    let Ok(parsed) = pg_query::parse(sql) else {
+        return Ok(sql.to_string());
+    };
+    let stmts = &parsed.protobuf.stmts;
+    let kind = |i: usize| match stmts[i].stmt.as_ref().and_then(|n| n.node.as_ref()) {
+        Some(pg_query::NodeEnum::TransactionStmt(t)) => K::try_from(t.kind).ok(),
+        _ => None,
+    };
+    let opens = |k: Option<K>| matches!(k, Some(K::TransStmtBegin | K::TransStmtStart));
+    let last = stmts.len().saturating_sub(1);
+    let wrapped = stmts.len() >= 2 && opens(kind(0)) && kind(last) == Some(K::TransStmtCommit);
+    for i in 0..stmts.len() {
+        if wrapped && (i == 0 || i == last) {
+            continue;
+        }
+        let control = matches!(
+            kind(i),
+            Some(
+                K::TransStmtBegin
+                    | K::TransStmtStart
+                    | K::TransStmtCommit
+                    | K::TransStmtRollback
+                    | K::TransStmtPrepare
+                    | K::TransStmtCommitPrepared
+                    | K::TransStmtRollbackPrepared
+            )
+        );
+        if control {
+            return Err(format!(
+                "statement {} opens or ends a transaction: dbopt-migrate runs each migration in a \
+                 transaction of its own (a BEGIN … COMMIT around the whole file is accepted); \
+                 remove it, or mark the file {NO_TRANSACTION}",
+                i + 1
+            ));
+        }
+    }
+    if !wrapped {
+        return Ok(sql.to_string());
+    }
+    let blank: Vec<(usize, usize)> = [0, last]
+        .iter()
+        .map(|&i| {
+            let start = usize::try_from(stmts[i].stmt_location).unwrap_or(0);
+            let len = usize::try_from(stmts[i].stmt_len).unwrap_or(0);
+            (start, if len == 0 { sql.len() } else { start + len })
+        })
+        .collect();
+    // Character for character, so that positions (in characters) stay where they were.
+    Ok(sql
+        .char_indices()
+        .map(|(at, ch)| {
+            if ch != '\n' && blank.iter().any(|(s, e)| (*s..*e).contains(&at)) {
+                ' '
+            } else {
+                ch
+            }
+        })
+        .collect())
 }
 
 /// Orders the files of a directory (name, content) by version; files that are not `*.sql` are
@@ -166,6 +238,33 @@ pub fn next_file_name(latest: Option<&Version>, name: &str) -> Result<String, St
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_begin_commit_wrapper_is_blanked_and_other_transaction_commands_refused() {
+        let django = "--\n-- Create model Shop\n--\nBEGIN;\nCREATE TABLE shop (id int);\nCOMMIT;\n";
+        let m = parse("V1__shop.sql", django).expect("wrapped");
+        assert_eq!(m.sql.chars().count(), django.chars().count());
+        assert!(
+            !m.sql.contains("BEGIN") && !m.sql.contains("COMMIT"),
+            "{}",
+            m.sql
+        );
+        assert!(m.sql.contains("CREATE TABLE shop (id int);"));
+        assert_eq!(m.sql.lines().count(), django.lines().count());
+        let half = "CREATE TABLE a (id int);\nCOMMIT;\nCREATE TABLE b (id int);";
+        let e = parse("V2__half.sql", half).expect_err("a commit in the middle");
+        assert!(
+            e.contains("V2__half.sql: statement 2 opens or ends a transaction"),
+            "{e}"
+        );
+        let savepoints = "SAVEPOINT s; CREATE TABLE c (id int); RELEASE SAVEPOINT s;";
+        assert_eq!(parse("V3__s.sql", savepoints).unwrap().sql, savepoints);
+        // Unparsable SQL is the server's to report, with its position.
+        assert_eq!(parse("V4__bad.sql", "SELEC 1").unwrap().sql, "SELEC 1");
+        // Outside a transaction, BEGIN … COMMIT means what it says.
+        let marked = format!("{NO_TRANSACTION}\nBEGIN; SELECT 1; COMMIT;");
+        assert_eq!(parse("V5__m.sql", &marked).unwrap().sql, marked);
+    }
 
     #[test]
     fn flyway_names_parse_and_order_numerically() {

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dbopt_migrate::{ddl_log, files, lint, run, status, validate};
+use dbopt_migrate::{ddl_log, files, keep, lint, run, status, validate};
 
 /// dbopt-migrate: versioned PostgreSQL schema migrations (Flyway's V<version>__<name>.sql files),
 /// each applied in a transaction under an advisory lock, recorded in dbopt_migrate.history with a
@@ -50,6 +50,16 @@ enum Command {
     /// Every apply and rollback, oldest first; then the newest schema changes made outside
     /// migrations (with the dbopt extension installed: dbopt.ddl_history).
     History,
+    /// Drop the copies of data that migrations dropped (kept so that their rollback restores
+    /// it); their rollbacks then re-create the tables and columns empty.
+    Purge {
+        /// Only the copies of this version.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        version: Option<String>,
+        /// Every copy.
+        #[arg(long)]
+        all: bool,
+    },
     /// Apply every pending migration on a throwaway staging database with the production schema,
     /// run its generated rollback and compare, apply it again and compare; record the result so
     /// that `apply` accepts these migrations on this schema.
@@ -76,7 +86,8 @@ const EXAMPLES: &str = "Examples:
   dbopt-migrate --dir migrations validate
   dbopt-migrate --dir migrations apply
   dbopt-migrate --dir migrations rollback --to 3
-  dbopt-migrate history";
+  dbopt-migrate history
+  dbopt-migrate purge --version 4";
 
 /// Ad-hoc schema changes `history` lists.
 const HISTORY_DDL_ROWS: i64 = 20;
@@ -219,6 +230,19 @@ fn run_cli(cli: Cli) -> Result<(), String> {
                 println!("rolled back {u}");
             }
         }
+        Command::Purge { version, all: _ } => {
+            let mut c = connect(&cli.url)?;
+            let purged = keep::purge(&mut c, version.as_deref())?;
+            if purged.is_empty() {
+                println!("nothing kept");
+            }
+            for k in purged {
+                println!(
+                    "purged V{}: {} ({} rows, kept {})",
+                    k.version, k.object, k.rows, k.kept_at
+                );
+            }
+        }
         Command::Lint { big_rows } => {
             let files = read_dir(&cli.dir)?;
             let mut c = connect(&cli.url)?;
@@ -296,6 +320,16 @@ fn run_cli(cli: Cli) -> Result<(), String> {
                         .map(|x| format!("\n         note: {x}"))
                         .collect::<String>()
                 );
+            }
+            let kept = keep::list(&mut c)?;
+            if !kept.is_empty() {
+                println!("\ndropped data kept for rollbacks (`dbopt-migrate purge` drops it):");
+                for k in kept {
+                    println!(
+                        "V{:<7} {:<32} {:>10} rows in {} since {}",
+                        k.version, k.object, k.rows, k.copy, k.kept_at
+                    );
+                }
             }
             match ddl_log::outside_migrations(&mut c, HISTORY_DDL_ROWS)? {
                 ddl_log::Record::Changes { newest, .. } if newest.is_empty() => {

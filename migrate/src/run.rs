@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use dbopt_schemadiff::transform;
+use dbopt_schemadiff::{dropped, transform, transform_keeping};
 use postgres::{Client, GenericClient};
 
 use crate::files::{Migration, Version};
@@ -27,7 +27,10 @@ CREATE TABLE IF NOT EXISTS dbopt_migrate.history (
     duration_ms    double precision NOT NULL,
     rollback_sql   text,
     rollback_notes text[] NOT NULL DEFAULT '{}',
-    current        boolean NOT NULL
+    current        boolean NOT NULL,
+    -- The rollback without the copies of dropped data (dbopt_migrate.kept), once they are purged.
+    rollback_sql_unkept   text,
+    rollback_notes_unkept text[]
 );
 COMMENT ON TABLE dbopt_migrate.history IS 'dbopt-migrate: every apply and rollback; current = still applied';
 ";
@@ -98,6 +101,7 @@ pub fn ensure_history(c: &mut Client) -> Result<(), String> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .map_err(|e| format!("taking the migration lock: {}", db_error(&e)))?;
     tx.batch_execute(HISTORY_SQL)
+        .and_then(|_| tx.batch_execute(crate::keep::KEPT_SQL))
         .map_err(|e| format!("creating dbopt_migrate.history: {}", db_error(&e)))?;
     tx.commit().map_err(|e| db_error(&e))
 }
@@ -121,13 +125,13 @@ pub fn applied(c: &mut impl GenericClient) -> Result<Vec<AppliedVersion>, String
         .collect())
 }
 
-fn lock(c: &mut Client) -> Result<(), String> {
+pub(crate) fn lock(c: &mut Client) -> Result<(), String> {
     c.execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
         .map(|_| ())
         .map_err(|e| format!("taking the migration lock: {}", db_error(&e)))
 }
 
-fn unlock(c: &mut Client) {
+pub(crate) fn unlock(c: &mut Client) {
     let _ = c.execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY]);
 }
 
@@ -182,13 +186,35 @@ fn apply_in(
     crate::ddl_log::label(tx, &m.version.text, true)?;
     let before =
         snapshot(tx).map_err(|e| format!("snapshot before {}: {}", m.file_name, db_error(&e)))?;
+    tx.batch_execute("SAVEPOINT dbopt_keep")
+        .map_err(|e| db_error(&e))?;
+    let (mut duration_ms, mut after) = forward(tx, m)?;
+    // Rows the migration drops are copied aside first: back to the savepoint, copy, run again.
+    let drops = dropped(&before, &after);
+    let mut copies = crate::keep::Copies::default();
+    if !drops.is_empty() {
+        tx.batch_execute("ROLLBACK TO SAVEPOINT dbopt_keep")
+            .map_err(|e| db_error(&e))?;
+        copies = crate::keep::copy(tx, &m.version.text, &before, &after, &drops)?;
+        (duration_ms, after) = forward(tx, m)?;
+    }
+    tx.batch_execute("RELEASE SAVEPOINT dbopt_keep")
+        .map_err(|e| db_error(&e))?;
+    record(tx, m, duration_ms, &after, &before, &copies)
+}
+
+/// Runs a migration's SQL: how long it took and the schema after it.
+fn forward(
+    tx: &mut postgres::Transaction<'_>,
+    m: &Migration,
+) -> Result<(f64, dbopt_schemadiff::Schema), String> {
     let started = Instant::now();
     tx.batch_execute(&m.sql)
         .map_err(|e| describe_failure(m, &e))?;
     let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after =
         snapshot(tx).map_err(|e| format!("snapshot after {}: {}", m.file_name, db_error(&e)))?;
-    record(tx, m, duration_ms, &after, &before)
+    Ok((duration_ms, after))
 }
 
 /// A `-- dbopt:no-transaction` migration: statement by statement, each committed on its own.
@@ -222,7 +248,14 @@ fn apply_outside(c: &mut Client, m: &Migration, o: &Options) -> Result<Report, S
     let _ = c.batch_execute("RESET lock_timeout; RESET dbopt.migration_version");
     let after = snapshot(c).map_err(|e| db_error(&e))?;
     let mut tx = c.transaction().map_err(|e| db_error(&e))?;
-    let r = record(&mut tx, m, duration_ms, &after, &before)?;
+    let mut copies = crate::keep::Copies::default();
+    if !dropped(&before, &after).is_empty() {
+        copies.notes.push(format!(
+            "dropped data is not kept for a {} migration (it cannot run twice)",
+            crate::files::NO_TRANSACTION
+        ));
+    }
+    let r = record(&mut tx, m, duration_ms, &after, &before, &copies)?;
     tx.commit().map_err(|e| db_error(&e))?;
     Ok(r)
 }
@@ -233,24 +266,46 @@ fn record(
     duration_ms: f64,
     after: &dbopt_schemadiff::Schema,
     before: &dbopt_schemadiff::Schema,
+    copies: &crate::keep::Copies,
 ) -> Result<Report, String> {
-    let plan = transform(after, before);
-    let notes: Vec<String> = plan.losses.iter().chain(&plan.caveats).cloned().collect();
-    let script: String = plan.statements.iter().map(|s| format!("{s};\n")).collect();
-    tx.execute(
-        "INSERT INTO dbopt_migrate.history \
-         (version, name, checksum, action, duration_ms, rollback_sql, rollback_notes, current) \
-         VALUES ($1, $2, $3, 'apply', $4, $5, $6, true)",
-        &[
-            &m.version.text,
-            &m.name,
-            &m.checksum,
-            &duration_ms,
-            &script,
-            &notes,
-        ],
-    )
-    .map_err(|e| format!("recording {}: {}", m.file_name, db_error(&e)))?;
+    let notes_of = |plan: &dbopt_schemadiff::Plan| -> Vec<String> {
+        plan.losses
+            .iter()
+            .chain(&plan.caveats)
+            .chain(&plan.restores)
+            .chain(&copies.notes)
+            .cloned()
+            .collect()
+    };
+    let script_of = |plan: &dbopt_schemadiff::Plan| -> String {
+        plan.statements.iter().map(|s| format!("{s};\n")).collect()
+    };
+    let plan = transform_keeping(after, before, &copies.kept);
+    let (script, notes) = (script_of(&plan), notes_of(&plan));
+    // The rollback once the copies are purged.
+    let unkept = (!copies.kept.is_empty()).then(|| transform(after, before));
+    let script_unkept = unkept.as_ref().map(script_of);
+    let notes_unkept = unkept.as_ref().map(notes_of);
+    let id: i64 = tx
+        .query_one(
+            "INSERT INTO dbopt_migrate.history \
+             (version, name, checksum, action, duration_ms, rollback_sql, rollback_notes, current, \
+              rollback_sql_unkept, rollback_notes_unkept) \
+             VALUES ($1, $2, $3, 'apply', $4, $5, $6, true, $7, $8) RETURNING id",
+            &[
+                &m.version.text,
+                &m.name,
+                &m.checksum,
+                &duration_ms,
+                &script,
+                &notes,
+                &script_unkept,
+                &notes_unkept,
+            ],
+        )
+        .map_err(|e| format!("recording {}: {}", m.file_name, db_error(&e)))?
+        .get(0);
+    crate::keep::attach(tx, &copies.ids, id)?;
     Ok(Report {
         version: m.version.text.clone(),
         name: m.name.clone(),
@@ -319,6 +374,7 @@ fn rollback_locked(
             &[&id],
         )
         .map_err(|e| db_error(&e))?;
+        crate::keep::drop_copies(&mut tx, id, "restored")?;
         tx.execute(
             "INSERT INTO dbopt_migrate.history (version, name, checksum, action, duration_ms, current) \
              VALUES ($1, $2, $3, 'rollback', $4, false)",

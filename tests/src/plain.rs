@@ -175,3 +175,24 @@ impl Drop for PlainPostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The lines only one of two dumps has (`- ` only in `a`, `+ ` only in `b`).
+pub fn diff_lines(a: &str, b: &str) -> String {
+    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let mut out: Vec<String> = la
+        .iter()
+        .filter(|l| !lb.contains(l))
+        .map(|l| format!("- {l}"))
+        .collect();
+    out.extend(
+        lb.iter()
+            .filter(|l| !la.contains(l))
+            .map(|l| format!("+ {l}")),
+    );
+    out.join("\n")
+}
+
+/// Panics with the differing lines when two dumps differ.
+pub fn assert_same_dump(a: &str, b: &str, what: &str) {
+    assert!(a == b, "{what}: the dumps differ\n{}", diff_lines(a, b));
+}

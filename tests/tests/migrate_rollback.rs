@@ -5,7 +5,7 @@
 //! between any two dumps). Applying the migration again gives the dump from after.
 
 use dbopt_e2e::e2e_port;
-use dbopt_e2e::plain::PlainPostgres;
+use dbopt_e2e::plain::{diff_lines, PlainPostgres};
 use dbopt_migrate::snapshot::snapshot;
 use dbopt_schemadiff::transform;
 
@@ -167,20 +167,4 @@ fn creation_order_aside(mut s: dbopt_schemadiff::Schema) -> dbopt_schemadiff::Sc
         v.order = 0;
     }
     s
-}
-
-/// Lines only in one of two texts, marked - and +.
-fn diff_lines(a: &str, b: &str) -> String {
-    let (la, lb): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
-    let mut out: Vec<String> = la
-        .iter()
-        .filter(|l| !lb.contains(l))
-        .map(|l| format!("- {l}"))
-        .collect();
-    out.extend(
-        lb.iter()
-            .filter(|l| !la.contains(l))
-            .map(|l| format!("+ {l}")),
-    );
-    out.join("\n")
 }

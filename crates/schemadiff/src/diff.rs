@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::kept::{insert_rows, sequence_values, update_column, Kept};
 use crate::model::{ident, literal, Column, QName, Schema, Table};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -14,6 +15,8 @@ pub struct Plan {
     pub losses: Vec<String>,
     /// What the statements cannot make exactly as it was (the plan still does what it can).
     pub caveats: Vec<String>,
+    /// Rows and values the statements bring back from copies kept aside ([`Kept`]).
+    pub restores: Vec<String>,
 }
 
 impl Plan {
@@ -24,6 +27,12 @@ impl Plan {
 
 /// The plan that turns `from` into `to`.
 pub fn transform(from: &Schema, to: &Schema) -> Plan {
+    transform_keeping(from, to, &Kept::default())
+}
+
+/// The plan that turns `from` into `to`, putting back the rows of re-created tables and the
+/// values of re-created columns that `kept` has copies of.
+pub fn transform_keeping(from: &Schema, to: &Schema, kept: &Kept) -> Plan {
     let mut p = Plan::default();
 
     for (name, comment) in &to.namespaces {
@@ -173,14 +182,29 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
             n.sql(),
             cols.join(",\n    ")
         ));
-        p.losses.push(format!(
-            "table {} is created again empty: its rows were dropped with it",
-            n.sql()
-        ));
+        // Rows go back before the constraints, indexes and triggers do.
+        match kept
+            .tables
+            .get(*n)
+            .and_then(|k| insert_rows(n, &t.columns, k).map(|i| (k, i)))
+        {
+            Some((k, insert)) => {
+                p.push(insert);
+                p.restores.push(format!(
+                    "rows of table {} come back from {}",
+                    n.sql(),
+                    k.copy.sql()
+                ));
+            }
+            None => p.losses.push(format!(
+                "table {} is created again empty: its rows were dropped with it",
+                n.sql()
+            )),
+        }
     }
 
     for (n, f, t) in &both {
-        columns(&mut p, n, f, t);
+        columns(&mut p, n, f, t, kept);
     }
 
     for (n, s) in &to.sequences {
@@ -285,6 +309,14 @@ pub fn transform(from: &Schema, to: &Schema) -> Plan {
             p.push(format!("DROP SEQUENCE {}", n.sql()));
         }
     }
+    // Sequences of re-created tables continue where they were (their rows are back).
+    for n in &new {
+        if let Some(k) = kept.tables.get(*n) {
+            for s in sequence_values(n, k) {
+                p.push(s);
+            }
+        }
+    }
     for n in from.enums.keys().filter(|n| !to.enums.contains_key(*n)) {
         p.push(format!("DROP TYPE {}", n.sql()));
     }
@@ -343,7 +375,7 @@ fn column_sql(c: &Column) -> String {
 }
 
 /// Columns renamed between `f` and `t`: same position, same type, and a name only one side has.
-fn renames<'a>(f: &'a Table, t: &'a Table) -> Vec<(&'a str, &'a str)> {
+pub(crate) fn renames<'a>(f: &'a Table, t: &'a Table) -> Vec<(&'a str, &'a str)> {
     if f.columns.len() != t.columns.len() {
         return Vec::new();
     }
@@ -359,7 +391,7 @@ fn renames<'a>(f: &'a Table, t: &'a Table) -> Vec<(&'a str, &'a str)> {
         .collect()
 }
 
-fn columns(p: &mut Plan, n: &QName, f: &Table, t: &Table) {
+fn columns(p: &mut Plan, n: &QName, f: &Table, t: &Table, kept: &Kept) {
     let renamed = renames(f, t);
     let mut f = f.clone();
     for (from, to) in &renamed {
@@ -386,19 +418,57 @@ fn columns(p: &mut Plan, n: &QName, f: &Table, t: &Table) {
         }
     }
     let mut appended = false;
+    // Re-created columns with kept values: filled by key, then made NOT NULL.
+    let mut refill: Vec<(String, &Column)> = Vec::new();
     for c in &t.columns {
         let Some(o) = old.get(c.name.as_str()) else {
+            appended = true;
+            let restore = kept
+                .columns
+                .get(&(n.clone(), c.name.clone()))
+                .filter(|_| c.identity.is_none())
+                .and_then(|k| {
+                    let key: Option<Vec<&Column>> = k
+                        .key
+                        .iter()
+                        .map(|name| {
+                            t.columns
+                                .iter()
+                                .find(|x| x.name == *name && old.contains_key(name.as_str()))
+                        })
+                        .collect();
+                    key.filter(|key| !key.is_empty())
+                        .map(|key| (update_column(n, c, &key, k), k))
+                });
+            let Some((update, k)) = restore else {
+                p.push(format!(
+                    "ALTER TABLE {} ADD COLUMN {}",
+                    n.sql(),
+                    column_sql(c)
+                ));
+                p.losses.push(format!(
+                    "column {}.{} is added again with its default, not its old values",
+                    n.sql(),
+                    ident(&c.name)
+                ));
+                continue;
+            };
+            let nullable = Column {
+                not_null: false,
+                ..c.clone()
+            };
             p.push(format!(
                 "ALTER TABLE {} ADD COLUMN {}",
                 n.sql(),
-                column_sql(c)
+                column_sql(&nullable)
             ));
-            p.losses.push(format!(
-                "column {}.{} is added again with its default, not its old values",
+            p.restores.push(format!(
+                "values of column {}.{} come back from {}",
                 n.sql(),
-                ident(&c.name)
+                ident(&c.name),
+                k.copy.sql()
             ));
-            appended = true;
+            refill.push((update, c));
             continue;
         };
         let col = format!("ALTER TABLE {} ALTER COLUMN {}", n.sql(), ident(&c.name));
@@ -432,6 +502,29 @@ fn columns(p: &mut Plan, n: &QName, f: &Table, t: &Table) {
                     if kind == 'a' { "ALWAYS" } else { "BY DEFAULT" }
                 ));
             }
+        }
+    }
+    if !refill.is_empty() {
+        // The table's own triggers (those that stay) must not see the refill as an update.
+        let triggers = f
+            .triggers
+            .iter()
+            .any(|(name, def)| t.triggers.get(name) == Some(def));
+        if triggers {
+            p.push(format!("ALTER TABLE {} DISABLE TRIGGER USER", n.sql()));
+        }
+        for (update, _) in &refill {
+            p.push(update.clone());
+        }
+        if triggers {
+            p.push(format!("ALTER TABLE {} ENABLE TRIGGER USER", n.sql()));
+        }
+        for (_, c) in refill.iter().filter(|(_, c)| c.not_null) {
+            p.push(format!(
+                "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL",
+                n.sql(),
+                ident(&c.name)
+            ));
         }
     }
     // Where a column was added back, the order differs from before unless it was the last one.
