@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use dbopt_schemadiff::model::{
-    Column, Constraint, Enum, Function, FunctionKey, Grant, Schema, Sequence, Table, View,
+    Column, ColumnNumber, Constraint, Enum, Function, FunctionKey, Grant, Schema, Sequence, Table,
+    View,
 };
 use dbopt_schemadiff::QName;
 use postgres::GenericClient;
@@ -84,7 +85,7 @@ pub fn snapshot(c: &mut impl GenericClient) -> Result<Schema, postgres::Error> {
     for r in c.query(
         "SELECT a.attrelid, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull, \
                 pg_get_expr(d.adbin, d.adrelid), nullif(a.attidentity::text, ''), \
-                col_description(a.attrelid, a.attnum) \
+                col_description(a.attrelid, a.attnum), a.attnum \
          FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
          WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped \
          ORDER BY a.attrelid, a.attnum",
@@ -99,6 +100,7 @@ pub fn snapshot(c: &mut impl GenericClient) -> Result<Schema, postgres::Error> {
                 default: r.get(4),
                 identity: identity.and_then(|i| i.chars().next()),
                 comment: r.get(6),
+                number: ColumnNumber(r.get(7)),
             });
         }
     }

@@ -27,6 +27,12 @@ pub fn schema_hash(s: &Schema) -> String {
     for v in s.views.values_mut() {
         v.order = 0;
     }
+    // Column numbers only tell renames apart; a rebuilt schema numbers its columns anew.
+    for t in s.tables.values_mut() {
+        for c in &mut t.columns {
+            c.number = dbopt_schemadiff::model::ColumnNumber::default();
+        }
+    }
     Sha256::digest(format!("{s:?}").as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

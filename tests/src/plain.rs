@@ -127,19 +127,24 @@ impl PlainPostgres {
     /// schema (`\restrict` keys, and the `SET default_tablespace` / `SET
     /// default_table_access_method` lines pg_dump places wherever an object first needs them).
     pub fn dump_schema(&self, db: &str) -> String {
-        let out = as_postgres(
-            "pg_dump",
-            &[
-                "--schema-only",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                db,
-            ],
-        );
+        self.dump_schema_with(db, &[])
+    }
+
+    /// [`Self::dump_schema`] with more pg_dump options (e.g. `--exclude-schema=…`).
+    pub fn dump_schema_with(&self, db: &str, options: &[&str]) -> String {
+        let port = self.port.to_string();
+        let mut args = vec![
+            "--schema-only",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+        ];
+        args.extend_from_slice(options);
+        args.push(db);
+        let out = as_postgres("pg_dump", &args);
         assert!(
             out.status.success(),
             "pg_dump {db}: {}",

@@ -45,6 +45,7 @@ const CORPUS: &[(&str, &str)] = &[
     ("add a column with a default", "ALTER TABLE orders ADD COLUMN status text NOT NULL DEFAULT 'new'"),
     ("drop the last column", "ALTER TABLE users DROP COLUMN created_at"),
     ("rename a column", "ALTER TABLE users RENAME COLUMN name TO full_name"),
+    ("rename a column and add one", "ALTER TABLE users RENAME COLUMN name TO display_name; ALTER TABLE users ADD COLUMN bio text"),
     ("change a column's type under a view", "DROP VIEW big_orders; ALTER TABLE orders ALTER COLUMN total TYPE numeric(12, 2); CREATE VIEW big_orders AS SELECT id, user_id, total FROM orders WHERE total > 100"),
     ("change a column's type", "ALTER TABLE users ALTER COLUMN age TYPE bigint"),
     ("set not null", "ALTER TABLE users ALTER COLUMN name SET NOT NULL"),

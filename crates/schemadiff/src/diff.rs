@@ -374,13 +374,27 @@ fn column_sql(c: &Column) -> String {
     s
 }
 
-/// Columns renamed between `f` and `t`: same position, same type, and a name only one side has.
+/// Columns renamed between `f` and `t`: the same column number (`attnum`) under a name only one
+/// side has. Without numbers (0): same position, same type, and a name only one side has.
 pub(crate) fn renames<'a>(f: &'a Table, t: &'a Table) -> Vec<(&'a str, &'a str)> {
+    let in_f = |name: &str| f.columns.iter().any(|c| c.name == name);
+    let in_t = |name: &str| t.columns.iter().any(|c| c.name == name);
+    if f.columns.iter().chain(&t.columns).all(|c| c.number.0 > 0) {
+        return f
+            .columns
+            .iter()
+            .filter_map(|a| {
+                t.columns
+                    .iter()
+                    .find(|b| b.number.0 == a.number.0)
+                    .filter(|b| a.name != b.name && !in_t(&a.name) && !in_f(&b.name))
+                    .map(|b| (a.name.as_str(), b.name.as_str()))
+            })
+            .collect();
+    }
     if f.columns.len() != t.columns.len() {
         return Vec::new();
     }
-    let in_f = |name: &str| f.columns.iter().any(|c| c.name == name);
-    let in_t = |name: &str| t.columns.iter().any(|c| c.name == name);
     f.columns
         .iter()
         .zip(&t.columns)
@@ -696,6 +710,7 @@ mod tests {
             default: None,
             identity: None,
             comment: None,
+            number: crate::model::ColumnNumber::default(),
         }
     }
 
@@ -807,6 +822,33 @@ mod tests {
             ["ALTER TABLE public.users RENAME COLUMN mail TO email"]
         );
         assert!(p.losses.is_empty() && p.caveats.is_empty());
+    }
+
+    #[test]
+    fn a_renamed_column_is_told_by_its_number_when_columns_are_added_too() {
+        let numbered = |mut t: Table| {
+            for (i, c) in t.columns.iter_mut().enumerate() {
+                c.number = crate::model::ColumnNumber(i16::try_from(i + 1).unwrap());
+            }
+            t
+        };
+        let before = schema(vec![("users", numbered(users()))]);
+        let mut t = numbered(users());
+        t.columns[1].name = "mail".into();
+        t.columns.push(Column {
+            number: crate::model::ColumnNumber(9),
+            ..col("vip", "boolean")
+        });
+        let after = schema(vec![("users", t)]);
+        let p = transform(&after, &before);
+        assert_eq!(
+            p.statements,
+            [
+                "ALTER TABLE public.users RENAME COLUMN mail TO email",
+                "ALTER TABLE public.users DROP COLUMN vip"
+            ]
+        );
+        assert!(crate::kept::dropped(&before, &after).is_empty());
     }
 
     #[test]

@@ -148,6 +148,7 @@ mod tests {
             default: None,
             identity: None,
             comment: None,
+            number: crate::model::ColumnNumber::default(),
         }
     }
 

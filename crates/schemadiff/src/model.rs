@@ -192,6 +192,21 @@ pub struct Column {
     /// `a` (always) or `d` (by default) for identity columns.
     pub identity: Option<char>,
     pub comment: Option<String>,
+    /// Which column this is across renames (`attnum`); not part of what a schema is.
+    #[serde(default)]
+    pub number: ColumnNumber,
+}
+
+/// A column's `attnum`: it survives `RENAME COLUMN`, so two snapshots of one database tell a
+/// renamed column from a dropped one and a new one. Equal to every other number, because a
+/// column dropped and added back is the same column of the schema with a new number; 0: unknown.
+#[derive(Debug, Clone, Copy, Default, Eq, Serialize, Deserialize)]
+pub struct ColumnNumber(pub i16);
+
+impl PartialEq for ColumnNumber {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
