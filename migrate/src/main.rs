@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use dbopt_migrate::{ddl_log, files, keep, lint, run, status, validate};
+use dbopt_migrate::{connect, ddl_log, files, keep, lint, run, status, validate};
 
 /// dbopt-migrate: versioned PostgreSQL schema migrations (Flyway's V<version>__<name>.sql files),
 /// each applied in a transaction under an advisory lock, recorded in dbopt_migrate.history with a
@@ -12,7 +12,8 @@ use dbopt_migrate::{ddl_log, files, keep, lint, run, status, validate};
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-migrate", version, after_help = EXAMPLES)]
 struct Cli {
-    /// The database (postgresql:// URL or key=value string); default: $DATABASE_URL.
+    /// The database (postgresql:// URL or key=value string; sslmode disable | prefer | require |
+    /// verify-ca | verify-full and sslrootcert as in libpq); default: $DATABASE_URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     url: String,
     /// The migrations directory.
@@ -108,22 +109,10 @@ fn read_dir(dir: &Path) -> Result<Vec<files::Migration>, String> {
     files::ordered(out)
 }
 
-/// An error with its causes (`error connecting to server: Connection refused (os error 111)`).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    s
-}
-
 fn connect(url: &str) -> Result<postgres::Client, String> {
-    let config: postgres::Config = url.parse().map_err(|e| format!("--url: {e}"))?;
-    config
-        .connect(postgres::NoTls)
-        .map_err(|e| format!("cannot connect: {}", chain(&e)))
+    connect::Target::parse(url, "--url")?
+        .connect()
+        .map_err(|e| format!("cannot connect: {e}"))
 }
 
 /// The pending migrations (the history created when missing); changed or out-of-order files are
@@ -287,14 +276,15 @@ fn run_cli(cli: Cli) -> Result<(), String> {
                 println!("nothing pending");
                 return Ok(());
             }
-            let url = staging_url.unwrap_or_else(|| cli.url.clone());
-            let staging_config: postgres::Config =
-                url.parse().map_err(|e| format!("--staging-url: {e}"))?;
-            let mut staging = staging_config
-                .connect(postgres::NoTls)
-                .map_err(|e| format!("staging server unreachable: {}", chain(&e)))?;
+            let staging_target = match &staging_url {
+                Some(u) => connect::Target::parse(u, "--staging-url")?,
+                None => connect::Target::parse(&cli.url, "--url")?,
+            };
+            let mut staging = staging_target
+                .connect()
+                .map_err(|e| format!("staging server unreachable: {e}"))?;
             let db = format!("dbopt_validate_{}", std::process::id());
-            for line in validate::validate(&mut c, &mut staging, &staging_config, &db, &todo)? {
+            for line in validate::validate(&mut c, &mut staging, &staging_target, &db, &todo)? {
                 println!("{line}");
             }
             println!(

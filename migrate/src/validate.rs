@@ -53,7 +53,7 @@ fn err(e: postgres::Error) -> String {
 pub fn validate(
     prod: &mut Client,
     staging: &mut Client,
-    staging_url: &postgres::Config,
+    staging_url: &crate::connect::Target,
     staging_db: &str,
     pending: &[&Migration],
 ) -> Result<Vec<String>, String> {
@@ -79,11 +79,10 @@ pub fn validate(
                 err(e)
             )
         })?;
-    let mut config = staging_url.clone();
-    config.dbname(staging_db);
+    let target = staging_url.with_dbname(staging_db);
     let result = (|| {
-        let mut s = config
-            .connect(postgres::NoTls)
+        let mut s = target
+            .connect()
             .map_err(|e| format!("staging database: {e}"))?;
         for x in &extensions {
             let _ = s.batch_execute(&format!(

@@ -5,6 +5,7 @@
 
 use dbopt_e2e::e2e_port;
 use dbopt_e2e::plain::PlainPostgres;
+use dbopt_migrate::connect::Target;
 use dbopt_migrate::files::{ordered, Migration, NO_TRANSACTION};
 use dbopt_migrate::run::{self, Options};
 use dbopt_migrate::validate;
@@ -188,11 +189,13 @@ fn validate_on_staging_before_apply() {
     run::apply(&mut prod, &migrations(&[V1]), &options()).expect("V1");
     let all = migrations(&[V1, V2, V3]);
     let pending: Vec<&Migration> = all[1..].iter().collect();
-    let staging_config: postgres::Config = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=postgres",
-        pg.port
+    let staging_config = Target::parse(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            pg.port
+        ),
+        "--staging-url",
     )
-    .parse()
     .expect("config");
     let mut staging = pg.connect();
     assert!(!validate::validated(&mut prod, &pending).expect("check"));
@@ -242,4 +245,88 @@ fn validate_on_staging_before_apply() {
         "{e}"
     );
     assert!(!validate::validated(&mut prod, &pending).expect("check"));
+}
+
+/// libpq's sslmode and sslrootcert: TLS used when asked, the certificate checked as the mode says.
+#[test]
+fn tls_is_used_and_checked_as_sslmode_says() {
+    let dir = std::env::temp_dir().join(format!("dbopt-migrate-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (crt, key) = (dir.join("server.crt"), dir.join("server.key"));
+    // A self-signed certificate for localhost only (not for 127.0.0.1), given to clients as the
+    // root the way libpq users do.
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let chown = std::process::Command::new("chown")
+        .arg("-R")
+        .arg("postgres:")
+        .arg(&dir)
+        .status()
+        .expect("chown");
+    assert!(chown.success());
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let pg = PlainPostgres::start(
+        e2e_port(74),
+        &[
+            "ssl = on",
+            &format!("ssl_cert_file = '{}'", crt.display()),
+            &format!("ssl_key_file = '{}'", key.display()),
+        ],
+    );
+    let base = format!("postgresql://postgres@127.0.0.1:{}/postgres", pg.port);
+    let ssl = |url: &str| -> Result<bool, String> {
+        let mut c = Target::parse(url, "--url")?.connect()?;
+        Ok(c.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .map_err(|e| e.to_string())?
+        .get(0))
+    };
+    let root = crt.display().to_string();
+    assert_eq!(ssl(&format!("{base}?sslmode=disable")), Ok(false));
+    assert_eq!(ssl(&base), Ok(true), "prefer: TLS when offered");
+    assert_eq!(ssl(&format!("{base}?sslmode=require")), Ok(true));
+    assert_eq!(
+        ssl(&format!("{base}?sslmode=verify-ca&sslrootcert={root}")),
+        Ok(true),
+        "the chain is trusted; the name is not checked"
+    );
+    let e = ssl(&format!("{base}?sslmode=verify-full&sslrootcert={root}")).expect_err("wrong name");
+    assert!(
+        e.contains("certificate") && e.contains("not valid for name"),
+        "{e}"
+    );
+    let by_name = format!(
+        "postgresql://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={root}",
+        pg.port
+    );
+    assert_eq!(
+        ssl(&by_name),
+        Ok(true),
+        "verify-full by the certificate's name"
+    );
+    let e = ssl(&format!("{base}?sslmode=verify-full")).expect_err("not a trusted root");
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
 }
