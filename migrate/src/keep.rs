@@ -334,6 +334,7 @@ fn purge_locked(c: &mut Client, version: Option<&str>) -> Result<Vec<Copy>, Stri
         ));
     }
     let mut tx = c.transaction().map_err(|e| db_error(&e))?;
+    crate::ddl_log::label(&mut tx, "dbopt-migrate purge", true)?;
     let entries = tx
         .query(
             "SELECT DISTINCT history_id FROM dbopt_migrate.kept \

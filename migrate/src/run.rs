@@ -97,11 +97,26 @@ pub fn describe_failure(m: &Migration, e: &postgres::Error) -> String {
 /// Creates the history table when missing — under the migration lock, so that two first runs
 /// do not race to create it.
 pub fn ensure_history(c: &mut Client) -> Result<(), String> {
+    let there: bool = c
+        .query_one(
+            "SELECT to_regclass('dbopt_migrate.history') IS NOT NULL \
+                AND to_regclass('dbopt_migrate.kept') IS NOT NULL \
+                AND to_regclass('dbopt_migrate.validations') IS NOT NULL",
+            &[],
+        )
+        .map_err(|e| format!("looking for dbopt_migrate.history: {}", db_error(&e)))?
+        .get(0);
+    if there {
+        return Ok(());
+    }
     let mut tx = c.transaction().map_err(|e| db_error(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .map_err(|e| format!("taking the migration lock: {}", db_error(&e)))?;
+    // The tool's own tables are not the application's schema changes (dbopt.ddl_history).
+    crate::ddl_log::label(&mut tx, "dbopt-migrate", true)?;
     tx.batch_execute(HISTORY_SQL)
         .and_then(|_| tx.batch_execute(crate::keep::KEPT_SQL))
+        .and_then(|_| tx.batch_execute(crate::validate::VALIDATIONS_SQL))
         .map_err(|e| format!("creating dbopt_migrate.history: {}", db_error(&e)))?;
     tx.commit().map_err(|e| db_error(&e))
 }
