@@ -8,12 +8,14 @@
 //!   show (e.g. loading dbopt *without* `shared_preload_libraries`).
 //! - [`redis_server`] — [`redis_server::RedisServer`], a bare `redis-server` with the module (for
 //!   replication, persistence, eviction and fuzz tests of the module alone).
+//! - [`migrations`] — helpers of the dbopt-migrate tests.
 //! - [`http`] — a minimal HTTP/1.0 GET for Patroni's REST API (no client library needed).
 //!
 //! The harness never builds anything: `scripts/test` builds and installs the extension and the
 //! module first (a build from inside `cargo test` would wait forever on cargo's own lock).
 
 pub mod http;
+pub mod migrations;
 pub mod plain;
 pub mod receivers;
 pub mod redis_server;

@@ -4,21 +4,12 @@
 //! and two concurrent runs never apply a version twice.
 
 use dbopt_e2e::e2e_port;
+use dbopt_e2e::migrations::{count, migrations, options};
 use dbopt_e2e::plain::PlainPostgres;
 use dbopt_migrate::connect::Target;
-use dbopt_migrate::files::{ordered, Migration, NO_TRANSACTION};
-use dbopt_migrate::run::{self, Options};
+use dbopt_migrate::files::{Migration, NO_TRANSACTION};
+use dbopt_migrate::run;
 use dbopt_migrate::validate;
-
-fn migrations(files: &[(&str, &str)]) -> Vec<Migration> {
-    ordered(
-        files
-            .iter()
-            .map(|(n, s)| ((*n).to_string(), (*s).to_string()))
-            .collect(),
-    )
-    .expect("migration files")
-}
 
 const V1: (&str, &str) = (
     "V1__users.sql",
@@ -37,17 +28,8 @@ const V3: (&str, &str) = (
     "DROP INDEX users_nickname_idx;\nALTER TABLE users DROP COLUMN nickname;",
 );
 
-fn options() -> Options {
-    Options {
-        lock_timeout_ms: 2000,
-        single_transaction: false,
-    }
-}
-
 fn history_count(c: &mut postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM dbopt_migrate.history", &[])
-        .expect("history")
-        .get(0)
+    count(c, "SELECT count(*) FROM dbopt_migrate.history")
 }
 
 #[test]

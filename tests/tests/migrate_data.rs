@@ -5,27 +5,10 @@
 //! migrations or by hand — lands in `dbopt.ddl_history` with who ran it and which migration.
 
 use dbopt_e2e::e2e_port;
+use dbopt_e2e::migrations::{count, migrations, options};
 use dbopt_e2e::plain::{assert_same_dump, PlainPostgres};
-use dbopt_migrate::files::{ordered, Migration};
-use dbopt_migrate::run::{self, Options};
+use dbopt_migrate::run;
 use dbopt_migrate::{ddl_log, keep};
-
-fn migrations(files: &[(&str, &str)]) -> Vec<Migration> {
-    ordered(
-        files
-            .iter()
-            .map(|(n, s)| ((*n).to_string(), (*s).to_string()))
-            .collect(),
-    )
-    .expect("migration files")
-}
-
-fn options() -> Options {
-    Options {
-        lock_timeout_ms: 2000,
-        single_transaction: false,
-    }
-}
 
 const V1: (&str, &str) = (
     "V1__people.sql",
@@ -184,13 +167,10 @@ fn dropped_data_comes_back_with_the_rollback_and_purge_forgets_it() {
         notes.iter().any(|n| n.contains("is created again empty")),
         "{notes:?}"
     );
-    let copies: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'dbopt_migrate' AND tablename LIKE 'kept\\_%'",
-            &[],
-        )
-        .expect("copies")
-        .get(0);
+    let copies: i64 = count(
+        &mut c,
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'dbopt_migrate' AND tablename LIKE 'kept\\_%'",
+    );
     assert_eq!(copies, 0);
 }
 
@@ -232,14 +212,11 @@ fn every_ddl_statement_is_in_the_history_with_its_migration() {
 
     let files = migrations(&[V1]);
     run::apply(&mut c, &files, &options()).expect("V1");
-    let labelled: i64 = c
-        .query_one(
-            "SELECT count(*) FROM dbopt.ddl_history WHERE migration_version = '1' \
+    let labelled: i64 = count(
+        &mut c,
+        "SELECT count(*) FROM dbopt.ddl_history WHERE migration_version = '1' \
              AND object_identity = 'public.users' AND command_tag = 'CREATE TABLE'",
-            &[],
-        )
-        .expect("history")
-        .get(0);
+    );
     assert_eq!(labelled, 1);
 
     // An ad-hoc change by a DBA who switched role: recorded with both names, no migration.
@@ -274,14 +251,11 @@ fn every_ddl_statement_is_in_the_history_with_its_migration() {
 
     // The rollback is labelled as such; drops are recorded.
     run::rollback(&mut c, "0").expect("rollback");
-    let dropped: i64 = c
-        .query_one(
-            "SELECT count(*) FROM dbopt.ddl_history WHERE migration_version = '1 rollback' \
+    let dropped: i64 = count(
+        &mut c,
+        "SELECT count(*) FROM dbopt.ddl_history WHERE migration_version = '1 rollback' \
              AND command_tag = 'DROP TABLE' AND object_identity = 'public.users'",
-            &[],
-        )
-        .expect("history")
-        .get(0);
+    );
     assert_eq!(dropped, 1);
 
     // Readers need pg_monitor or dbopt_admin; the triggers write for everyone.
@@ -307,14 +281,11 @@ fn every_ddl_statement_is_in_the_history_with_its_migration() {
         ddl_log::outside_migrations(&mut app, 1).expect("probe"),
         ddl_log::Record::NotReadable
     );
-    let by_app: i64 = c
-        .query_one(
-            "SELECT count(*) FROM dbopt.ddl_history WHERE login = 'app_user' \
+    let by_app: i64 = count(
+        &mut c,
+        "SELECT count(*) FROM dbopt.ddl_history WHERE login = 'app_user' \
              AND object_identity = 'app_owned.t'",
-            &[],
-        )
-        .expect("history")
-        .get(0);
+    );
     assert_eq!(by_app, 1);
 
     // The extension can go and come back; its event triggers go with it.

@@ -7,10 +7,11 @@
 use std::process::Command;
 
 use dbopt_e2e::e2e_port;
+use dbopt_e2e::migrations::options;
 use dbopt_e2e::plain::{assert_same_dump, PlainPostgres};
 use dbopt_e2e::repo_root;
 use dbopt_migrate::files::ordered;
-use dbopt_migrate::run::{self, Options};
+use dbopt_migrate::run;
 
 fn django(pg: &PlainPostgres, db: &str, args: &[&str]) -> String {
     let venv = std::env::var("DBOPT_CLIENTS_VENV")
@@ -28,13 +29,6 @@ fn django(pg: &PlainPostgres, db: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn options() -> Options {
-    Options {
-        lock_timeout_ms: 2000,
-        single_transaction: false,
-    }
 }
 
 #[test]
