@@ -127,6 +127,16 @@ fn note_table(relid: pg_sys::Oid) {
     if persistence == pg_sys::RELPERSISTENCE_TEMP {
         return;
     }
+    // The extension's own tables (dbopt.ddl_history, written by its event triggers during any
+    // DDL; dbopt.alert_history) are no application's cached data.
+    // SAFETY: syscache lookups by oid and by name; InvalidOid when missing.
+    let own = unsafe {
+        let ns = pg_sys::get_rel_namespace(relid);
+        ns != pg_sys::InvalidOid && ns == pg_sys::get_namespace_oid(c"dbopt".as_ptr(), true)
+    };
+    if own {
+        return;
+    }
     let tables = with_ancestors(relid);
     PENDING.with(|p| p.borrow_mut().tables.extend(tables));
 }

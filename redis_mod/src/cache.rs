@@ -16,7 +16,7 @@
 //! lists every key, so each one is checked against the caller's permissions before it goes.
 
 use dbopt_tagcache::{
-    decode_entry, decode_generation, encode_entry, is_token, token, ENTRY_MAGIC, MAX_TAGS,
+    decode_generation, encode_entry, is_token, token, visit_entry, ENTRY_MAGIC, MAX_TAGS,
 };
 use redis_module::key::RedisKeyWritable;
 use redis_module::{
@@ -166,23 +166,29 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         Held::Bytes(b) => b,
         Held::OtherType => return Err(wrong_type(WHAT)),
     };
-    let entry = decode_entry(bytes).map_err(|_| wrong_type(WHAT))?;
-    for (tag, generation) in &entry.tags {
-        let name = RedisString::create_from_slice(ctx.ctx, tag);
-        let tag_key = ctx.open_key(&name);
-        let current = match store::read(&tag_key) {
-            Ok(Held::Bytes(b)) => decode_generation(b).ok().map(|s| s.generation),
-            _ => None,
-        };
-        if current != Some(*generation) {
-            CACHE_STALE_SKIPPED.incr();
-            CACHE_MISSES.incr();
-            return Ok(RedisValue::Null);
+    // Every tag must still be at the generation the entry was stored under (checked while the
+    // entry is walked: no list of tags built on a hit's path; after a stale one, no more lookups).
+    let mut fresh = true;
+    let value = visit_entry(bytes, |tag, generation| {
+        if fresh {
+            let name = RedisString::create_from_slice(ctx.ctx, tag);
+            let tag_key = ctx.open_key(&name);
+            let current = match store::read(&tag_key) {
+                Ok(Held::Bytes(b)) => decode_generation(b).ok().map(|s| s.generation),
+                _ => None,
+            };
+            fresh = current == Some(generation);
         }
+    })
+    .map_err(|_| wrong_type(WHAT))?;
+    if !fresh {
+        CACHE_STALE_SKIPPED.incr();
+        CACHE_MISSES.incr();
+        return Ok(RedisValue::Null);
     }
     CACHE_HITS.incr();
     // Reply straight from the stored bytes (no intermediate copy into a RedisValue).
-    raw::reply_with_string_buffer(ctx.ctx, entry.value.as_ptr().cast(), entry.value.len());
+    raw::reply_with_string_buffer(ctx.ctx, value.as_ptr().cast(), value.len());
     Ok(RedisValue::NoReply)
 }
 

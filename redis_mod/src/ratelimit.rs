@@ -22,7 +22,7 @@
 use dbopt_ratelimit::{
     longest_refusal, tightest, validate, Decision, Window, MAX_LIMIT, MAX_WINDOW_MS,
 };
-use redis_module::{Context, KeyType, RedisError, RedisResult, RedisString, RedisValue};
+use redis_module::{raw, Context, KeyType, RedisError, RedisResult, RedisString, RedisValue};
 
 use crate::args::{err, is_keyword, shown, uint, wrong_type};
 use crate::stats::{RL_ALLOWED, RL_DENIED};
@@ -58,6 +58,22 @@ fn parse(args: &[RedisString]) -> Result<Request, RedisError> {
         window_ms,
         cost,
     })
+}
+
+/// Replies with a decision straight into the client's buffer (no reply tree built first).
+fn reply_now(ctx: &Context, d: Decision) -> RedisResult {
+    let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    raw::reply_with_array(ctx.ctx, 5);
+    for v in [
+        i64::from(d.allowed),
+        int(d.limit),
+        int(d.remaining),
+        d.retry_after_ms,
+        int(d.reset_after_ms),
+    ] {
+        raw::reply_with_long_long(ctx.ctx, v);
+    }
+    Ok(RedisValue::NoReply)
 }
 
 fn reply(d: Decision) -> RedisValue {
@@ -114,7 +130,7 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     } else {
         RL_DENIED.incr();
     }
-    Ok(reply(decision))
+    reply_now(ctx, decision)
 }
 
 /// Most limiters one `DBOPT.RL.HITALL` takes.

@@ -2,7 +2,9 @@
 //!
 //! Every write goes through [`put`] / [`delete`]: they change the key locally and replicate a plain
 //! `SET key value PXAT <unix ms>` or `DEL key` — never the module command itself, so a replica or an
-//! AOF replay applies the primary's decision instead of recomputing it with another clock.
+//! AOF replay applies the primary's decision instead of recomputing it with another clock. The SETs
+//! are replicated through `RedisModule_Replicate`'s format directly (no argument strings created
+//! and freed per call: the limiter's hot path).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -84,8 +86,22 @@ pub fn put(
             return Err(RedisError::Str("ERR could not write the key"));
         }
     }
-    let at = now.saturating_add(ttl).to_string();
-    ctx.replicate("SET", &[name.as_slice(), value, b"PXAT", at.as_bytes()][..]);
+    let at = i64::try_from(now.saturating_add(ttl)).unwrap_or(i64::MAX);
+    // SAFETY: the format names each argument's C type: s = the key's RedisModuleString, b = the
+    // value's pointer and length, c = a NUL-terminated literal, l = a long long. Redis copies
+    // them into the propagated command before returning.
+    unsafe {
+        raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
+            ctx.ctx,
+            c"SET".as_ptr(),
+            c"sbcl".as_ptr(),
+            name.inner,
+            value.as_ptr(),
+            value.len(),
+            c"PXAT".as_ptr(),
+            at as std::ffi::c_longlong,
+        );
+    }
     Ok(())
 }
 
@@ -98,7 +114,18 @@ pub fn overwrite_keep_ttl(
     value: &[u8],
 ) -> Result<(), RedisError> {
     key.as_string_dma()?.write(value)?;
-    ctx.replicate("SET", &[name.as_slice(), value, b"KEEPTTL"][..]);
+    // SAFETY: as in `put`: s = the key, b = pointer and length, c = a literal.
+    unsafe {
+        raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
+            ctx.ctx,
+            c"SET".as_ptr(),
+            c"sbc".as_ptr(),
+            name.inner,
+            value.as_ptr(),
+            value.len(),
+            c"KEEPTTL".as_ptr(),
+        );
+    }
     Ok(())
 }
 

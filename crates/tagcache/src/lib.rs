@@ -105,12 +105,23 @@ pub fn encode_entry(tags: &[(&[u8], u64)], value: &[u8]) -> Vec<u8> {
 
 /// Decodes an entry without copying; anything malformed is [`Foreign`].
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry<'_>, Foreign> {
+    let mut tags = Vec::new();
+    let value = visit_entry(bytes, |tag, generation| tags.push((tag, generation)))?;
+    Ok(Entry { tags, value })
+}
+
+/// [`decode_entry`] without the allocation (a cache hit's path): calls `each(tag, generation)` for
+/// every tag in stored order, then returns the value; a malformed entry is [`Foreign`] whatever
+/// `each` saw before.
+pub fn visit_entry<'a>(
+    bytes: &'a [u8],
+    mut each: impl FnMut(&'a [u8], u64),
+) -> Result<&'a [u8], Foreign> {
     let rest = bytes.strip_prefix(ENTRY_MAGIC).ok_or(Foreign)?;
     let (count, mut rest) = take_u16(rest)?;
     if usize::from(count) > MAX_TAGS {
         return Err(Foreign);
     }
-    let mut tags = Vec::with_capacity(usize::from(count));
     for _ in 0..count {
         let (len, r) = take_u16(rest)?;
         let len = usize::from(len);
@@ -121,10 +132,10 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry<'_>, Foreign> {
         let (generation, r) = r.split_at(8);
         let mut g = [0u8; 8];
         g.copy_from_slice(generation);
-        tags.push((tag, u64::from_le_bytes(g)));
+        each(tag, u64::from_le_bytes(g));
         rest = r;
     }
-    Ok(Entry { tags, value: rest })
+    Ok(rest)
 }
 
 fn take_u16(b: &[u8]) -> Result<(u16, &[u8]), Foreign> {
