@@ -6,7 +6,8 @@
 //! - [`ddl_history`] — `dbopt.ddl_history`: every DDL statement (event triggers, `sql/ddl_history.sql`).
 //! - [`fast_ffi`] — unguarded calls to a few never-erroring PostgreSQL functions (hot path).
 //! - [`gucs`] — every `dbopt.*` setting.
-//! - [`shmem`] — shared memory: the statement table, the slow-query and N+1 rings, their locks.
+//! - [`shmem`] — shared memory: record layouts, startup, persistence, locks, the statement table,
+//!   the rings (one file each).
 //! - [`hooks`] — executor hooks: per-statement statistics, errors, and the feeds below.
 //! - [`invalidate`] — invalidation on commit: the tables a transaction wrote, announced by NOTIFY;
 //!   `dbopt.invalidate_tags()/invalidate_table()/invalidate_all()`.
@@ -18,6 +19,7 @@
 //! - [`slow`] — slow queries with plans: `dbopt.slow_queries()`.
 //! - [`nplusone`] — N+1 bursts: `dbopt.n_plus_one()`.
 //! - [`metrics`] — `dbopt.metrics()`, Prometheus text.
+//! - [`query_desc`] — a QueryDesc's own statement text and its N+1 fingerprint (and the hasher).
 //! - [`read_spi`] — read-only SPI (works on replicas, unlike pgrx's `Spi::get_*`).
 //! - [`privilege`] — who may see other users' texts.
 //! - [`sampler`] — the background worker that samples host CPU from `/proc/stat` into shared memory,
@@ -41,6 +43,7 @@ pub mod invalidate;
 pub mod metrics;
 pub mod nplusone;
 pub mod privilege;
+pub mod query_desc;
 pub mod read_spi;
 pub mod sampler;
 pub mod shmem;

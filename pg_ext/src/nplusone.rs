@@ -11,8 +11,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::gucs;
-use crate::hooks::fingerprint;
 use crate::privilege::{application_name, database_name, may_see, role_name, timestamp, HIDDEN};
+use crate::query_desc::fingerprint;
 use crate::shmem::{self, StatsKey};
 
 struct Local {

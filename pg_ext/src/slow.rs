@@ -9,8 +9,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 
 use crate::gucs;
-use crate::hooks::statement_text;
 use crate::privilege::{application_name, database_name, may_see, role_name, timestamp, HIDDEN};
+use crate::query_desc::statement_text;
 use crate::shmem::{self, StatsKey, PLAN_MAX};
 
 /// Asks the executor for per-node timing when slow plans should carry actual rows and times
