@@ -104,20 +104,24 @@ pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     let req = parse(&args)?;
     let now = store::now_ms();
     let key = ctx.open_key_writable(&args[1]);
-    let (mut window, stored) = match key.key_type() {
-        KeyType::Empty => state(None, req.window_ms, now)?,
-        // Decoded straight from the stored bytes (no copy).
-        KeyType::String => state(Some(&key.as_string_dma()?), req.window_ms, now)?,
+    // One DMA view of the stored bytes: decoded from, and written back into in place.
+    let mut stored_bytes = match key.key_type() {
+        KeyType::Empty => None,
+        KeyType::String => Some(key.as_string_dma()?),
         _ => return Err(wrong_type(WHAT)),
     };
+    let (mut window, stored) = state(stored_bytes.as_deref(), req.window_ms, now)?;
     let keeps_expiry = stored && window.admission_keeps_reset_time(now);
     let decision = window.hit(now, req.limit, req.cost);
-    if decision.allowed && keeps_expiry {
+    if let (true, true, Some(dma)) = (decision.allowed, keeps_expiry, stored_bytes.as_mut()) {
         RL_ALLOWED.incr();
         // Same sub-bucket as the last admission: same reset time, same expiry; rewrite in place.
-        store::overwrite_keep_ttl(ctx, &args[1], &key, &window.encode())?;
+        let bytes = window.encode();
+        dma.write(&bytes)?;
+        store::replicate_keep_ttl(ctx, &args[1], &bytes);
     } else if decision.allowed {
         RL_ALLOWED.incr();
+        // `put` takes its own view of the key (ours is not used past this point).
         // Only an admission changes what is counted; a denial leaves the key as it was.
         store::put(
             ctx,

@@ -114,6 +114,12 @@ pub fn overwrite_keep_ttl(
     value: &[u8],
 ) -> Result<(), RedisError> {
     key.as_string_dma()?.write(value)?;
+    replicate_keep_ttl(ctx, name, value);
+    Ok(())
+}
+
+/// Replicates `SET name value KEEPTTL` (the caller rewrote the value in place).
+pub fn replicate_keep_ttl(ctx: &Context, name: &RedisString, value: &[u8]) {
     // SAFETY: as in `put`: s = the key, b = pointer and length, c = a literal.
     unsafe {
         raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
@@ -126,7 +132,6 @@ pub fn overwrite_keep_ttl(
             c"KEEPTTL".as_ptr(),
         );
     }
-    Ok(())
 }
 
 /// Deletes keys (already opened for writing) and replicates one `DEL` naming them.
