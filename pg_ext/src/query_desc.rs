@@ -13,6 +13,7 @@ use pgrx::pg_sys;
 ///
 /// # Safety
 /// `qd` must be a valid QueryDesc; the slice lives as long as the portal's source text.
+#[inline]
 pub unsafe fn statement_bytes<'a>(qd: *mut pg_sys::QueryDesc) -> &'a [u8] {
     // SAFETY: sourceText is a NUL-terminated string owned by the portal for the executor's life.
     unsafe {
@@ -50,6 +51,7 @@ pub unsafe fn statement_text(qd: *mut pg_sys::QueryDesc) -> String {
 pub struct Fnv(u64);
 
 impl Default for Fnv {
+    #[inline]
     fn default() -> Self {
         Fnv(0xcbf2_9ce4_8422_2325)
     }
@@ -59,6 +61,7 @@ impl Hasher for Fnv {
     /// Eight bytes per step (rotate, xor, multiply — the FxHash mix), then the tail: every byte
     /// counts, at a fraction of byte-wise FNV's cost (measured: the fingerprint was the largest
     /// cost of dbopt's own code per statement).
+    #[inline]
     fn write(&mut self, bytes: &[u8]) {
         const K: u64 = 0x517c_c1b7_2722_0a95;
         let mut chunks = bytes.chunks_exact(8);
@@ -71,6 +74,7 @@ impl Hasher for Fnv {
             self.0 = (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(K);
         }
     }
+    #[inline]
     fn finish(&self) -> u64 {
         self.0
     }

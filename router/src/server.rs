@@ -26,7 +26,8 @@ pub struct ServerTarget {
 pub struct ServerConn {
     pub stream: TcpStream,
     pub node: usize,
-    pub addr: String,
+    /// Shared with the cancel-key registry, which points at it for every batch.
+    pub addr: std::sync::Arc<str>,
     pub pid: i32,
     pub secret: i32,
     /// Values the server reported with ParameterStatus, plus settings the router applied.
@@ -94,7 +95,7 @@ impl ServerConn {
         let mut c = ServerConn {
             stream,
             node: t.node,
-            addr: t.addr.clone(),
+            addr: std::sync::Arc::from(t.addr.as_str()),
             pid: 0,
             secret: 0,
             params: HashMap::new(),

@@ -435,20 +435,21 @@ impl Session {
             self.absorb_user_writes();
         }
         let (pool, conn, node, is_primary) = loop {
-            // Only reads choose among nodes (and only they need to know which pools are full).
-            let room: Vec<bool> = (0..node_count)
-                .map(|n| {
+            // Only reads choose among nodes (and only they need to know which pools are full):
+            // one bit per node, no allocation per batch (nodes past 128 count as having room).
+            let room: u128 = (0..node_count.min(128))
+                .filter(|&n| {
                     self.shared
                         .pools
                         .has_room(n, &self.database, &auth.login.role)
                 })
-                .collect();
+                .fold(0, |bits, n| bits | (1 << n));
             let picked = {
                 let mut t = self.shared.topology();
                 match decision.target {
                     Target::Replica => {
                         self.floor.resolve(&t.lsn_history);
-                        t.pick_for_read(&self.floor, exclude, |n| room[n])
+                        t.pick_for_read(&self.floor, exclude, |n| n >= 128 || room & (1 << n) != 0)
                     }
                     Target::Primary => t.primary_for_writes(),
                 }

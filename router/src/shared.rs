@@ -55,7 +55,7 @@ pub fn users_of(config: &Config) -> HashMap<String, UserAuth> {
 /// Where a client's current server backend is, for its CancelRequest.
 #[derive(Debug, Clone)]
 pub struct CancelTarget {
-    pub addr: String,
+    pub addr: std::sync::Arc<str>,
     pub pid: i32,
     pub secret: i32,
 }
@@ -195,11 +195,18 @@ impl Shared {
         *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
     }
 
-    /// Classifies `sql`, from the cache when a text of the same shape was seen.
+    /// Classifies `sql`, from the cache when a text of the same shape was seen. A text without
+    /// literals (bound parameters: the extended protocol, ORMs) is its own shape: it is found by
+    /// its exact text, without normalising it again.
     pub fn classify_cached(&self, sql: &str) -> Class {
-        let (key, _) = dbopt_querystats::normalize::normalize(sql);
-        if let Some(c) = lock(&self.class_cache).get(&key) {
+        if let Some(c) = lock(&self.class_cache).get(sql) {
             return *c;
+        }
+        let (key, literals) = dbopt_querystats::normalize::normalize(sql);
+        if literals > 0 {
+            if let Some(c) = lock(&self.class_cache).get(&key) {
+                return *c;
+            }
         }
         let functions = self.topology().functions.clone();
         let c = classify(sql, &functions);
@@ -207,7 +214,8 @@ impl Shared {
         if cache.len() >= CLASS_CACHE_MAX {
             cache.clear();
         }
-        cache.insert(key, c);
+        // Without literals the normalised text is the text itself (layout and comments kept).
+        cache.insert(if literals > 0 { key } else { sql.to_string() }, c);
         c
     }
 

@@ -21,12 +21,14 @@ pub(super) const LOCKS: i32 = 4;
 pub struct Locked(*mut pg_sys::LWLock);
 
 impl Drop for Locked {
+    #[inline]
     fn drop(&mut self) {
         // SAFETY: the lock was acquired by `lock` in this process.
         unsafe { fast_ffi::LWLockRelease(self.0) };
     }
 }
 
+#[inline]
 pub(super) fn lock(which: usize, exclusive: bool) -> Locked {
     let mode = if exclusive {
         pg_sys::LWLockMode::LW_EXCLUSIVE
@@ -46,6 +48,7 @@ pub(super) fn lock(which: usize, exclusive: bool) -> Locked {
 pub(super) struct Spin<'a>(&'a AtomicU32);
 
 impl<'a> Spin<'a> {
+    #[inline]
     pub(super) fn acquire(a: &'a AtomicU32) -> Spin<'a> {
         while a
             .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
@@ -58,6 +61,7 @@ impl<'a> Spin<'a> {
 }
 
 impl Drop for Spin<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.0.store(0, Ordering::Release);
     }

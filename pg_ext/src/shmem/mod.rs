@@ -41,6 +41,7 @@ static mut N1: *mut N1Record = ptr::null_mut();
 static mut SAMPLES: *mut SlowRecord = ptr::null_mut();
 
 /// Whether the shared memory exists (false when the library was not preloaded).
+#[inline]
 pub fn ready() -> bool {
     // SAFETY: a plain read of a pointer set once at startup.
     unsafe { !HEADER.is_null() && !HTAB.is_null() }

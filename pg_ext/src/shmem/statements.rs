@@ -60,6 +60,7 @@ impl Drop for Entries {
 
 /// # Safety
 /// The statements lock must be held (shared is enough to find; exclusive to enter).
+#[inline]
 pub(super) unsafe fn search(
     key: &StatsKey,
     action: pg_sys::HASHACTION::Type,
