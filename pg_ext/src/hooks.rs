@@ -13,6 +13,7 @@ use std::ptr;
 use dbopt_querystats::normalize::normalize;
 use pgrx::pg_sys;
 
+use crate::backend_local::BackendLocal;
 use crate::query_desc::{statement_text, Fnv};
 use crate::shmem::{self, StatsKey};
 use crate::{fast_ffi, gucs, nplusone, slow};
@@ -38,15 +39,13 @@ struct Local {
     sub_levels: RefCell<Vec<i32>>,
 }
 
-thread_local! {
-    static LOCAL: Local = Local {
-        nesting: Cell::new(0),
-        current: Cell::new(None),
-        known: RefCell::new(HashSet::default()),
-        last_known: Cell::new(None),
-        sub_levels: RefCell::new(Vec::new()),
-    };
-}
+static LOCAL: BackendLocal<Local> = BackendLocal::new(|| Local {
+    nesting: Cell::new(0),
+    current: Cell::new(None),
+    known: RefCell::new(HashSet::default()),
+    last_known: Cell::new(None),
+    sub_levels: RefCell::new(Vec::new()),
+});
 
 /// Bound on `Local::known` (it only saves a lookup; forgetting is harmless).
 const KNOWN_MAX: usize = 10_000;
@@ -160,7 +159,7 @@ unsafe extern "C-unwind" fn before_start(qd: *mut pg_sys::QueryDesc) -> bool {
 /// Moves the nesting level by `delta` (never below 0). Must not panic: the Run and Finish hooks
 /// that call it have no guard.
 fn shift_nesting(delta: i32) {
-    let _ = LOCAL.try_with(|l| l.nesting.set((l.nesting.get() + delta).max(0)));
+    LOCAL.with(|l| l.nesting.set((l.nesting.get() + delta).max(0)));
 }
 
 // The Run and Finish hooks only count the nesting level, on every statement, so they run without
@@ -334,13 +333,17 @@ unsafe extern "C-unwind" fn xact_callback(
     arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
-    if matches!(
-        event,
-        XACT_EVENT_ABORT
-            | XACT_EVENT_PARALLEL_ABORT
-            | XACT_EVENT_COMMIT
-            | XACT_EVENT_PARALLEL_COMMIT
-    ) {
+    let ends = match event {
+        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => true,
+        // A commit with no subtransaction levels and no burst to close (every autocommit
+        // statement) has nothing to do: no guard set up for it.
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            LOCAL.with(|l| l.sub_levels.try_borrow().map_or(true, |s| !s.is_empty()))
+                || nplusone::transaction_open()
+        }
+        _ => false,
+    };
+    if ends {
         // SAFETY: forwarded from PostgreSQL.
         unsafe { xact_end(event, arg) }
     }

@@ -35,6 +35,8 @@ use dbopt_invalidation::{check_user_tag, encode, unix_micros, Announcement, CHAN
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
+use crate::backend_local::BackendLocal;
+
 #[allow(non_snake_case)]
 extern "C-unwind" {
     /// commands/async.h: queue a notification, delivered at commit (not in pgrx's bindings).
@@ -58,10 +60,8 @@ impl Pending {
     }
 }
 
-thread_local! {
-    // A backend is one single-threaded process: this is the backend's own state, no lock needed.
-    static PENDING: RefCell<Pending> = RefCell::new(Pending::default());
-}
+// A backend is one single-threaded process: this is the backend's own state, no lock needed.
+static PENDING: BackendLocal<RefCell<Pending>> = BackendLocal::new(RefCell::default);
 
 static mut PREV_PERMS: pg_sys::ExecutorCheckPerms_hook_type = None;
 static mut PREV_OBJECT_ACCESS: pg_sys::object_access_hook_type = None;
@@ -143,7 +143,10 @@ fn note_table(relid: pg_sys::Oid) {
 
 /// Runs after PostgreSQL's own checks passed (only permitted work gets here): notes the relations
 /// the plan writes.
-#[pg_guard]
+///
+/// Called for every statement, so the scan runs without pgrx's guard (plain pointer reads that
+/// cannot panic; an error raised by the hook chained after it passes a frame with nothing to
+/// clean up); only a write found enters guarded code.
 unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, report: bool) -> bool {
     const WRITES: u64 = (pg_sys::ACL_INSERT | pg_sys::ACL_DELETE) as u64;
     const UPDATE: u64 = pg_sys::ACL_UPDATE as u64;
@@ -157,7 +160,7 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, report: 
             let writes =
                 perms & WRITES != 0 || (perms & UPDATE != 0 && !(*rte).updatedCols.is_null());
             if writes {
-                note_table((*rte).relid);
+                note_written((*rte).relid);
             }
         }
         match PREV_PERMS {
@@ -168,6 +171,12 @@ unsafe extern "C-unwind" fn check_perms(range_table: *mut pg_sys::List, report: 
 }
 
 #[pg_guard]
+unsafe extern "C-unwind" fn note_written(relid: pg_sys::Oid) {
+    note_table(relid);
+}
+
+/// Called for every namespace search and function execution too: those return without pgrx's
+/// guard (nothing to note); creating, altering, dropping and truncating enter guarded code.
 unsafe extern "C-unwind" fn object_access(
     access: pg_sys::ObjectAccessType::Type,
     class_id: pg_sys::Oid,
@@ -176,27 +185,39 @@ unsafe extern "C-unwind" fn object_access(
     arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::ObjectAccessType::*;
-    match access {
-        OAT_POST_CREATE => {
-            PENDING.with(|p| p.borrow_mut().ddl = true);
-            // A column added to an existing table (sub_id = its number) changes `SELECT *`.
-            if class_id == pg_sys::RelationRelationId && sub_id != 0 {
-                note_table(object_id);
-            }
-        }
-        OAT_POST_ALTER | OAT_DROP | OAT_TRUNCATE => {
-            PENDING.with(|p| p.borrow_mut().ddl |= access != OAT_TRUNCATE);
-            if class_id == pg_sys::RelationRelationId {
-                note_table(object_id);
-            }
-        }
-        // Namespace searches and function executions: the frequent ones, nothing to note.
-        _ => {}
+    if matches!(
+        access,
+        OAT_POST_CREATE | OAT_POST_ALTER | OAT_DROP | OAT_TRUNCATE
+    ) {
+        // SAFETY: forwarded from PostgreSQL.
+        unsafe { object_changed(access, class_id, object_id, sub_id) };
     }
     // SAFETY: chaining with PostgreSQL's own arguments.
     unsafe {
         if let Some(prev) = PREV_OBJECT_ACCESS {
             prev(access, class_id, object_id, sub_id, arg);
+        }
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn object_changed(
+    access: pg_sys::ObjectAccessType::Type,
+    class_id: pg_sys::Oid,
+    object_id: pg_sys::Oid,
+    sub_id: std::ffi::c_int,
+) {
+    use pg_sys::ObjectAccessType::*;
+    if access == OAT_POST_CREATE {
+        PENDING.with(|p| p.borrow_mut().ddl = true);
+        // A column added to an existing table (sub_id = its number) changes `SELECT *`.
+        if class_id == pg_sys::RelationRelationId && sub_id != 0 {
+            note_table(object_id);
+        }
+    } else {
+        PENDING.with(|p| p.borrow_mut().ddl |= access != OAT_TRUNCATE);
+        if class_id == pg_sys::RelationRelationId {
+            note_table(object_id);
         }
     }
 }
@@ -260,7 +281,13 @@ unsafe extern "C-unwind" fn xact_callback(
         // (Pre-commit took what it announced; this also clears what `dbopt.announce = off` kept.)
         // The commit is visible now: the transaction no longer counts as deciding.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_COMMIT => {
-            PENDING.with(|p| *p.borrow_mut() = Pending::default());
+            // Most transactions noted nothing: nothing to drop then (every statement's commit).
+            PENDING.with(|p| {
+                let mut p = p.borrow_mut();
+                if !p.is_empty() {
+                    *p = Pending::default();
+                }
+            });
             crate::watched::release();
         }
         _ => {}

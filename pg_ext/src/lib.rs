@@ -4,6 +4,7 @@
 //! - `lib.rs` (this file): wiring only — module magic, `_PG_init`, `dbopt.version()`.
 //! - [`advisor`] — `dbopt.index_advice()`: missing indexes from slow-query plans (+ hypopg).
 //! - [`ddl_history`] — `dbopt.ddl_history`: every DDL statement (event triggers, `sql/ddl_history.sql`).
+//! - [`backend_local`] — per-backend state without thread-local lookups.
 //! - [`fast_ffi`] — unguarded calls to a few never-erroring PostgreSQL functions (hot path).
 //! - [`gucs`] — every `dbopt.*` setting.
 //! - [`shmem`] — shared memory: record layouts, startup, persistence, locks, the statement table,
@@ -34,6 +35,7 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub mod advisor;
+pub mod backend_local;
 pub mod cache_analysis;
 pub mod ddl_history;
 pub mod fast_ffi;

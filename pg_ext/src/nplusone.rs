@@ -21,10 +21,14 @@ struct Local {
     reported: Vec<(i64, u64)>,
 }
 
-thread_local! {
-    // Backend-local: one detector per connection; backends are single-threaded.
-    static LOCAL: RefCell<Local> = RefCell::new(Local { detector: Detector::default(), reported: Vec::new() });
-}
+// Backend-local: one detector per connection; backends are single-threaded.
+static LOCAL: crate::backend_local::BackendLocal<RefCell<Local>> =
+    crate::backend_local::BackendLocal::new(|| {
+        RefCell::new(Local {
+            detector: Detector::default(),
+            reported: Vec::new(),
+        })
+    });
 
 /// Observes one top-level execution.
 ///
@@ -107,6 +111,11 @@ fn publish(e: &Event) {
             r.last_ms = e.last_ms;
         });
     }
+}
+
+/// Whether a transaction end has bursts to close (never panics: a busy state counts as yes).
+pub fn transaction_open() -> bool {
+    LOCAL.with(|l| l.try_borrow().map_or(true, |l| l.detector.in_transaction()))
 }
 
 /// A transaction ended: bursts scoped to it are over; their exact counts are written out.

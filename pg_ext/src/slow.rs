@@ -148,11 +148,9 @@ pub fn json_string(s: &str) -> String {
     out
 }
 
-thread_local! {
-    /// Top-level executions left before the next plan sample. Backends are single-threaded
-    /// processes, so this per-backend counter needs no lock.
-    static UNTIL_SAMPLE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
-}
+/// Top-level executions left before the next plan sample. A backend is one single-threaded
+/// process: a plain process-wide counter (no thread-local lookup on every statement).
+static UNTIL_SAMPLE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Is this execution's plan due for a sample (`dbopt.plan_sample_every`)? A countdown, not a
 /// random draw: one decrement per statement.
@@ -160,16 +158,15 @@ pub fn sample_due() -> bool {
     let Some(every) = gucs::plan_sample_every() else {
         return false;
     };
-    UNTIL_SAMPLE.with(|left| {
-        let n = left.get();
-        if n == 0 || n > every {
-            left.set(every - 1);
-            n == 0
-        } else {
-            left.set(n - 1);
-            false
-        }
-    })
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = UNTIL_SAMPLE.load(Relaxed);
+    if n == 0 || n > every {
+        UNTIL_SAMPLE.store(every - 1, Relaxed);
+        n == 0
+    } else {
+        UNTIL_SAMPLE.store(n - 1, Relaxed);
+        false
+    }
 }
 
 /// Keeps the plan of one (fast) execution for index advice over the whole workload. Nothing is

@@ -45,10 +45,9 @@ struct Watched {
 static mut WATCHED: *mut Watched = ptr::null_mut();
 static mut PREV_SHMEM_REQUEST: pg_sys::shmem_request_hook_type = None;
 static mut PREV_SHMEM_STARTUP: pg_sys::shmem_startup_hook_type = None;
-thread_local! {
-    // The epoch parity this backend's transaction is counted under, between decision and commit.
-    static HELD: Cell<Option<usize>> = const { Cell::new(None) };
-}
+// The epoch parity this backend's transaction is counted under, between decision and commit.
+static HELD: crate::backend_local::BackendLocal<Cell<Option<usize>>> =
+    crate::backend_local::BackendLocal::new(Cell::default);
 const TRANCHE: &std::ffi::CStr = c"dbopt watched tables";
 
 pub fn init() {

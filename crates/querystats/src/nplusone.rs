@@ -134,6 +134,11 @@ impl Detector {
         Outcome::Nothing
     }
 
+    /// Whether a transaction's end has anything to close (false for autocommit statements).
+    pub fn in_transaction(&self) -> bool {
+        self.groups.iter().any(|g| g.in_transaction)
+    }
+
     /// The transaction block ended (commit or abort): its bursts are over. Returns the final state
     /// of the bursts that had been reported, so their counts can be written out exactly.
     pub fn end_transaction(&mut self) -> Vec<Event> {
