@@ -30,7 +30,11 @@ CREATE TABLE notes (
     body text
 );
 CREATE INDEX notes_user_idx ON notes (user_id);
-CREATE TABLE "we""ird; DROP TABLE users --" (k int PRIMARY KEY, keep text, "Nick Name" text);"#,
+CREATE TABLE "we""ird; DROP TABLE users --" (k int PRIMARY KEY, keep text, "Nick Name" text);
+CREATE FUNCTION "mark; DROP TABLE users --"() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.keep := 'touched by the refill'; RETURN NEW; END $$;
+CREATE TRIGGER "we""ird trigger" BEFORE UPDATE ON "we""ird; DROP TABLE users --"
+    FOR EACH ROW EXECUTE FUNCTION "mark; DROP TABLE users --"();"#,
 );
 
 const V2: (&str, &str) = (
@@ -174,6 +178,18 @@ fn dropped_data_comes_back_with_the_rollback_and_purge_forgets_it() {
     assert_eq!(copies, 0);
 }
 
+/// Every row of the DDL history as "command object".
+fn recorded(c: &mut postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT command_tag || ' ' || object_identity FROM dbopt.ddl_history ORDER BY id",
+        &[],
+    )
+    .expect("history")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 #[test]
 fn every_ddl_statement_is_in_the_history_with_its_migration() {
     let pg = PlainPostgres::start(e2e_port(72), &["shared_preload_libraries = 'dbopt'"]);
@@ -187,27 +203,11 @@ fn every_ddl_statement_is_in_the_history_with_its_migration() {
         .expect("extension");
     // The extension's own objects are not schema changes of the application (the triggers exist
     // only from the end of CREATE EXTENSION dbopt; other extensions get one row each).
-    let own: Vec<String> = c
-        .query(
-            "SELECT command_tag || ' ' || object_identity FROM dbopt.ddl_history",
-            &[],
-        )
-        .expect("history")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let own = recorded(&mut c);
     assert!(own.is_empty(), "{own:?}");
     c.batch_execute("CREATE EXTENSION pg_trgm")
         .expect("another extension");
-    let other: Vec<String> = c
-        .query(
-            "SELECT command_tag || ' ' || object_identity FROM dbopt.ddl_history",
-            &[],
-        )
-        .expect("history")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let other = recorded(&mut c);
     assert_eq!(other, ["CREATE EXTENSION pg_trgm"]);
 
     let files = migrations(&[V1]);

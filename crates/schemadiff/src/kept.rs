@@ -261,6 +261,42 @@ mod tests {
     }
 
     #[test]
+    fn a_refill_turns_the_triggers_of_a_hostile_name_off_and_on() {
+        let evil = "we\"ird; DROP TABLE a --";
+        let n = QName::new("public", evil);
+        let mut before = schema(&[(evil, &["id", "x"])]);
+        let t = before.tables.get_mut(&n).unwrap();
+        t.triggers
+            .insert("t\"g".into(), "CREATE TRIGGER ...".into());
+        let mut after = before.clone();
+        after.tables.get_mut(&n).unwrap().columns.pop();
+        let mut kept = Kept::default();
+        kept.columns.insert(
+            (n.clone(), "x".into()),
+            KeptColumn {
+                copy: QName::new("dbopt_migrate", "kept_v1_1"),
+                key: vec!["id".into()],
+            },
+        );
+        let p = crate::diff::transform_keeping(&after, &before, &kept);
+        let q = "public.\"we\"\"ird; DROP TABLE a --\"";
+        let at = |s: &str| {
+            p.statements
+                .iter()
+                .position(|x| x == s)
+                .unwrap_or_else(|| panic!("{s}: {:#?}", p.statements))
+        };
+        let off = at(&format!("ALTER TABLE {q} DISABLE TRIGGER USER"));
+        let on = at(&format!("ALTER TABLE {q} ENABLE TRIGGER USER"));
+        let update = p
+            .statements
+            .iter()
+            .position(|x| x.starts_with(&format!("UPDATE {q} t SET x = k.x::integer")))
+            .unwrap();
+        assert!(off < update && update < on, "{:#?}", p.statements);
+    }
+
+    #[test]
     fn restores_quote_every_name() {
         let n = QName::new("public", "we\"ird");
         let k = KeptTable {
