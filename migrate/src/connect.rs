@@ -125,10 +125,13 @@ impl Target {
 
     fn tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
         let mut store = RootCertStore::empty();
+        // The given roots, read once: trusted as roots, and pinned (see `Checker`).
+        let mut pinned: Vec<Vec<u8>> = Vec::new();
         match &self.roots {
             Some(pem) => {
                 for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
                     let cert = cert.map_err(|e| format!("sslrootcert: {e}"))?;
+                    pinned.push(cert.as_ref().to_vec());
                     store.add(cert).map_err(|e| format!("sslrootcert: {e}"))?;
                 }
                 if store.is_empty() {
@@ -141,7 +144,6 @@ impl Target {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let pinned: Vec<Vec<u8>> = store_der(&self.roots);
         let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(store),
             provider.clone(),
@@ -175,18 +177,6 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
-}
-
-/// The DER of every certificate in a PEM text (unreadable ones were refused before).
-fn store_der(pem: &Option<String>) -> Vec<Vec<u8>> {
-    pem.as_deref()
-        .map(|p| {
-            rustls_pemfile::certs(&mut p.as_bytes())
-                .filter_map(Result::ok)
-                .map(|c| c.as_ref().to_vec())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The certificate check of each [`Verify`] mode. As in libpq, `sslrootcert` may hold the
