@@ -326,13 +326,16 @@ fn charge_error() {
     }
 }
 
-/// Called for every transaction event (pre-commit, commit, …): only abort and commit matter, and
-/// the others return before pgrx's guard is set up.
+/// The extension's one transaction callback (one call per event for statistics, N+1 bursts and
+/// cache invalidation), for every event (pre-commit, commit, …): only pre-commit, abort and
+/// commit matter, and the others return before pgrx's guard is set up.
 unsafe extern "C-unwind" fn xact_callback(
     event: pg_sys::XactEvent::Type,
     arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::XactEvent::*;
+    // SAFETY: forwarded from PostgreSQL's transaction callback.
+    unsafe { crate::invalidate::xact_event(event) };
     let ends = match event {
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT => true,
         // A commit with no subtransaction levels and no burst to close (every autocommit

@@ -73,7 +73,6 @@ pub fn init() {
         pg_sys::ExecutorCheckPerms_hook = Some(check_perms);
         PREV_OBJECT_ACCESS = pg_sys::object_access_hook;
         pg_sys::object_access_hook = Some(object_access);
-        pg_sys::RegisterXactCallback(Some(xact_callback), ptr::null_mut());
     }
 }
 
@@ -265,33 +264,42 @@ unsafe extern "C-unwind" fn note_range_var(node: *mut pg_sys::Node) {
     }
 }
 
-/// Only pre-commit and the ends matter; everything else returns at once.
-unsafe extern "C-unwind" fn xact_callback(
-    event: pg_sys::XactEvent::Type,
-    _arg: *mut std::ffi::c_void,
-) {
+/// A transaction event (from the extension's one transaction callback, `hooks::xact_callback`):
+/// only pre-commit and the ends matter; everything else returns at once. The work is kept out of
+/// line: every transaction end comes here twice, and most transactions noted nothing.
+///
+/// # Safety
+/// Called from PostgreSQL's transaction callback, without a pgrx guard: must not panic.
+#[inline]
+pub unsafe fn xact_event(event: pg_sys::XactEvent::Type) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_PRE_COMMIT
-            if PENDING.with(|p| !p.borrow().is_empty()) && crate::gucs::announce() =>
-        {
-            announce();
-        }
+        // SAFETY: `announce` is guarded; it runs in the pre-commit callback as PostgreSQL's own
+        // NOTIFY does.
+        XACT_EVENT_PRE_COMMIT if pending() && crate::gucs::announce() => unsafe { announce() },
         // A prepared transaction cannot NOTIFY: its COMMIT PREPARED announces the database.
         // (Pre-commit took what it announced; this also clears what `dbopt.announce = off` kept.)
         // The commit is visible now: the transaction no longer counts as deciding.
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE | XACT_EVENT_COMMIT => {
-            // Most transactions noted nothing: nothing to drop then (every statement's commit).
-            PENDING.with(|p| {
-                let mut p = p.borrow_mut();
-                if !p.is_empty() {
-                    *p = Pending::default();
-                }
-            });
+            if pending() {
+                forget_pending();
+            }
             crate::watched::release();
         }
         _ => {}
     }
+}
+
+/// Whether this transaction noted anything to announce (a busy state counts as yes).
+#[inline]
+fn pending() -> bool {
+    PENDING.with(|p| p.try_borrow().map_or(true, |p| !p.is_empty()))
+}
+
+#[cold]
+#[inline(never)]
+fn forget_pending() {
+    PENDING.with(|p| *p.borrow_mut() = Pending::default());
 }
 
 fn database_name() -> String {

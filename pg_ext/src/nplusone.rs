@@ -39,7 +39,6 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
     if cfg.threshold == 0 {
         return;
     }
-    // SAFETY: forwarded from the caller; IsTransactionBlock reads backend-local state.
     // SAFETY: reads backend-local state.
     let in_block = unsafe { crate::fast_ffi::IsTransactionBlock() };
     let stmt = Statement {
@@ -56,37 +55,7 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
     });
     match outcome {
         Outcome::Nothing => {}
-        Outcome::Detected(e) => {
-            let text = shmem::text_of(key).unwrap_or_default();
-            let parent = e.parent_query_id.unwrap_or(0);
-            let parent_text = e
-                .parent_query_id
-                .and_then(|q| shmem::text_of(&StatsKey::new(key.userid, key.dbid, q, true)))
-                .unwrap_or_default();
-            let app = application_name();
-            // SAFETY: reads the clock.
-            let at = unsafe { pg_sys::GetCurrentTimestamp() };
-            let id = shmem::push_n1(|r| {
-                r.at = at;
-                r.userid = key.userid;
-                r.dbid = key.dbid;
-                r.queryid = key.queryid;
-                r.parent_queryid = parent;
-                r.count = e.count;
-                r.first_ms = e.first_ms;
-                r.last_ms = e.last_ms;
-                r.app.set(&app);
-                r.text.set(&text);
-                r.parent_text.set(&parent_text);
-            });
-            LOCAL.with(|l| {
-                let mut l = l.borrow_mut();
-                if l.reported.len() >= 64 {
-                    l.reported.remove(0);
-                }
-                l.reported.push((key.queryid, id));
-            });
-        }
+        Outcome::Detected(e) => report(key, &e),
         Outcome::Grew(e) => {
             if worth_publishing(e.count) {
                 publish(&e);
@@ -95,7 +64,43 @@ pub unsafe fn observe(qd: *mut pg_sys::QueryDesc, key: &StatsKey, now_ms: u64) {
     }
 }
 
+/// A burst just crossed the threshold: keep it in the shared ring (rare, out of line).
+#[cold]
+#[inline(never)]
+fn report(key: &StatsKey, e: &Event) {
+    let text = shmem::text_of(key).unwrap_or_default();
+    let parent = e.parent_query_id.unwrap_or(0);
+    let parent_text = e
+        .parent_query_id
+        .and_then(|q| shmem::text_of(&StatsKey::new(key.userid, key.dbid, q, true)))
+        .unwrap_or_default();
+    let app = application_name();
+    // SAFETY: reads the clock.
+    let at = unsafe { pg_sys::GetCurrentTimestamp() };
+    let id = shmem::push_n1(|r| {
+        r.at = at;
+        r.userid = key.userid;
+        r.dbid = key.dbid;
+        r.queryid = key.queryid;
+        r.parent_queryid = parent;
+        r.count = e.count;
+        r.first_ms = e.first_ms;
+        r.last_ms = e.last_ms;
+        r.app.set(&app);
+        r.text.set(&text);
+        r.parent_text.set(&parent_text);
+    });
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.reported.len() >= 64 {
+            l.reported.remove(0);
+        }
+        l.reported.push((key.queryid, id));
+    });
+}
+
 /// Writes a reported burst's current count to its shared record.
+#[inline(never)]
 fn publish(e: &Event) {
     let id = LOCAL.with(|l| {
         l.borrow()

@@ -60,11 +60,20 @@ struct Group {
     in_transaction: bool,
 }
 
+impl Group {
+    /// An autocommit burst is over once its statement has not run for longer than the window.
+    fn expired(&self, cfg: Config, now_ms: u64) -> bool {
+        !self.in_transaction && now_ms.saturating_sub(self.event.last_ms) > cfg.window_ms
+    }
+}
+
 /// Per-connection detector state (lives in backend-local memory).
 #[derive(Debug, Clone, Default)]
 pub struct Detector {
     groups: Vec<Group>,
     last_query_id: Option<i64>,
+    /// Where the last statement's group is (checked first: ORM loops repeat one statement).
+    last_idx: usize,
 }
 
 impl Detector {
@@ -85,36 +94,24 @@ impl Detector {
         }
         let parent = self.last_query_id.filter(|&q| q != s.query_id);
         self.last_query_id = Some(s.query_id);
-        // Autocommit bursts end after a gap longer than the window.
-        self.groups.retain(|g| {
-            g.in_transaction || s.now_ms.saturating_sub(g.event.last_ms) <= cfg.window_ms
-        });
-        let idx = match self.groups.iter().position(|g| {
-            g.event.query_id == s.query_id && g.in_transaction == s.in_transaction_block
-        }) {
-            Some(i) => i,
-            None => {
-                if self.groups.len() >= MAX_GROUPS {
-                    let oldest = (0..self.groups.len())
-                        .min_by_key(|&i| self.groups[i].event.last_ms)
-                        .unwrap_or(0);
-                    self.groups.swap_remove(oldest);
-                }
-                self.groups.push(Group {
-                    event: Event {
-                        query_id: s.query_id,
-                        parent_query_id: parent,
-                        count: 0,
-                        first_ms: s.now_ms,
-                        last_ms: s.now_ms,
-                    },
-                    fingerprints: Vec::new(),
-                    reported: false,
-                    in_transaction: s.in_transaction_block,
-                });
-                self.groups.len() - 1
+        // Autocommit bursts end after a gap longer than the window. Expired groups are dropped
+        // lazily — when their statement comes back or room is needed — not on every call: the
+        // outcome is the same, and a repeated statement (the usual case) touches one group.
+        let found = match self.groups.get(self.last_idx) {
+            Some(g)
+                if g.event.query_id == s.query_id && g.in_transaction == s.in_transaction_block =>
+            {
+                Some(self.last_idx)
             }
+            _ => self.groups.iter().position(|g| {
+                g.event.query_id == s.query_id && g.in_transaction == s.in_transaction_block
+            }),
         };
+        let idx = match found {
+            Some(i) if !self.groups[i].expired(cfg, s.now_ms) => i,
+            stale => self.start_group(cfg, s, parent, stale),
+        };
+        self.last_idx = idx;
         let g = &mut self.groups[idx];
         g.event.last_ms = s.now_ms;
         if g.reported {
@@ -134,7 +131,45 @@ impl Detector {
         Outcome::Nothing
     }
 
+    /// Opens the group of a statement not followed yet (or whose burst expired, at `stale`);
+    /// returns its index. Out of line: a repeated statement never comes here.
+    #[inline(never)]
+    fn start_group(
+        &mut self,
+        cfg: Config,
+        s: Statement,
+        parent: Option<i64>,
+        stale: Option<usize>,
+    ) -> usize {
+        if let Some(i) = stale {
+            self.groups.swap_remove(i);
+        }
+        if self.groups.len() >= MAX_GROUPS {
+            self.groups.retain(|g| !g.expired(cfg, s.now_ms));
+        }
+        if self.groups.len() >= MAX_GROUPS {
+            let oldest = (0..self.groups.len())
+                .min_by_key(|&i| self.groups[i].event.last_ms)
+                .unwrap_or(0);
+            self.groups.swap_remove(oldest);
+        }
+        self.groups.push(Group {
+            event: Event {
+                query_id: s.query_id,
+                parent_query_id: parent,
+                count: 0,
+                first_ms: s.now_ms,
+                last_ms: s.now_ms,
+            },
+            fingerprints: Vec::new(),
+            reported: false,
+            in_transaction: s.in_transaction_block,
+        });
+        self.groups.len() - 1
+    }
+
     /// Whether a transaction's end has anything to close (false for autocommit statements).
+    #[inline]
     pub fn in_transaction(&self) -> bool {
         self.groups.iter().any(|g| g.in_transaction)
     }
@@ -270,6 +305,113 @@ mod tests {
         for i in 0..50 {
             assert_eq!(d.observe(off, stmt(5, i, true, 0)), Outcome::Nothing);
             assert_eq!(d.observe(CFG, stmt(0, i, true, 0)), Outcome::Nothing);
+        }
+    }
+
+    /// The detector as first written: every call drops every expired group before looking.
+    /// Lazy expiry must give the same outcomes.
+    #[derive(Default)]
+    struct Eager {
+        groups: Vec<(Event, Vec<u64>, bool, bool)>,
+        last: Option<i64>,
+    }
+
+    impl Eager {
+        fn observe(&mut self, cfg: Config, s: Statement) -> Outcome {
+            if cfg.threshold == 0 || s.query_id == 0 {
+                return Outcome::Nothing;
+            }
+            let parent = self.last.filter(|&q| q != s.query_id);
+            self.last = Some(s.query_id);
+            self.groups
+                .retain(|g| g.3 || s.now_ms.saturating_sub(g.0.last_ms) <= cfg.window_ms);
+            let at = self
+                .groups
+                .iter()
+                .position(|g| g.0.query_id == s.query_id && g.3 == s.in_transaction_block);
+            let idx = at.unwrap_or_else(|| {
+                if self.groups.len() >= MAX_GROUPS {
+                    let oldest = (0..self.groups.len())
+                        .min_by_key(|&i| self.groups[i].0.last_ms)
+                        .unwrap_or(0);
+                    self.groups.swap_remove(oldest);
+                }
+                let e = Event {
+                    query_id: s.query_id,
+                    parent_query_id: parent,
+                    count: 0,
+                    first_ms: s.now_ms,
+                    last_ms: s.now_ms,
+                };
+                self.groups
+                    .push((e, Vec::new(), false, s.in_transaction_block));
+                self.groups.len() - 1
+            });
+            let g = &mut self.groups[idx];
+            g.0.last_ms = s.now_ms;
+            if g.2 {
+                g.0.count += 1;
+                return Outcome::Grew(g.0);
+            }
+            if !g.1.contains(&s.fingerprint) {
+                g.1.push(s.fingerprint);
+            }
+            g.0.count = g.1.len() as u32;
+            if g.0.count >= cfg.threshold {
+                g.2 = true;
+                return Outcome::Detected(g.0);
+            }
+            Outcome::Nothing
+        }
+
+        fn end_transaction(&mut self) -> Vec<Event> {
+            let done = self
+                .groups
+                .iter()
+                .filter(|g| g.3 && g.2)
+                .map(|g| g.0)
+                .collect();
+            self.groups.retain(|g| !g.3);
+            done
+        }
+    }
+
+    #[test]
+    fn lazy_expiry_gives_the_eager_outcomes() {
+        // A deterministic pseudo-random workload: 100 query ids (more than MAX_GROUPS), few
+        // parameter values, gaps around the window, transaction blocks opening and closing.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let cfg = Config {
+            threshold: 3,
+            window_ms: 100,
+        };
+        let (mut lazy, mut eager) = (Detector::default(), Eager::default());
+        let (mut now, mut in_block) = (0, false);
+        for step in 0..200_000 {
+            now += next(60);
+            if next(50) == 0 {
+                if in_block {
+                    assert_eq!(
+                        lazy.end_transaction(),
+                        eager.end_transaction(),
+                        "step {step}"
+                    );
+                }
+                in_block = !in_block;
+            }
+            let query_id = if next(3) == 0 {
+                7
+            } else {
+                1 + next(100) as i64
+            };
+            let s = stmt(query_id, next(4), in_block, now);
+            assert_eq!(lazy.observe(cfg, s), eager.observe(cfg, s), "step {step}");
         }
     }
 
