@@ -26,8 +26,12 @@ pub struct Histogram {
 
 impl Histogram {
     pub fn record(&mut self, ms: f64) {
-        // Two comparisons (false for NaN) instead of classifying the float.
-        let ms = if ms >= 0.0 && ms < f64::INFINITY { ms } else { 0.0 };
+        // Two comparisons (a range check is false for NaN) instead of classifying the float.
+        let ms = if (0.0..f64::INFINITY).contains(&ms) {
+            ms
+        } else {
+            0.0
+        };
         let idx = BOUNDS_MS
             .iter()
             .position(|&b| ms <= b)
