@@ -18,12 +18,36 @@ pub fn wrong_type(what: &str) -> RedisError {
 /// An unsigned decimal integer within `min..=max`; anything else (sign, spaces, overflow, empty)
 /// is `ERR <name> must be an integer between <min> and <max>`.
 pub fn uint(bytes: &[u8], name: &str, min: u64, max: u64) -> Result<u64, RedisError> {
-    let parsed = std::str::from_utf8(bytes)
-        .ok()
-        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|s| s.parse::<u64>().ok())
-        .filter(|v| (min..=max).contains(v));
-    parsed.ok_or_else(|| err(format!("{name} must be an integer between {min} and {max}")))
+    digits(bytes)
+        .filter(|v| (min..=max).contains(v))
+        .ok_or_else(|| err(format!("{name} must be an integer between {min} and {max}")))
+}
+
+/// The value of one or more ASCII digits (leading zeros allowed), `None` for anything else or
+/// past `u64::MAX`. A byte loop: every limiter call parses two of these.
+fn digits(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    if bytes.len() <= 19 {
+        // At most 19 digits cannot overflow: no checked arithmetic per digit.
+        let mut v = 0u64;
+        for &b in bytes {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v * 10 + u64::from(d);
+        }
+        return Some(v);
+    }
+    bytes.iter().try_fold(0u64, |v, &b| {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        v.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// Case-insensitive keyword match (Redis options are case-insensitive).
@@ -72,6 +96,9 @@ mod tests {
             b"1.5",
             b"x",
             b"99999999999999999999999",
+            b"18446744073709551616",
+            b"1\x00",
+            b"\xd9\xa1",
         ] {
             let e = uint(bad, "limit", 1, 10).expect_err("rejected");
             assert_eq!(
@@ -80,6 +107,28 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn digits_match_the_standard_parser() {
+        for text in [
+            "0",
+            "9",
+            "10",
+            "0000",
+            "9999999999999999999",
+            "00000000000000000001",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+            "1a",
+        ] {
+            assert_eq!(digits(text.as_bytes()), text.parse::<u64>().ok(), "{text}");
+        }
+        assert_eq!(
+            uint(b"18446744073709551615", "n", 0, u64::MAX).ok(),
+            Some(u64::MAX)
+        );
     }
 
     #[test]

@@ -117,18 +117,18 @@ fn holds_entry(key: &RedisKeyWritable) -> Result<bool, RedisError> {
     }
 }
 
-pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn set(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if ctx.is_keys_position_request() {
         // Cluster routing and ACLs: the entry key and every tag are keys.
         ctx.key_at_pos(1);
-        if let Ok(req) = parse_set(&args) {
+        if let Ok(req) = parse_set(args) {
             for (pos, _) in req.tags {
                 ctx.key_at_pos(pos as i32);
             }
         }
         return Ok(RedisValue::NoReply);
     }
-    let req = parse_set(&args)?;
+    let req = parse_set(args)?;
     let entry_key = ctx.open_key_writable(&args[1]);
     holds_entry(&entry_key)?;
     let tags = open_tags(ctx, req.tags.iter().map(|(_, t)| *t).collect())?;
@@ -153,7 +153,7 @@ pub fn set(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::Integer(1))
 }
 
-pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn get(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() != 2 {
         return Err(RedisError::WrongArity);
     }
@@ -192,7 +192,7 @@ pub fn get(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::NoReply)
 }
 
-pub fn del(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn del(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() < 2 {
         return Err(RedisError::WrongArity);
     }
@@ -217,7 +217,7 @@ fn reply_bytes(v: &RedisValue) -> Option<Vec<u8>> {
     }
 }
 
-pub fn invalidate_match(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn invalidate_match(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() != 4 && args.len() != 6 {
         return Err(RedisError::WrongArity);
     }

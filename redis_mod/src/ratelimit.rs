@@ -100,8 +100,8 @@ fn state(bytes: Option<&[u8]>, window_ms: u64, now: u64) -> Result<(Window, bool
     }
 }
 
-pub fn hit(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let req = parse(&args)?;
+pub fn hit(ctx: &Context, args: &[RedisString]) -> RedisResult {
+    let req = parse(args)?;
     let now = store::now_ms();
     let key = ctx.open_key_writable(&args[1]);
     // One DMA view of the stored bytes: decoded from, and written back into in place.
@@ -178,26 +178,26 @@ fn parse_limiters(
 }
 
 /// `DBOPT.RL.HITALL cost key limit window_ms [...]`.
-pub fn hit_all(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn hit_all(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() < 2 {
         return Err(RedisError::WrongArity);
     }
     let cost = uint(args[1].as_slice(), "cost", 1, MAX_LIMIT)?;
-    let limiters = parse_limiters(&args, 2, cost)?;
-    charge_all(ctx, &args, &limiters, cost, cost, false)
+    let limiters = parse_limiters(args, 2, cost)?;
+    charge_all(ctx, args, &limiters, cost, cost, false)
 }
 
 /// `DBOPT.RL.LEASE min max key limit window_ms [...]`: admits as many units as every limiter has
 /// room for, between `min` and `max` (a router's lease of admissions to hand out itself); the reply
 /// is HITALL's with the units granted appended (0 when refused).
-pub fn lease(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn lease(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() < 3 {
         return Err(RedisError::WrongArity);
     }
     let min = uint(args[1].as_slice(), "min", 1, MAX_LIMIT)?;
     let max = uint(args[2].as_slice(), "max", min, MAX_LIMIT)?;
-    let limiters = parse_limiters(&args, 3, min)?;
-    charge_all(ctx, &args, &limiters, min, max, true)
+    let limiters = parse_limiters(args, 3, min)?;
+    charge_all(ctx, args, &limiters, min, max, true)
 }
 
 /// Charges between `min` and `max` units (the most every limiter admits) on all limiters, or
@@ -277,8 +277,8 @@ fn charge_all(
     Ok(RedisValue::Array(fields))
 }
 
-pub fn peek(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let req = parse(&args)?;
+pub fn peek(ctx: &Context, args: &[RedisString]) -> RedisResult {
+    let req = parse(args)?;
     let now = store::now_ms();
     let key = ctx.open_key(&args[1]);
     let window = match store::read(&key)? {
@@ -289,7 +289,7 @@ pub fn peek(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(reply(window.peek(now, req.limit, req.cost)))
 }
 
-pub fn reset(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn reset(ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() != 2 {
         return Err(RedisError::WrongArity);
     }

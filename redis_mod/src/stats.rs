@@ -66,7 +66,7 @@ pub static ALL: [&Counter; 11] = [
 ];
 
 /// `DBOPT.STATS` → `[name, value, name, value, …]`.
-pub fn stats_command(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn stats_command(_ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() != 1 {
         return Err(RedisError::WrongArity);
     }

@@ -116,8 +116,8 @@ fn tag_args(args: &[RedisString]) -> Result<Vec<&[u8]>, RedisError> {
     Ok(tags)
 }
 
-pub fn token_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let tags = open_tags(ctx, tag_args(&args)?)?;
+pub fn token_command(ctx: &Context, args: &[RedisString]) -> RedisResult {
+    let tags = open_tags(ctx, tag_args(args)?)?;
     let now = store::now_ms();
     let mut gens = Vec::with_capacity(tags.len());
     for t in &tags {
@@ -126,8 +126,8 @@ pub fn token_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     Ok(RedisValue::BulkString(token(&gens)))
 }
 
-pub fn invalidate_command(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
-    let tags = open_tags(ctx, tag_args(&args)?)?;
+pub fn invalidate_command(ctx: &Context, args: &[RedisString]) -> RedisResult {
+    let tags = open_tags(ctx, tag_args(args)?)?;
     let existing: Vec<(&[u8], RedisKeyWritable)> = tags
         .into_iter()
         .filter(|t| t.state.is_some())

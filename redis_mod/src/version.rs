@@ -28,7 +28,7 @@ const fn encode_version(v: &str) -> i32 {
 }
 
 /// Handler of `DBOPT.VERSION`.
-pub fn version_command(_ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+pub fn version_command(_ctx: &Context, args: &[RedisString]) -> RedisResult {
     if args.len() != 1 {
         return Err(RedisError::WrongArity);
     }

@@ -228,6 +228,25 @@ fn hitall_admits_on_every_limiter_or_on_none() {
         .query(&mut c)
         .expect("peek");
     assert_eq!(&peek[..3], &[1, 10, 7]);
+    // Three limiters: 11 arguments, more than the module views on the stack (its other path).
+    let three: Vec<i64> = redis::cmd("DBOPT.RL.HITALL")
+        .arg(1)
+        .arg("a")
+        .arg(5)
+        .arg(60_000)
+        .arg("b")
+        .arg(4)
+        .arg(60_000)
+        .arg("c")
+        .arg(6)
+        .arg(60_000)
+        .query(&mut c)
+        .expect("hitall of three");
+    assert_eq!(
+        &three[..4],
+        &[1, -1, 4, 3],
+        "the tightest of three is described"
+    );
     // A lease takes what every limiter has room for, between min and max.
     let lease = |c: &mut redis::Connection, min: u64, max: u64| -> Vec<i64> {
         redis::cmd("DBOPT.RL.LEASE")
