@@ -24,6 +24,7 @@ use redis_module::{
 };
 
 use crate::args::{err, is_keyword, shown, uint, wrong_type};
+use crate::key_names;
 use crate::stats::{
     CACHE_ENTRIES_DELETED, CACHE_FILLS_REFUSED, CACHE_HITS, CACHE_MISSES, CACHE_SETS,
     CACHE_STALE_SKIPPED,
@@ -171,12 +172,13 @@ pub fn get(ctx: &Context, args: &[RedisString]) -> RedisResult {
     let mut fresh = true;
     let value = visit_entry(bytes, |tag, generation| {
         if fresh {
-            let name = RedisString::create_from_slice(ctx.ctx, tag);
-            let tag_key = ctx.open_key(&name);
-            let current = match store::read(&tag_key) {
-                Ok(Held::Bytes(b)) => decode_generation(b).ok().map(|s| s.generation),
-                _ => None,
-            };
+            let current = key_names::with_name(tag, |name| {
+                let tag_key = ctx.open_key(name);
+                match store::read(&tag_key) {
+                    Ok(Held::Bytes(b)) => decode_generation(b).ok().map(|s| s.generation),
+                    _ => None,
+                }
+            });
             fresh = current == Some(generation);
         }
     })

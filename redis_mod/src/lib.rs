@@ -9,6 +9,7 @@
 //! - [`store`] — the only place keys are written: each write replicates its *effect*.
 //! - [`stats`] — counters, `DBOPT.STATS`, the `INFO dbopt` section.
 //! - [`args`] — argument parsing with precise `ERR` messages; [`version`] — `DBOPT.VERSION`.
+//! - [`key_names`] — tag key names kept between calls (no string made per tag per hit).
 //! - [`dispatch`] — the commands' entry point: arguments borrowed, panics turned into `ERR`.
 //!
 //! Command table rows are `[name, handler, flags, first_key, last_key, key_step]`
@@ -26,6 +27,7 @@ use stats::info as dbopt_info;
 pub mod args;
 pub mod cache;
 pub mod dispatch;
+pub mod key_names;
 pub mod ratelimit;
 pub mod stats;
 pub mod store;
@@ -51,6 +53,7 @@ redis_module! {
     allocator: (ModuleAlloc, MODULE_ALLOC),
     data_types: [],
     init: init,
+    deinit: deinit,
     info: dbopt_info,
     commands: [],
     event_handlers: [
@@ -60,6 +63,11 @@ redis_module! {
 
 fn init(ctx: &Context, _args: &[RedisString]) -> Status {
     register(ctx)
+}
+
+fn deinit(_ctx: &Context) -> Status {
+    key_names::clear();
+    Status::Ok
 }
 
 command_table! {
