@@ -67,6 +67,7 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
 
 fn deinit(_ctx: &Context) -> Status {
     key_names::clear();
+    store::release_words();
     Status::Ok
 }
 

@@ -4,12 +4,54 @@
 //! `SET key value PXAT <unix ms>` or `DEL key` — never the module command itself, so a replica or an
 //! AOF replay applies the primary's decision instead of recomputing it with another clock. The SETs
 //! are replicated through `RedisModule_Replicate`'s format directly (no argument strings created
-//! and freed per call: the limiter's hot path).
+//! and freed per call for the key, the value or the option word: the limiter's hot path).
 
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis_module::key::RedisKeyWritable;
 use redis_module::{raw, Context, KeyType, RedisError, RedisString};
+
+/// The option words of the replicated SETs, as strings made once: `RedisModule_Replicate`'s `s`
+/// format only takes a reference on them, where `c` would make (and free) a new string per call.
+static PXAT: AtomicPtr<raw::RedisModuleString> = AtomicPtr::new(std::ptr::null_mut());
+static KEEPTTL: AtomicPtr<raw::RedisModuleString> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The string of `word`, made on first use (module commands run on Redis' main thread only).
+fn word(slot: &AtomicPtr<raw::RedisModuleString>, word: &CStr) -> *mut raw::RedisModuleString {
+    let kept = slot.load(Ordering::Relaxed);
+    if !kept.is_null() {
+        return kept;
+    }
+    let bytes = word.to_bytes();
+    // SAFETY: no context: the string lives until `release_words` (module unload).
+    let made = unsafe {
+        raw::RedisModule_CreateString.expect("RedisModule_CreateString")(
+            std::ptr::null_mut(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+        )
+    };
+    slot.store(made, Ordering::Relaxed);
+    made
+}
+
+/// Frees the kept option words (module unload).
+pub fn release_words() {
+    for slot in [&PXAT, &KEEPTTL] {
+        let kept = slot.swap(std::ptr::null_mut(), Ordering::Relaxed);
+        if !kept.is_null() {
+            // SAFETY: made by `word` without a context; nothing holds it after the unload.
+            unsafe {
+                raw::RedisModule_FreeString.expect("RedisModule_FreeString")(
+                    std::ptr::null_mut(),
+                    kept,
+                )
+            };
+        }
+    }
+}
 
 /// Wall-clock milliseconds (the clock Redis expires keys with).
 pub fn now_ms() -> u64 {
@@ -87,18 +129,19 @@ pub fn put(
         }
     }
     let at = i64::try_from(now.saturating_add(ttl)).unwrap_or(i64::MAX);
-    // SAFETY: the format names each argument's C type: s = the key's RedisModuleString, b = the
-    // value's pointer and length, c = a NUL-terminated literal, l = a long long. Redis copies
-    // them into the propagated command before returning.
+    let pxat = word(&PXAT, c"PXAT");
+    // SAFETY: the format names each argument's C type: s = a RedisModuleString (the key's name,
+    // the kept word), b = the value's pointer and length, l = a long long. Redis copies or takes a
+    // reference on them for the propagated command before returning.
     unsafe {
         raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
             ctx.ctx,
             c"SET".as_ptr(),
-            c"sbcl".as_ptr(),
+            c"sbsl".as_ptr(),
             name.inner,
             value.as_ptr(),
             value.len(),
-            c"PXAT".as_ptr(),
+            pxat,
             at as std::ffi::c_longlong,
         );
     }
@@ -120,16 +163,17 @@ pub fn overwrite_keep_ttl(
 
 /// Replicates `SET name value KEEPTTL` (the caller rewrote the value in place).
 pub fn replicate_keep_ttl(ctx: &Context, name: &RedisString, value: &[u8]) {
-    // SAFETY: as in `put`: s = the key, b = pointer and length, c = a literal.
+    let keepttl = word(&KEEPTTL, c"KEEPTTL");
+    // SAFETY: as in `put`: s = the key and the kept word, b = pointer and length.
     unsafe {
         raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
             ctx.ctx,
             c"SET".as_ptr(),
-            c"sbc".as_ptr(),
+            c"sbs".as_ptr(),
             name.inner,
             value.as_ptr(),
             value.len(),
-            c"KEEPTTL".as_ptr(),
+            keepttl,
         );
     }
 }
