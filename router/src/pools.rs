@@ -5,7 +5,7 @@
 //! each admitted by the node's circuit breaker), or waits in a bounded queue until one is given
 //! back or `wait_timeout_ms` passes (SQLSTATE 53300).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -58,12 +58,14 @@ pub const CONNECT_TRIES: u32 = 3;
 pub const BACKOFF_BASE_MS: u64 = 100;
 pub const BACKOFF_MAX_MS: u64 = 2000;
 
-type ByRole = HashMap<String, Arc<Pool>>;
+type ByRole = FxHashMap<String, Arc<Pool>>;
 
+/// node → database → role → pool, looked up several times per batch (once per node for a read's
+/// room check): FxHash rather than SipHash. Its keys are configured nodes and the database and
+/// role of authenticated logins, never free text from an unauthenticated client.
 #[derive(Default)]
 pub struct Pools {
-    /// node → database → role → pool (looked up on every batch: no allocation on a hit).
-    map: Mutex<HashMap<usize, HashMap<String, ByRole>>>,
+    map: Mutex<FxHashMap<usize, FxHashMap<String, ByRole>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -118,6 +120,24 @@ impl Pools {
     /// when it does not exist yet (it would open one).
     pub fn has_room(&self, node: usize, database: &str, role: &str) -> bool {
         let map = lock(&self.map);
+        Self::room_in(&map, node, database, role)
+    }
+
+    /// One bit per node `0..nodes` (at most 128): whether the login's pool there can hand out a
+    /// connection at once (no pool yet counts as room). One lock for all nodes.
+    pub fn room_mask(&self, nodes: usize, database: &str, role: &str) -> u128 {
+        let map = lock(&self.map);
+        (0..nodes.min(128))
+            .filter(|&n| Self::room_in(&map, n, database, role))
+            .fold(0, |bits, n| bits | (1 << n))
+    }
+
+    fn room_in(
+        map: &FxHashMap<usize, FxHashMap<String, ByRole>>,
+        node: usize,
+        database: &str,
+        role: &str,
+    ) -> bool {
         match map
             .get(&node)
             .and_then(|d| d.get(database))

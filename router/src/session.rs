@@ -437,13 +437,10 @@ impl Session {
         let (pool, conn, node, is_primary) = loop {
             // Only reads choose among nodes (and only they need to know which pools are full):
             // one bit per node, no allocation per batch (nodes past 128 count as having room).
-            let room: u128 = (0..node_count.min(128))
-                .filter(|&n| {
-                    self.shared
-                        .pools
-                        .has_room(n, &self.database, &auth.login.role)
-                })
-                .fold(0, |bits, n| bits | (1 << n));
+            let room = self
+                .shared
+                .pools
+                .room_mask(node_count, &self.database, &auth.login.role);
             let picked = {
                 let mut t = self.shared.topology();
                 match decision.target {
