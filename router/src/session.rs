@@ -78,7 +78,8 @@ pub struct Session {
     pub(crate) out: Vec<u8>,
     pub(crate) user: String,
     pub(crate) database: String,
-    pub(crate) auth: Option<UserAuth>,
+    /// Shared: cloned per batch (a reference count, not the strings and verifier inside).
+    pub(crate) auth: Option<std::sync::Arc<UserAuth>>,
     pub(crate) key: (i32, i32),
     pub(crate) statements: Statements,
     /// The client's session-level settings (startup parameters, then whatever its `SET`s left).

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use rustc_hash::FxHashMap;
+
 use crate::auth::ScramVerifier;
 use crate::classify::{classify, Class, FunctionCatalog};
 use crate::config::{AuthMethod, Config, PoolMode};
@@ -103,10 +105,14 @@ pub struct Shared {
     config: RwLock<Arc<Config>>,
     users: RwLock<Arc<HashMap<String, UserAuth>>>,
     topology: Mutex<Topology>,
+    /// The topology's clock origin (fixed at start).
+    started: std::time::Instant,
     pub pools: Pools,
     pub counters: Counters,
-    /// Client cancel key → the server backend it is using right now.
-    pub cancel: Mutex<HashMap<(i32, i32), Option<CancelTarget>>>,
+    /// Client cancel key → the server backend it is using right now. Set and cleared on every
+    /// batch, so FxHash: the keys are the router's own random numbers (a client's CancelRequest
+    /// only looks one up), so no client can choose colliding keys.
+    pub cancel: Mutex<FxHashMap<(i32, i32), Option<CancelTarget>>>,
     pub shutting_down: AtomicBool,
     /// Client TLS, when configured.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
@@ -152,6 +158,7 @@ impl Shared {
             &config.limits,
             cache.as_ref().and_then(|c| c.redis.as_ref()),
         );
+        let topology = Topology::new(&config);
         Arc::new(Shared {
             limiter,
             alerts: crate::alerts::Alerts::new(&config),
@@ -159,11 +166,12 @@ impl Shared {
             tls,
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),
-            topology: Mutex::new(Topology::new(&config)),
+            started: topology.started(),
+            topology: Mutex::new(topology),
             config: RwLock::new(Arc::new(config)),
             pools: Pools::default(),
             counters: Counters::default(),
-            cancel: Mutex::new(HashMap::new()),
+            cancel: Mutex::new(FxHashMap::default()),
             shutting_down: AtomicBool::new(false),
             class_cache: Mutex::new(HashMap::new()),
             login_reports: Mutex::new(HashMap::new()),
@@ -229,8 +237,9 @@ impl Shared {
         lock(&self.topology)
     }
 
+    /// [`Topology::now_ms`], without taking the topology lock.
     pub fn now_ms(&self) -> u64 {
-        self.topology().now_ms()
+        self.started.elapsed().as_millis() as u64
     }
 
     pub fn node_name(&self, node: usize) -> String {

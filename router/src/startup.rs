@@ -342,7 +342,7 @@ impl Session {
         }
         match auth {
             Some(a) => {
-                self.auth = Some(a);
+                self.auth = Some(std::sync::Arc::new(a));
                 Ok(())
             }
             None => Err(self.auth_failed()),

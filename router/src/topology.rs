@@ -114,6 +114,12 @@ impl Topology {
         self.cpu_high_percent = config.health.cpu_high_percent;
     }
 
+    /// When the router started: the origin of [`Topology::now_ms`] (it never changes, so
+    /// `Shared` keeps a copy and reads the clock without the topology lock).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     /// Milliseconds since the router started: the clock of breakers and LSN samples.
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
