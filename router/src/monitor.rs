@@ -66,7 +66,7 @@ pub(crate) async fn connect_as_router(
     if let Some(p) = &config.server.password {
         pg.password(p);
     }
-    let (client, connection) = pg.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, connection) = pg.connect(NoTls).await.map_err(|e| describe(&e))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -122,8 +122,18 @@ async fn with_timeout<T>(
     f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, String> {
     match tokio::time::timeout(Duration::from_millis(ms), f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
+        Ok(r) => r.map_err(|e| describe(&e)),
         Err(_) => Err(format!("no answer within {ms} ms")),
+    }
+}
+
+/// An error with the server's message: tokio-postgres shows a server error as just "db error",
+/// which hid *what* failed — the check for a node without the dbopt extension never matched, so
+/// such a node was marked unreachable on every status check and back a moment later.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
 
