@@ -116,13 +116,6 @@ impl Pools {
         v
     }
 
-    /// Can the pool of (`node`, `database`, `role`) hand out a connection without waiting? True
-    /// when it does not exist yet (it would open one).
-    pub fn has_room(&self, node: usize, database: &str, role: &str) -> bool {
-        let map = lock(&self.map);
-        Self::room_in(&map, node, database, role)
-    }
-
     /// One bit per node `0..nodes` (at most 128): whether the login's pool there can hand out a
     /// connection at once (no pool yet counts as room). One lock for all nodes.
     pub fn room_mask(&self, nodes: usize, database: &str, role: &str) -> u128 {
@@ -132,6 +125,8 @@ impl Pools {
             .fold(0, |bits, n| bits | (1 << n))
     }
 
+    /// Can the pool of (`node`, `database`, `role`) hand out a connection without waiting? True
+    /// when it does not exist yet (it would open one).
     fn room_in(
         map: &FxHashMap<usize, FxHashMap<String, ByRole>>,
         node: usize,

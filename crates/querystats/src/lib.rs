@@ -16,3 +16,5 @@ pub mod exposition;
 pub mod histogram;
 pub mod normalize;
 pub mod nplusone;
+#[cfg(test)]
+mod test_rng;

@@ -459,18 +459,11 @@ mod tests {
             "1..2",
             "ü'",
         ];
-        let mut seed = 0x1234_5678_9abc_def1_u64;
+        let mut rng = crate::test_rng::XorShift::new(0x1234_5678_9abc_def1);
         for _ in 0..20_000 {
             let mut sql = String::new();
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let n = 1 + seed % 12;
-            for _ in 0..n {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                sql.push_str(PIECES[(seed % PIECES.len() as u64) as usize]);
+            for _ in 0..1 + rng.below(12) {
+                sql.push_str(PIECES[rng.below(PIECES.len() as u64) as usize]);
             }
             assert_eq!(normalize(&sql), token_by_token(&sql), "{sql:?}");
         }

@@ -380,13 +380,8 @@ mod tests {
     fn lazy_expiry_gives_the_eager_outcomes() {
         // A deterministic pseudo-random workload: 100 query ids (more than MAX_GROUPS), few
         // parameter values, gaps around the window, transaction blocks opening and closing.
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rng = crate::test_rng::XorShift::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: u64| rng.below(n);
         let cfg = Config {
             threshold: 3,
             window_ms: 100,
