@@ -19,8 +19,6 @@
 //! nginx does): each pick adds every candidate's effective weight to its running score, takes the
 //! highest, and subtracts the total from it — so a 3:1 weighting yields A A B A, not A A A B.
 
-use std::collections::HashMap;
-
 /// Exponentially weighted moving average of round trips, in milliseconds, on a caller clock.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Ewma {
@@ -68,7 +66,10 @@ pub const CPU_HIGH_FACTOR: f64 = 0.25;
 pub const MIN_LATENCY_FACTOR: f64 = 0.1;
 
 /// The effective weights of `candidates`, in order.
-pub fn effective_weights(candidates: &[Candidate], cpu_high_percent: f64) -> Vec<f64> {
+pub fn effective_weights(
+    candidates: &[Candidate],
+    cpu_high_percent: f64,
+) -> smallvec::SmallVec<[f64; 8]> {
     let best = candidates
         .iter()
         .filter_map(|c| c.ewma_ms)
@@ -94,13 +95,14 @@ pub fn effective_weights(candidates: &[Candidate], cpu_high_percent: f64) -> Vec
 /// Smooth weighted round-robin state, keyed by node.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    score: HashMap<usize, f64>,
+    /// Keyed by node index (the router's own numbers: FxHash).
+    score: rustc_hash::FxHashMap<usize, f64>,
 }
 
 impl Balancer {
     /// Picks one of `candidates`; `None` when there are none (or all weigh 0).
     pub fn pick(&mut self, candidates: &[Candidate], cpu_high_percent: f64) -> Option<usize> {
-        let roomy: Vec<Candidate>;
+        let roomy: smallvec::SmallVec<[Candidate; 8]>;
         let candidates =
             if candidates.iter().any(|c| c.has_room) && candidates.iter().any(|c| !c.has_room) {
                 roomy = candidates.iter().filter(|c| c.has_room).copied().collect();
@@ -136,6 +138,7 @@ impl Balancer {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     fn cand(node: usize, weight: u32) -> Candidate {
         Candidate {
@@ -215,7 +218,7 @@ mod tests {
         // A pathological one still gets its floor share, so its EWMA can recover.
         slow.ewma_ms = Some(1000.0);
         let w = effective_weights(&[fast, slow], 80.0);
-        assert_eq!(w, vec![1.0, MIN_LATENCY_FACTOR]);
+        assert_eq!(w.as_slice(), [1.0, MIN_LATENCY_FACTOR]);
     }
 
     #[test]

@@ -325,7 +325,7 @@ impl Session {
                 buf,
                 spec,
                 ..
-            } = capture;
+            } = *capture;
             let Some(lsn) = cache.barrier(&fill.database).await else {
                 return;
             };

@@ -35,7 +35,9 @@ pub struct Pool {
     pub last_used_ms: AtomicU64,
     /// The last attempt to open a connection failed (bad database, role, password).
     pub failing: std::sync::atomic::AtomicBool,
-    pub state: Mutex<PoolState<ServerConn>>,
+    /// Connections are boxed: they move in and out of the pool and the session on every
+    /// transaction (a pointer instead of ~270 bytes).
+    pub state: Mutex<PoolState<Box<ServerConn>>>,
     notify: Notify,
     pub waiting: AtomicU32,
     pub waits: AtomicU64,
@@ -73,7 +75,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pools {
-    pub fn get(&self, node: usize, database: &str, login: &Login, limits: PoolLimits) -> Arc<Pool> {
+    /// `limits` is asked only when the pool is new (reading them takes the configuration lock).
+    pub fn get(
+        &self,
+        node: usize,
+        database: &str,
+        login: &Login,
+        limits: impl FnOnce() -> PoolLimits,
+    ) -> Arc<Pool> {
         let mut map = lock(&self.map);
         let by_db = map.entry(node).or_default();
         if let Some(p) = by_db.get(database).and_then(|r| r.get(&login.role)) {
@@ -89,7 +98,7 @@ impl Pools {
             login: login.clone(),
             last_used_ms: AtomicU64::new(0),
             failing: std::sync::atomic::AtomicBool::new(false),
-            state: Mutex::new(PoolState::new(limits)),
+            state: Mutex::new(PoolState::new(limits())),
             notify: Notify::new(),
             waiting: AtomicU32::new(0),
             waits: AtomicU64::new(0),
@@ -169,13 +178,13 @@ impl Pools {
 }
 
 impl Pool {
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<ServerConn>> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<Box<ServerConn>>> {
         lock(&self.state)
     }
 
     /// Returns a connection; `reusable = false` closes it instead (broken, mid-transaction,
     /// opened before the last role change).
-    pub fn release(&self, conn: ServerConn, reusable: bool, now_ms: u64) {
+    pub fn release(&self, conn: Box<ServerConn>, reusable: bool, now_ms: u64) {
         let mut st = self.lock();
         if reusable {
             st.give_back(conn, now_ms);
@@ -210,7 +219,7 @@ impl Shared {
         node: usize,
         database: &str,
         login: &Login,
-    ) -> Result<ServerConn, AcquireError> {
+    ) -> Result<Box<ServerConn>, AcquireError> {
         let target = self.target(node, database, login);
         let timeout = Duration::from_millis(self.config().health.timeout_ms);
         let mut last = String::new();
@@ -247,7 +256,7 @@ impl Shared {
                             node_failed: false,
                         });
                     }
-                    return Ok(c);
+                    return Ok(Box::new(c));
                 }
                 Err(ConnectError::Refused { code, message }) => {
                     // The node is up; the login is wrong. Not the node's fault, not retried —
@@ -280,29 +289,36 @@ impl Shared {
         })
     }
 
-    /// A server connection to `node` for `database`, from its pool.
+    /// A server connection to `node` for `database`, from its pool. `now_ms`: the caller's
+    /// [`Shared::now_ms`] (one clock read per batch).
     pub async fn acquire(
         &self,
         node: usize,
         database: &str,
         login: &Login,
         critical: bool,
-    ) -> Result<(Arc<Pool>, ServerConn), AcquireError> {
-        let pool = self.pools.get(node, database, login, self.pool_limits());
-        pool.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        now_ms: u64,
+    ) -> Result<(Arc<Pool>, Box<ServerConn>), AcquireError> {
+        let pool = self.pools.get(node, database, login, || self.pool_limits());
+        pool.last_used_ms.store(now_ms, Ordering::Relaxed);
         let (is_primary, epoch) = {
             let t = self.topology();
             (t.primary == Some(node), t.stamp(node))
         };
-        let config = self.config();
-        let deadline = Instant::now() + Duration::from_millis(config.pool.wait_timeout_ms);
+        // Read only when the pool is full (waiting needs the limits and a deadline).
+        let mut wait: Option<(Arc<crate::config::Config>, Instant)> = None;
         let mut waited: Option<Instant> = None;
         let signal = pool.clone();
         loop {
             let notified = signal.notify.notified();
             tokio::pin!(notified);
-            notified.as_mut().enable();
-            let take = pool.lock().take(critical, is_primary);
+            let mut take = pool.lock().take(critical, is_primary);
+            if matches!(take, Take::Wait) {
+                // Registered for a wakeup before looking again: a release in between is not
+                // missed. (A connection at hand needs no registration.)
+                notified.as_mut().enable();
+                take = pool.lock().take(critical, is_primary);
+            }
             match take {
                 Take::Idle(c) => {
                     if c.epoch != epoch {
@@ -310,14 +326,19 @@ impl Shared {
                         pool.release(c, false, 0);
                         continue;
                     }
-                    self.after_take(&pool, waited);
+                    let now_ms = if waited.is_some() {
+                        self.now_ms()
+                    } else {
+                        now_ms
+                    };
+                    self.after_take(&pool, waited, now_ms);
                     return Ok((pool, c));
                 }
                 Take::Open => match self.open_server(node, database, login).await {
                     Ok(c) => {
                         pool.failing.store(false, Ordering::Relaxed);
                         pool.connects.fetch_add(1, Ordering::Relaxed);
-                        self.after_take(&pool, waited);
+                        self.after_take(&pool, waited, self.now_ms());
                         return Ok((pool, c));
                     }
                     Err(e) => {
@@ -328,6 +349,12 @@ impl Shared {
                     }
                 },
                 Take::Wait => {
+                    let (config, deadline) = wait.get_or_insert_with(|| {
+                        let config = self.config();
+                        let timeout = Duration::from_millis(config.pool.wait_timeout_ms);
+                        (config, Instant::now() + timeout)
+                    });
+                    let (config, deadline) = (config.clone(), *deadline);
                     let max_waiting = config.pool.max_waiting;
                     if waited.is_none() {
                         if pool.waiting.fetch_add(1, Ordering::Relaxed) >= max_waiting {
@@ -366,14 +393,13 @@ impl Shared {
         }
     }
 
-    fn after_take(&self, pool: &Pool, waited: Option<Instant>) {
+    fn after_take(&self, pool: &Pool, waited: Option<Instant>, now: u64) {
         if let Some(since) = waited {
             pool.waiting.fetch_sub(1, Ordering::Relaxed);
             pool.waits.fetch_add(1, Ordering::Relaxed);
             pool.wait_us_total
                 .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        let now = self.now_ms();
         if let Some(pct) = pool.lock().utilisation_warning(now) {
             log::warn(&format!(
                 "pool {}/{} is {pct} % busy",

@@ -139,7 +139,7 @@ impl<'a> Reader<'a> {
     }
 
     pub fn cstr(&mut self, what: &str) -> Result<&'a [u8], ProtocolError> {
-        match self.buf.iter().position(|&b| b == 0) {
+        match memchr::memchr(0, self.buf) {
             Some(i) => {
                 let s = &self.buf[..i];
                 self.buf = &self.buf[i + 1..];

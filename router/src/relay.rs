@@ -69,7 +69,8 @@ impl Session {
         out: &mut Vec<u8>,
         classify: bool,
     ) {
-        if att.link.pending.is_empty() {
+        // A new statement of an attachment (the first batch's time is the attachment's own).
+        if classify && att.link.pending.is_empty() {
             att.started = Instant::now();
         }
         // Borrows only the shared state (disjoint from the statements map): no Arc clone per
@@ -139,9 +140,13 @@ impl Session {
                 att.tx_status = body(msg).first().copied().unwrap_or(b'I');
                 att.saw_transaction |= att.tx_status != b'I';
                 att.copy_in = false;
+                let now = Instant::now();
+                att.ready_ms = self.shared.ms_at(now);
                 if att.decision.target == Target::Replica {
-                    let ms = att.started.elapsed().as_secs_f64() * 1000.0;
-                    self.shared.topology().observe_latency(att.node, ms);
+                    let ms = now.saturating_duration_since(att.started).as_secs_f64() * 1000.0;
+                    self.shared
+                        .topology()
+                        .observe_latency(att.node, ms, att.ready_ms);
                 }
             }
             b'G' => att.copy_in = true,
@@ -470,9 +475,13 @@ impl Session {
     }
 
     /// Gives the attached connection back (or closes it) and notes a write for read-your-writes.
-    pub(crate) fn detach(&mut self, att: Attached, reusable: bool) {
+    pub(crate) fn detach(&mut self, mut att: Box<Attached>, reusable: bool) {
+        att.link.clear();
+        self.spare_link = std::mem::take(&mut att.link);
         self.shared.set_cancel_target(self.key, None);
-        let now = self.shared.now_ms();
+        // The reply's time: the client has seen data as of then (the router's own statements
+        // after it, if any, read nothing for the client).
+        let now = att.ready_ms;
         if !att.wrote_here && att.executed {
             self.floor.after_read(att.node, now);
         }

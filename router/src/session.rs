@@ -36,7 +36,7 @@ pub(crate) struct Attached {
     /// Counts this read on its node while attached (balancing looks at it); held for its Drop.
     #[allow(dead_code)]
     pub(crate) in_flight: Option<InFlight>,
-    pub(crate) conn: ServerConn,
+    pub(crate) conn: Box<ServerConn>,
     pub(crate) pool: Arc<Pool>,
     pub(crate) node: usize,
     pub(crate) decision: Decision,
@@ -60,9 +60,14 @@ pub(crate) struct Attached {
     pub(crate) wrote: bool,
     /// Something of this batch reached the client (a retry is no longer invisible).
     pub(crate) relayed: bool,
+    /// When the current batch started (its first message is being routed or relayed).
     pub(crate) started: Instant,
+    /// When the last ReadyForQuery came ([`Shared::now_ms`] clock): the read's time for the
+    /// client's floor and the connection's idle-since when it goes back.
+    pub(crate) ready_ms: u64,
     /// The reply being captured for the result cache.
-    pub(crate) capture: Option<Capture>,
+    /// Boxed: most batches capture nothing, and the attachment moves with every event.
+    pub(crate) capture: Option<Box<Capture>>,
     /// A write was committed during this attachment (the floor was raised for it).
     pub(crate) wrote_here: bool,
     /// Something ran (an Execute or a Query): a Parse/Describe alone reads no data, and leaves
@@ -91,7 +96,10 @@ pub struct Session {
     pub(crate) floor: Floor,
     /// The user's last write already folded into `floor`.
     pub(crate) user_write_seen: u64,
-    pub(crate) attached: Option<Attached>,
+    /// Boxed: the pump takes it out and puts it back on every event (a pointer, not ~460 bytes).
+    pub(crate) attached: Option<Box<Attached>>,
+    /// The last attachment's reply queue, emptied, for the next one (no allocation per batch).
+    pub(crate) spare_link: Link,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
     pub(crate) retry_batch: Option<Vec<(u8, Vec<u8>)>>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -167,6 +175,7 @@ impl Session {
             floor: Floor::default(),
             user_write_seen: 0,
             attached: None,
+            spare_link: Link::default(),
             retry_batch: None,
             shutdown,
             limits: Limits::default(),
@@ -360,7 +369,8 @@ impl Session {
     }
 
     fn batch_class(&self, batch: &[(u8, Vec<u8>)]) -> Class {
-        let mut classes = Vec::new();
+        // On the stack: a batch is a few messages.
+        let mut classes: smallvec::SmallVec<[Class; 4]> = smallvec::SmallVec::new();
         let mut unnamed: Option<Class> = None;
         for (tag, msg) in batch {
             let b = body(msg);
@@ -419,6 +429,9 @@ impl Session {
         plan: CachePlan,
     ) -> Step<()> {
         let auth = self.auth.clone().ok_or(Close)?;
+        // The clock, read once for the whole routing of the batch (its latency counts from here).
+        let began = Instant::now();
+        let now_ms = self.shared.ms_at(began);
         let session_mode = auth.pool_mode == PoolMode::Session;
         let class = self.batch_class(&batch);
         let mut decision = decide(&class, auth.critical, session_mode);
@@ -447,7 +460,8 @@ impl Session {
                 match decision.target {
                     Target::Replica => {
                         self.floor.resolve(&t.lsn_history);
-                        t.pick_for_read(&self.floor, exclude, |n| n >= 128 || room & (1 << n) != 0)
+                        let has_room = |n: usize| n >= 128 || room & (1 << n) != 0;
+                        t.pick_for_read(&self.floor, exclude, has_room, now_ms)
                     }
                     Target::Primary => t.primary_for_writes(),
                 }
@@ -462,7 +476,7 @@ impl Session {
             }
             match self
                 .shared
-                .acquire(node, &self.database, &auth.login, decision.critical)
+                .acquire(node, &self.database, &auth.login, decision.critical, now_ms)
                 .await
             {
                 Ok((pool, mut conn)) => {
@@ -516,13 +530,13 @@ impl Session {
         };
         let in_flight =
             (decision.target == Target::Replica).then(|| InFlight::start(&self.shared, node));
-        let mut att = Attached {
+        let mut att = Box::new(Attached {
             in_flight,
             conn,
             pool,
             node,
             decision,
-            link: Link::default(),
+            link: std::mem::take(&mut self.spare_link),
             batch_open: true,
             tx_status: b'I',
             copy_in: false,
@@ -532,15 +546,17 @@ impl Session {
             saw_transaction: false,
             wrote: decision.writes,
             relayed: false,
-            started: Instant::now(),
+            started: began,
+            ready_ms: now_ms,
             capture: None,
             wrote_here: false,
             executed: batch.iter().any(|(tag, _)| matches!(tag, b'E' | b'Q')),
-        };
+        });
         if let CachePlan::Fill(p) = plan {
             att.capture = self
                 .prepare_fill(&mut att.conn, *p, &batch, node, is_primary)
-                .await;
+                .await
+                .map(Box::new);
         }
         self.shared.set_cancel_target(
             self.key,

@@ -239,7 +239,12 @@ impl Shared {
 
     /// [`Topology::now_ms`], without taking the topology lock.
     pub fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.ms_at(std::time::Instant::now())
+    }
+
+    /// `at` on the same clock as [`Shared::now_ms`] (a caller that has read the time already).
+    pub fn ms_at(&self, at: std::time::Instant) -> u64 {
+        at.saturating_duration_since(self.started).as_millis() as u64
     }
 
     pub fn node_name(&self, node: usize) -> String {

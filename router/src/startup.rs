@@ -185,7 +185,8 @@ impl Session {
     ) -> Step<Vec<(String, String)>> {
         let node = {
             let mut t = self.shared.topology();
-            t.pick_for_read(&crate::route::Floor::default(), None, |_| true)
+            let now = t.now_ms();
+            t.pick_for_read(&crate::route::Floor::default(), None, |_| true, now)
         };
         let node = match node {
             Ok(n) => n,
@@ -196,7 +197,13 @@ impl Session {
         };
         let (pool, mut conn) = match self
             .shared
-            .acquire(node, &self.database, &auth.login, auth.critical)
+            .acquire(
+                node,
+                &self.database,
+                &auth.login,
+                auth.critical,
+                self.shared.now_ms(),
+            )
             .await
         {
             Ok(x) => x,

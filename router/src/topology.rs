@@ -238,14 +238,15 @@ impl Topology {
     /// A replica for a read, or the primary when none is usable (lag, breaker, read-your-writes).
     /// `exclude` skips a node that just failed (for a retry).
     /// `has_room(node)`: that node's pool for the client can hand out a connection at once.
+    /// `now`: [`Topology::now_ms`] (read once per batch by the caller).
     pub fn pick_for_read(
         &mut self,
         floor: &Floor,
         exclude: Option<usize>,
         has_room: impl Fn(usize) -> bool,
+        now: u64,
     ) -> Result<usize, Unavailable> {
-        let now = self.now_ms();
-        let candidates: Vec<Candidate> = (0..self.nodes.len())
+        let candidates: smallvec::SmallVec<[Candidate; 8]> = (0..self.nodes.len())
             .filter(|&i| Some(i) != exclude && self.replica_usable(i, floor, now))
             .map(|i| Candidate {
                 node: i,
@@ -266,8 +267,8 @@ impl Topology {
         }
     }
 
-    pub fn observe_latency(&mut self, node: usize, ms: f64) {
-        let now = self.now_ms();
+    /// A read on `node` took `ms`; it ended at `now` ([`Topology::now_ms`]).
+    pub fn observe_latency(&mut self, node: usize, ms: f64, now: u64) {
         self.nodes[node].ewma.observe(ms, now);
     }
 }
@@ -378,20 +379,37 @@ mod tests {
         }
         let mut seen = [0; 3];
         for _ in 0..10 {
-            seen[t.pick_for_read(&Floor::default(), None, |_| true).unwrap()] += 1;
+            seen[t
+                .pick_for_read(&Floor::default(), None, |_| true, t.now_ms())
+                .unwrap()] += 1;
         }
         assert_eq!(seen, [0, 5, 5]);
         t.nodes[1].lag_s = Some(30.0);
-        assert_eq!(t.pick_for_read(&Floor::default(), None, |_| true), Ok(2));
-        assert_eq!(t.pick_for_read(&Floor::default(), Some(2), |_| true), Ok(0));
+        assert_eq!(
+            t.pick_for_read(&Floor::default(), None, |_| true, t.now_ms()),
+            Ok(2)
+        );
+        assert_eq!(
+            t.pick_for_read(&Floor::default(), Some(2), |_| true, t.now_ms()),
+            Ok(0)
+        );
         // Read-your-writes: replica 2 has not replayed far enough.
-        assert_eq!(t.pick_for_read(&Floor::at(101), None, |_| true), Ok(0));
-        assert_eq!(t.pick_for_read(&Floor::at(100), None, |_| true), Ok(2));
+        assert_eq!(
+            t.pick_for_read(&Floor::at(101), None, |_| true, t.now_ms()),
+            Ok(0)
+        );
+        assert_eq!(
+            t.pick_for_read(&Floor::at(100), None, |_| true, t.now_ms()),
+            Ok(2)
+        );
         // Breaker open on 2.
         for _ in 0..30 {
             t.record(2, false);
         }
-        assert_eq!(t.pick_for_read(&Floor::default(), None, |_| true), Ok(0));
+        assert_eq!(
+            t.pick_for_read(&Floor::default(), None, |_| true, t.now_ms()),
+            Ok(0)
+        );
         assert!(t.admit_attempt(2).is_err());
     }
 

@@ -111,6 +111,12 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Empties the queues, keeping their memory.
+    pub(crate) fn clear(&mut self) {
+        self.pending.clear();
+        self.refusals.clear();
+    }
+
     /// One client message, rewritten for the server into `out`. `prepared`: the hashes of the
     /// statements the connection has; `classify` gives a text's class. Returns the class of the
     /// statement a Query, Parse or Bind carries — for a Query or an unnamed Parse only when
@@ -259,7 +265,19 @@ impl Link {
     }
 
     /// Replies the router owes at the head of the queue, written to `out`; true if any.
+    #[inline]
     pub(crate) fn synthetic_replies(&mut self, out: &mut Vec<u8>) -> bool {
+        // Asked around every server message; there is rarely one owed.
+        if !matches!(
+            self.pending.front(),
+            Some(Expect::SyntheticParse | Expect::SyntheticClose)
+        ) {
+            return false;
+        }
+        self.put_synthetic_replies(out)
+    }
+
+    fn put_synthetic_replies(&mut self, out: &mut Vec<u8>) -> bool {
         let mut any = false;
         while let Some(front) = self.pending.front() {
             let tag = match front {

@@ -247,7 +247,7 @@ pub async fn refresh(
     let work = async {
         let node = shared.topology().primary.ok_or("no primary")?;
         let (pool, mut conn) = shared
-            .acquire(node, &spec.database, &spec.login, true)
+            .acquire(node, &spec.database, &spec.login, true, shared.now_ms())
             .await
             .map_err(|e| e.message)?;
         let result = async {
