@@ -475,6 +475,8 @@ impl Session {
     }
 
     /// Gives the attached connection back (or closes it) and notes a write for read-your-writes.
+    // Boxed on purpose: taking it by value would copy the attachment out of its box.
+    #[allow(clippy::boxed_local)]
     pub(crate) fn detach(&mut self, mut att: Box<Attached>, reusable: bool) {
         att.link.clear();
         self.spare_link = std::mem::take(&mut att.link);
