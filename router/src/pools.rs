@@ -45,6 +45,9 @@ pub struct Pool {
     pub timeouts: AtomicU64,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
+    /// Out of the map (dropped as unused, or replaced for a changed login): a session that kept
+    /// it ([`SessionPools`]) looks its pool up again.
+    pub retired: std::sync::atomic::AtomicBool,
 }
 
 /// Why a client got no server connection; becomes an ErrorResponse.
@@ -106,11 +109,15 @@ impl Pools {
             timeouts: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         });
-        by_db
+        let replaced = by_db
             .entry(database.to_string())
             .or_default()
             .insert(login.role.clone(), pool.clone());
+        if let Some(old) = replaced {
+            old.retired.store(true, Ordering::Relaxed);
+        }
         pool
     }
 
@@ -142,17 +149,10 @@ impl Pools {
         database: &str,
         role: &str,
     ) -> bool {
-        match map
-            .get(&node)
+        map.get(&node)
             .and_then(|d| d.get(database))
             .and_then(|r| r.get(role))
-        {
-            Some(pool) => {
-                let st = pool.lock();
-                st.idle() > 0 || st.open() < st.limits.max
-            }
-            None => true,
-        }
+            .is_none_or(|pool| pool.has_room())
     }
 
     /// Drops a pool from the map (its idle connections close with it).
@@ -167,6 +167,7 @@ impl Pools {
                 .is_some_and(|p| Arc::ptr_eq(p, pool))
             {
                 by_role.remove(&pool.login.role);
+                pool.retired.store(true, Ordering::Relaxed);
             }
             if by_role.is_empty() {
                 if let Some(d) = map.get_mut(&pool.node) {
@@ -177,7 +178,64 @@ impl Pools {
     }
 }
 
+/// The pools one session uses, by node (its database and login never change): found without
+/// the map's lock and three hash lookups per batch, for as long as they stay in the map.
+#[derive(Default)]
+pub struct SessionPools(smallvec::SmallVec<[Arc<Pool>; 4]>);
+
+impl SessionPools {
+    fn cached(&self, node: usize) -> Option<&Arc<Pool>> {
+        self.0
+            .iter()
+            .find(|p| p.node == node && !p.retired.load(Ordering::Relaxed))
+    }
+
+    /// The session's pool on `node` (see [`Pools::get`]).
+    pub fn get(
+        &mut self,
+        pools: &Pools,
+        node: usize,
+        database: &str,
+        login: &Login,
+        limits: impl FnOnce() -> PoolLimits,
+    ) -> Arc<Pool> {
+        if let Some(p) = self.cached(node) {
+            return p.clone();
+        }
+        // Forget what was retired (and this node's entry) before keeping the new one.
+        self.0
+            .retain(|p| p.node != node && !p.retired.load(Ordering::Relaxed));
+        let p = pools.get(node, database, login, limits);
+        self.0.push(p.clone());
+        p
+    }
+
+    /// [`Pools::room_mask`], answered by the session's own pools where it has them.
+    pub fn room_mask(&self, pools: &Pools, nodes: usize, database: &str, role: &str) -> u128 {
+        let nodes = nodes.min(128);
+        let mut bits = 0u128;
+        let mut unknown = 0u128;
+        for n in 0..nodes {
+            match self.cached(n) {
+                Some(p) if p.has_room() => bits |= 1 << n,
+                Some(_) => {}
+                None => unknown |= 1 << n,
+            }
+        }
+        if unknown != 0 {
+            bits |= pools.room_mask(nodes, database, role) & unknown;
+        }
+        bits
+    }
+}
+
 impl Pool {
+    /// Can it hand out a connection without waiting?
+    pub fn has_room(&self) -> bool {
+        let st = self.lock();
+        st.idle() > 0 || st.open() < st.limits.max
+    }
+
     pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<Box<ServerConn>>> {
         lock(&self.state)
     }
@@ -300,6 +358,17 @@ impl Shared {
         now_ms: u64,
     ) -> Result<(Arc<Pool>, Box<ServerConn>), AcquireError> {
         let pool = self.pools.get(node, database, login, || self.pool_limits());
+        self.acquire_in(pool, critical, now_ms).await
+    }
+
+    /// A server connection from `pool` (a session's own, [`SessionPools`]).
+    pub async fn acquire_in(
+        &self,
+        pool: Arc<Pool>,
+        critical: bool,
+        now_ms: u64,
+    ) -> Result<(Arc<Pool>, Box<ServerConn>), AcquireError> {
+        let (node, database, login) = (pool.node, pool.database.as_str(), &pool.login);
         pool.last_used_ms.store(now_ms, Ordering::Relaxed);
         let (is_primary, epoch) = {
             let t = self.topology();
@@ -499,5 +568,70 @@ fn static_code(code: &str) -> &'static str {
         "53300" => "53300",
         "57P03" => "57P03",
         _ => "08004",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(password: &str) -> Login {
+        Login {
+            role: "app".into(),
+            password: Some(password.into()),
+            admin: false,
+        }
+    }
+
+    fn limits(max: u32) -> impl FnOnce() -> PoolLimits {
+        move || PoolLimits {
+            min: 0,
+            max,
+            critical_reserve: 0,
+            idle_timeout_ms: 0,
+            warn_percent: 90,
+        }
+    }
+
+    #[test]
+    fn a_session_keeps_its_pools_until_they_leave_the_map() {
+        let pools = Pools::default();
+        let mut mine = SessionPools::default();
+        let a = mine.get(&pools, 0, "db", &login("x"), limits(1));
+        assert!(Arc::ptr_eq(
+            &a,
+            &mine.get(&pools, 0, "db", &login("x"), limits(1))
+        ));
+        assert!(Arc::ptr_eq(&a, &pools.get(0, "db", &login("x"), limits(1))));
+        // Dropped as unused: the session gets the pool that replaces it, not the orphan.
+        pools.remove(&a);
+        let b = mine.get(&pools, 0, "db", &login("x"), limits(1));
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(&b, &pools.get(0, "db", &login("x"), limits(1))));
+        // Replaced for a changed login (SIGHUP): the old one is retired as well.
+        let c = pools.get(0, "db", &login("y"), limits(1));
+        assert!(b.retired.load(Ordering::Relaxed));
+        assert!(!Arc::ptr_eq(
+            &b,
+            &mine.get(&pools, 0, "db", &login("x"), limits(1))
+        ));
+        assert!(c.retired.load(Ordering::Relaxed));
+        // One entry per node: retired ones are forgotten.
+        mine.get(&pools, 1, "db", &login("x"), limits(1));
+        assert_eq!(mine.0.len(), 2);
+    }
+
+    #[test]
+    fn room_is_the_same_from_the_session_and_from_the_map() {
+        let pools = Pools::default();
+        let mut mine = SessionPools::default();
+        let full = mine.get(&pools, 1, "db", &login("x"), limits(1));
+        assert!(matches!(full.lock().take(false, false), Take::Open));
+        pools.get(2, "db", &login("x"), limits(1)); // in the map, not the session's yet
+                                                    // Node 0: no pool yet (room); 1: full; 2: the map's answer.
+        assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b101);
+        assert_eq!(pools.room_mask(3, "db", "app"), 0b101);
+        full.lock().discard();
+        assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b111);
     }
 }

@@ -100,6 +100,8 @@ pub struct Session {
     pub(crate) attached: Option<Box<Attached>>,
     /// The last attachment's reply queue, emptied, for the next one (no allocation per batch).
     pub(crate) spare_link: Link,
+    /// The pools this session has used, by node.
+    pub(crate) pools: crate::pools::SessionPools,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
     pub(crate) retry_batch: Option<Vec<(u8, Vec<u8>)>>,
     pub(crate) shutdown: watch::Receiver<bool>,
@@ -176,6 +178,7 @@ impl Session {
             user_write_seen: 0,
             attached: None,
             spare_link: Link::default(),
+            pools: Default::default(),
             retry_batch: None,
             shutdown,
             limits: Limits::default(),
@@ -451,10 +454,12 @@ impl Session {
         let (pool, conn, node, is_primary) = loop {
             // Only reads choose among nodes (and only they need to know which pools are full):
             // one bit per node, no allocation per batch (nodes past 128 count as having room).
-            let room = self
-                .shared
-                .pools
-                .room_mask(node_count, &self.database, &auth.login.role);
+            let room = self.pools.room_mask(
+                &self.shared.pools,
+                node_count,
+                &self.database,
+                &auth.login.role,
+            );
             let picked = {
                 let mut t = self.shared.topology();
                 match decision.target {
@@ -474,11 +479,13 @@ impl Session {
             if retry_of.is_none() && broken == 0 && !self.check_node_limit(&batch, node).await? {
                 return Ok(());
             }
-            match self
-                .shared
-                .acquire(node, &self.database, &auth.login, decision.critical, now_ms)
-                .await
-            {
+            let shared = &self.shared;
+            let pool = self
+                .pools
+                .get(&shared.pools, node, &self.database, &auth.login, || {
+                    shared.pool_limits()
+                });
+            match shared.acquire_in(pool, decision.critical, now_ms).await {
                 Ok((pool, mut conn)) => {
                     match self.sync_settings(&mut conn).await {
                         Ok(()) => {}
