@@ -132,13 +132,19 @@ impl Pools {
         v
     }
 
-    /// One bit per node `0..nodes` (at most 128): whether the login's pool there can hand out a
-    /// connection at once (no pool yet counts as room). One lock for all nodes.
-    pub fn room_mask(&self, nodes: usize, database: &str, role: &str) -> u128 {
+    /// One bit per node asked about in `wanted` (nodes 0..128): whether the login's pool there can
+    /// hand out a connection at once (no pool yet counts as room). One lock for all nodes.
+    pub fn room_mask(&self, wanted: u128, database: &str, role: &str) -> u128 {
         let map = lock(&self.map);
-        (0..nodes.min(128))
-            .filter(|&n| Self::room_in(&map, n, database, role))
-            .fold(0, |bits, n| bits | (1 << n))
+        let (mut left, mut bits) = (wanted, 0u128);
+        while left != 0 {
+            let n = left.trailing_zeros() as usize;
+            left &= left - 1;
+            if Self::room_in(&map, n, database, role) {
+                bits |= 1 << n;
+            }
+        }
+        bits
     }
 
     /// Can the pool of (`node`, `database`, `role`) hand out a connection without waiting? True
@@ -223,7 +229,7 @@ impl SessionPools {
             }
         }
         if unknown != 0 {
-            bits |= pools.room_mask(nodes, database, role) & unknown;
+            bits |= pools.room_mask(unknown, database, role);
         }
         bits
     }
@@ -630,7 +636,7 @@ mod tests {
         pools.get(2, "db", &login("x"), limits(1)); // in the map, not the session's yet
                                                     // Node 0: no pool yet (room); 1: full; 2: the map's answer.
         assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b101);
-        assert_eq!(pools.room_mask(3, "db", "app"), 0b101);
+        assert_eq!(pools.room_mask(0b111, "db", "app"), 0b101);
         full.lock().discard();
         assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b111);
     }
