@@ -83,6 +83,18 @@ wait_until() {
 # in all nodes of a running stack); after an unlink they keep the old inode and the copy is a new one.
 # Makes (or refreshes, when the system's PostgreSQL changed) a relocated copy of the system's
 # PostgreSQL 15 under DIR and prints its pg_config. Nothing the system's servers use is touched.
+# split_router_config LISTEN_PORT: the stack's router.toml (read/write split over every node) on its
+# own listen and admin ports, without the result cache, alert and rate-limit sections — the split's
+# own cost, for the benchmarks.
+split_router_config() {
+  awk -v listen="127.0.0.1:$1" -v admin="127.0.0.1:$(($1 + 1))" '
+    /^\[/ { skip = ($0 ~ /^\[\[?(cache|alerts|limits)[].]/) }
+    skip { next }
+    /^address = / { print "address = \"" listen "\""; next }
+    /^admin_address = / { print "admin_address = \"" admin "\""; next }
+    { print }' "$DBOPT_DIR/router.toml"
+}
+
 private_postgres() {
   local dir=$1 stamp want
   want=$("$(dirname "$SYSTEM_PG_CONFIG")/postgres" --version)

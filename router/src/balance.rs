@@ -44,9 +44,12 @@ impl Ewma {
 
     /// The average as of `now_ms` (decayed since the last sample).
     pub fn get(&self, now_ms: u64) -> Option<f64> {
-        let idle = now_ms.saturating_sub(self.at_ms) as f64;
+        let idle = now_ms.saturating_sub(self.at_ms);
+        if idle == 0 {
+            return self.value; // sampled this millisecond (the common case under load): no decay
+        }
         self.value
-            .map(|v| v * 0.5f64.powf(idle / EWMA_HALF_LIFE_MS))
+            .map(|v| v * (-(idle as f64) / EWMA_HALF_LIFE_MS).exp2())
     }
 }
 
@@ -95,8 +98,8 @@ pub fn effective_weights(
 /// Smooth weighted round-robin state, keyed by node.
 #[derive(Debug, Default)]
 pub struct Balancer {
-    /// Keyed by node index (the router's own numbers: FxHash).
-    score: rustc_hash::FxHashMap<usize, f64>,
+    /// (node index, running score): a handful of nodes, searched in place (no hashing per pick).
+    score: smallvec::SmallVec<[(usize, f64); 8]>,
 }
 
 impl Balancer {
@@ -117,20 +120,26 @@ impl Balancer {
         }
         // Forget nodes that are no longer candidates, so a returning node starts fresh.
         self.score
-            .retain(|node, _| candidates.iter().any(|c| c.node == *node));
+            .retain(|(node, _)| candidates.iter().any(|c| c.node == *node));
+        // (index into `score`, its value) of the highest score so far.
         let mut best: Option<(usize, f64)> = None;
         for (c, w) in candidates.iter().zip(&weights) {
-            let s = self.score.entry(c.node).or_insert(0.0);
+            let at = match self.score.iter().position(|(node, _)| *node == c.node) {
+                Some(at) => at,
+                None => {
+                    self.score.push((c.node, 0.0));
+                    self.score.len() - 1
+                }
+            };
+            let s = &mut self.score[at].1;
             *s += w;
             if best.is_none_or(|(_, b)| *s > b) {
-                best = Some((c.node, *s));
+                best = Some((at, *s));
             }
         }
-        let (node, _) = best?;
-        if let Some(s) = self.score.get_mut(&node) {
-            *s -= total;
-        }
-        Some(node)
+        let (at, _) = best?;
+        self.score[at].1 -= total;
+        Some(self.score[at].0)
     }
 }
 

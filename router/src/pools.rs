@@ -37,7 +37,11 @@ pub struct Pool {
     pub failing: std::sync::atomic::AtomicBool,
     /// Connections are boxed: they move in and out of the pool and the session on every
     /// transaction (a pointer instead of ~270 bytes).
-    pub state: Mutex<PoolState<Box<ServerConn>>>,
+    /// Reached through [`Pool::lock`] only: its guard refreshes `room` when it is dropped.
+    state: Mutex<PoolState<Box<ServerConn>>>,
+    /// Whether the pool could hand out a connection at once, as of the last time its state was
+    /// unlocked: the room check of every read's batch reads it without taking the lock.
+    room: std::sync::atomic::AtomicBool,
     notify: Notify,
     pub waiting: AtomicU32,
     pub waits: AtomicU64,
@@ -71,6 +75,9 @@ type ByRole = FxHashMap<String, Arc<Pool>>;
 #[derive(Default)]
 pub struct Pools {
     map: Mutex<FxHashMap<usize, FxHashMap<String, ByRole>>>,
+    /// Bumped (under the map's lock) whenever a pool enters or leaves the map: a session that
+    /// found no pool on a node knows the answer still holds while this has not moved.
+    generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -95,13 +102,16 @@ impl Pools {
         }
         // A new pool, or a login whose password or admin flag changed (SIGHUP): the old pool's
         // connections stay with the clients that hold them and close when given back.
+        let state = PoolState::new(limits());
+        let room = has_room(&state);
         let pool = Arc::new(Pool {
             node,
             database: database.to_string(),
             login: login.clone(),
             last_used_ms: AtomicU64::new(0),
             failing: std::sync::atomic::AtomicBool::new(false),
-            state: Mutex::new(PoolState::new(limits())),
+            state: Mutex::new(state),
+            room: std::sync::atomic::AtomicBool::new(room),
             notify: Notify::new(),
             waiting: AtomicU32::new(0),
             waits: AtomicU64::new(0),
@@ -115,6 +125,7 @@ impl Pools {
             .entry(database.to_string())
             .or_default()
             .insert(login.role.clone(), pool.clone());
+        self.generation.fetch_add(1, Ordering::Relaxed);
         if let Some(old) = replaced {
             old.retired.store(true, Ordering::Relaxed);
         }
@@ -135,30 +146,37 @@ impl Pools {
     /// One bit per node asked about in `wanted` (nodes 0..128): whether the login's pool there can
     /// hand out a connection at once (no pool yet counts as room). One lock for all nodes.
     pub fn room_mask(&self, wanted: u128, database: &str, role: &str) -> u128 {
-        let map = lock(&self.map);
-        let (mut left, mut bits) = (wanted, 0u128);
-        while left != 0 {
-            let n = left.trailing_zeros() as usize;
-            left &= left - 1;
-            if Self::room_in(&map, n, database, role) {
+        let mut bits = 0u128;
+        self.find_each(wanted, database, role, |n, pool| {
+            if pool.is_none_or(|p| p.has_room()) {
                 bits |= 1 << n;
             }
-        }
+        });
         bits
     }
 
-    /// Can the pool of (`node`, `database`, `role`) hand out a connection without waiting? True
-    /// when it does not exist yet (it would open one).
-    fn room_in(
-        map: &FxHashMap<usize, FxHashMap<String, ByRole>>,
-        node: usize,
+    /// Calls `each` with every node asked about in `wanted` (nodes 0..128) and the role's pool
+    /// there, if the map has one — under one lock for all nodes. Returns the map's generation the
+    /// answers belong to.
+    fn find_each(
+        &self,
+        wanted: u128,
         database: &str,
         role: &str,
-    ) -> bool {
-        map.get(&node)
-            .and_then(|d| d.get(database))
-            .and_then(|r| r.get(role))
-            .is_none_or(|pool| pool.has_room())
+        mut each: impl FnMut(usize, Option<&Arc<Pool>>),
+    ) -> u64 {
+        let map = lock(&self.map);
+        let mut left = wanted;
+        while left != 0 {
+            let n = left.trailing_zeros() as usize;
+            left &= left - 1;
+            let pool = map
+                .get(&n)
+                .and_then(|d| d.get(database))
+                .and_then(|r| r.get(role));
+            each(n, pool);
+        }
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Drops a pool from the map (its idle connections close with it).
@@ -174,6 +192,7 @@ impl Pools {
             {
                 by_role.remove(&pool.login.role);
                 pool.retired.store(true, Ordering::Relaxed);
+                self.generation.fetch_add(1, Ordering::Relaxed);
             }
             if by_role.is_empty() {
                 if let Some(d) = map.get_mut(&pool.node) {
@@ -187,11 +206,18 @@ impl Pools {
 /// The pools one session uses, by node (its database and login never change): found without
 /// the map's lock and three hash lookups per batch, for as long as they stay in the map.
 #[derive(Default)]
-pub struct SessionPools(smallvec::SmallVec<[Arc<Pool>; 4]>);
+pub struct SessionPools {
+    kept: smallvec::SmallVec<[Arc<Pool>; 4]>,
+    /// Nodes where the map had no pool for the session's login, as of map generation
+    /// `absent_gen` (a read that never goes to the primary would otherwise ask about it on
+    /// every batch).
+    absent: u128,
+    absent_gen: u64,
+}
 
 impl SessionPools {
     fn cached(&self, node: usize) -> Option<&Arc<Pool>> {
-        self.0
+        self.kept
             .iter()
             .find(|p| p.node == node && !p.retired.load(Ordering::Relaxed))
     }
@@ -209,41 +235,109 @@ impl SessionPools {
             return p.clone();
         }
         // Forget what was retired (and this node's entry) before keeping the new one.
-        self.0
+        self.kept
             .retain(|p| p.node != node && !p.retired.load(Ordering::Relaxed));
         let p = pools.get(node, database, login, limits);
-        self.0.push(p.clone());
+        self.kept.push(p.clone());
         p
     }
 
-    /// [`Pools::room_mask`], answered by the session's own pools where it has them.
-    pub fn room_mask(&self, pools: &Pools, nodes: usize, database: &str, role: &str) -> u128 {
+    /// [`Pools::room_mask`], answered by the session's own pools where it has them; a pool the
+    /// map has for the session's login is kept from then on (a read that always lands on the
+    /// replicas still asks about the primary's pool on every batch).
+    pub fn room_mask(
+        &mut self,
+        pools: &Pools,
+        nodes: usize,
+        database: &str,
+        login: &Login,
+    ) -> u128 {
         let nodes = nodes.min(128);
         let mut bits = 0u128;
         let mut unknown = 0u128;
+        let absent = if pools.generation.load(Ordering::Relaxed) == self.absent_gen {
+            self.absent
+        } else {
+            0
+        };
         for n in 0..nodes {
             match self.cached(n) {
                 Some(p) if p.has_room() => bits |= 1 << n,
                 Some(_) => {}
+                None if absent & (1 << n) != 0 => bits |= 1 << n, // no pool yet: room
                 None => unknown |= 1 << n,
             }
         }
         if unknown != 0 {
-            bits |= pools.room_mask(unknown, database, role);
+            self.kept.retain(|q| !q.retired.load(Ordering::Relaxed));
+            let (kept, mut missing) = (&mut self.kept, absent);
+            let generation = pools.find_each(unknown, database, &login.role, |n, pool| {
+                let Some(p) = pool else {
+                    bits |= 1 << n; // no pool yet: the checkout would open a connection
+                    missing |= 1 << n;
+                    return;
+                };
+                if p.has_room() {
+                    bits |= 1 << n;
+                }
+                if p.login == *login {
+                    kept.push(p.clone());
+                }
+            });
+            // Kept only if nothing entered or left the map since `absent` was true.
+            self.absent = if generation == self.absent_gen {
+                missing
+            } else {
+                missing & unknown
+            };
+            self.absent_gen = generation;
         }
         bits
     }
 }
 
+/// The pool's state, locked; on release it notes whether the pool has room (see [`Pool::room`]).
+pub struct PoolGuard<'a> {
+    state: std::sync::MutexGuard<'a, PoolState<Box<ServerConn>>>,
+    room: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::ops::Deref for PoolGuard<'_> {
+    type Target = PoolState<Box<ServerConn>>;
+    fn deref(&self) -> &Self::Target {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for PoolGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.state
+    }
+}
+
+impl Drop for PoolGuard<'_> {
+    fn drop(&mut self) {
+        // Still under the lock: every change to the state is followed by this store.
+        self.room.store(has_room(&self.state), Ordering::Relaxed);
+    }
+}
+
+fn has_room(st: &PoolState<Box<ServerConn>>) -> bool {
+    st.idle() > 0 || st.open() < st.limits.max
+}
+
 impl Pool {
-    /// Can it hand out a connection without waiting?
+    /// Can it hand out a connection without waiting? (As of the last unlock: no lock taken.)
     pub fn has_room(&self) -> bool {
-        let st = self.lock();
-        st.idle() > 0 || st.open() < st.limits.max
+        self.room.load(Ordering::Relaxed)
     }
 
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, PoolState<Box<ServerConn>>> {
-        lock(&self.state)
+    /// The pool's state; `has_room` follows every change made through the guard.
+    pub fn lock(&self) -> PoolGuard<'_> {
+        PoolGuard {
+            state: lock(&self.state),
+            room: &self.room,
+        }
     }
 
     /// Returns a connection; `reusable = false` closes it instead (broken, mid-transaction,
@@ -624,7 +718,7 @@ mod tests {
         assert!(c.retired.load(Ordering::Relaxed));
         // One entry per node: retired ones are forgotten.
         mine.get(&pools, 1, "db", &login("x"), limits(1));
-        assert_eq!(mine.0.len(), 2);
+        assert_eq!(mine.kept.len(), 2);
     }
 
     #[test]
@@ -635,9 +729,41 @@ mod tests {
         assert!(matches!(full.lock().take(false, false), Take::Open));
         pools.get(2, "db", &login("x"), limits(1)); // in the map, not the session's yet
                                                     // Node 0: no pool yet (room); 1: full; 2: the map's answer.
-        assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b101);
+        assert_eq!(mine.room_mask(&pools, 3, "db", &login("x")), 0b101);
         assert_eq!(pools.room_mask(0b111, "db", "app"), 0b101);
         full.lock().discard();
-        assert_eq!(mine.room_mask(&pools, 3, "db", "app"), 0b111);
+        assert_eq!(mine.room_mask(&pools, 3, "db", &login("x")), 0b111);
+    }
+
+    #[test]
+    fn a_room_check_keeps_the_pools_it_found_for_the_sessions_login() {
+        let pools = Pools::default();
+        let mut mine = SessionPools::default();
+        let other = pools.get(0, "db", &login("x"), limits(1));
+        let theirs = pools.get(1, "db", &login("y"), limits(1)); // same role, another password
+        mine.room_mask(&pools, 3, "db", &login("x"));
+        assert_eq!(mine.kept.len(), 1);
+        assert!(Arc::ptr_eq(&mine.kept[0], &other));
+        assert!(!mine.kept.iter().any(|p| Arc::ptr_eq(p, &theirs)));
+        // What it keeps answers as the map does, and leaves once retired.
+        assert!(matches!(other.lock().take(false, false), Take::Open));
+        assert_eq!(mine.room_mask(&pools, 2, "db", &login("x")), 0b10);
+        pools.remove(&other);
+        assert_eq!(mine.room_mask(&pools, 2, "db", &login("x")), 0b11);
+        assert!(!mine.kept.iter().any(|p| Arc::ptr_eq(p, &other)));
+    }
+
+    #[test]
+    fn a_node_without_a_pool_is_asked_about_again_once_one_appears() {
+        let pools = Pools::default();
+        let mut mine = SessionPools::default();
+        assert_eq!(mine.room_mask(&pools, 2, "db", &login("x")), 0b11);
+        assert_eq!(mine.absent, 0b11);
+        // Another session's pool appears on node 1, full: the session sees it at once.
+        let full = pools.get(1, "db", &login("x"), limits(1));
+        assert!(matches!(full.lock().take(false, false), Take::Open));
+        assert_eq!(mine.room_mask(&pools, 2, "db", &login("x")), 0b01);
+        assert_eq!(mine.absent, 0b01);
+        assert!(Arc::ptr_eq(&mine.kept[0], &full));
     }
 }

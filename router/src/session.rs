@@ -445,7 +445,7 @@ impl Session {
         let mut exclude = retry_of;
         let mut broken = 0;
         let node_count = match decision.target {
-            Target::Replica => self.shared.topology().nodes.len(),
+            Target::Replica => self.shared.node_count,
             Target::Primary => 0,
         };
         if decision.target == Target::Replica {
@@ -454,12 +454,9 @@ impl Session {
         let (pool, conn, node, is_primary) = loop {
             // Only reads choose among nodes (and only they need to know which pools are full):
             // one bit per node, no allocation per batch (nodes past 128 count as having room).
-            let room = self.pools.room_mask(
-                &self.shared.pools,
-                node_count,
-                &self.database,
-                &auth.login.role,
-            );
+            let room =
+                self.pools
+                    .room_mask(&self.shared.pools, node_count, &self.database, &auth.login);
             let picked = {
                 let mut t = self.shared.topology();
                 match decision.target {

@@ -107,6 +107,8 @@ pub struct Shared {
     topology: Mutex<Topology>,
     /// The topology's clock origin (fixed at start).
     started: std::time::Instant,
+    /// How many nodes the topology has (the node list is fixed until a restart).
+    pub node_count: usize,
     pub pools: Pools,
     pub counters: Counters,
     /// Client cancel key → the server backend it is using right now. Set and cleared on every
@@ -167,6 +169,7 @@ impl Shared {
             handshakes: crate::handshake::Handshakes::new(config.listen.max_handshakes),
             users: RwLock::new(Arc::new(users_of(&config))),
             started: topology.started(),
+            node_count: topology.nodes.len(),
             topology: Mutex::new(topology),
             config: RwLock::new(Arc::new(config)),
             pools: Pools::default(),
