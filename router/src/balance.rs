@@ -42,6 +42,11 @@ impl Ewma {
         self.at_ms = now_ms;
     }
 
+    /// The average as of its last sample (no decay).
+    pub fn last(&self) -> Option<f64> {
+        self.value
+    }
+
     /// The average as of `now_ms` (decayed since the last sample).
     pub fn get(&self, now_ms: u64) -> Option<f64> {
         let idle = now_ms.saturating_sub(self.at_ms);
@@ -59,6 +64,9 @@ pub struct Candidate {
     pub weight: u32,
     pub cpu_percent: Option<f64>,
     pub ewma_ms: Option<f64>,
+    /// The average as of its last sample (`pack` compares these: a node that got no reads
+    /// lately keeps its last figure instead of looking faster every second).
+    pub sampled_ms: Option<f64>,
     /// Reads the router has running on the node now.
     pub in_flight: u32,
     /// The node's pool for this client can hand out a connection without waiting.
@@ -95,14 +103,86 @@ pub fn effective_weights(
         .collect()
 }
 
-/// Smooth weighted round-robin state, keyed by node.
+/// How reads are shared (`pool.read_balance`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Smooth weighted round-robin over the effective weights.
+    Spread,
+    /// The node with the highest effective weight (without the in-flight factor; latency as
+    /// last sampled) takes the reads while it runs fewer than `in_flight` of them, then the
+    /// next; when every node is that busy (or full), [`Policy::Spread`].
+    Pack { in_flight: u32 },
+}
+
+/// `Pack` stays on the node it prefers until another one weighs this many times more (no
+/// flapping between nodes whose latencies are within noise of each other).
+pub const PACK_SWITCH_FACTOR: f64 = 1.25;
+
+/// Smooth weighted round-robin state, keyed by node, and the node `Pack` prefers.
 #[derive(Debug, Default)]
 pub struct Balancer {
     /// (node index, running score): a handful of nodes, searched in place (no hashing per pick).
     score: smallvec::SmallVec<[(usize, f64); 8]>,
+    preferred: Option<usize>,
 }
 
 impl Balancer {
+    /// Picks one of `candidates` by `policy`; `None` when there are none (or all weigh 0).
+    pub fn pick_with(
+        &mut self,
+        candidates: &[Candidate],
+        cpu_high_percent: f64,
+        policy: Policy,
+    ) -> Option<usize> {
+        match policy {
+            Policy::Spread => self.pick(candidates, cpu_high_percent),
+            Policy::Pack { in_flight } => self
+                .pack(candidates, cpu_high_percent, in_flight)
+                .or_else(|| self.pick(candidates, cpu_high_percent)),
+        }
+    }
+
+    /// [`Policy::Pack`]: the first node, in order of preference, with room and fewer than
+    /// `limit` reads running; `None` when there is none.
+    fn pack(
+        &mut self,
+        candidates: &[Candidate],
+        cpu_high_percent: f64,
+        limit: u32,
+    ) -> Option<usize> {
+        let unloaded: smallvec::SmallVec<[Candidate; 8]> = candidates
+            .iter()
+            .map(|c| Candidate {
+                in_flight: 0,
+                ewma_ms: c.sampled_ms,
+                ..*c
+            })
+            .collect();
+        let w = effective_weights(&unloaded, cpu_high_percent);
+        let mut order: smallvec::SmallVec<[usize; 8]> =
+            (0..candidates.len()).filter(|&i| w[i] > 0.0).collect();
+        order.sort_by(|&a, &b| {
+            w[b].total_cmp(&w[a])
+                .then(candidates[a].node.cmp(&candidates[b].node))
+        });
+        let &top = order.first()?;
+        if let Some(pos) = self
+            .preferred
+            .and_then(|p| order.iter().position(|&i| candidates[i].node == p))
+        {
+            if w[order[pos]] * PACK_SWITCH_FACTOR >= w[top] {
+                let kept = order.remove(pos);
+                order.insert(0, kept);
+            }
+        }
+        self.preferred = Some(candidates[order[0]].node);
+        order
+            .iter()
+            .map(|&i| &candidates[i])
+            .find(|c| c.has_room && c.in_flight < limit)
+            .map(|c| c.node)
+    }
+
     /// Picks one of `candidates`; `None` when there are none (or all weigh 0).
     pub fn pick(&mut self, candidates: &[Candidate], cpu_high_percent: f64) -> Option<usize> {
         let roomy: smallvec::SmallVec<[Candidate; 8]>;
@@ -155,9 +235,57 @@ mod tests {
             weight,
             cpu_percent: None,
             ewma_ms: None,
+            sampled_ms: None,
             in_flight: 0,
             has_room: true,
         }
+    }
+
+    const PACK4: Policy = Policy::Pack { in_flight: 4 };
+
+    #[test]
+    fn pack_keeps_reads_on_one_node_until_it_is_busy() {
+        let mut b = Balancer::default();
+        let c = [cand(1, 1), cand(2, 1), cand(3, 1)];
+        // Equal nodes: the first takes every read while it has fewer than 4 running.
+        for _ in 0..10 {
+            assert_eq!(b.pick_with(&c, 80.0, PACK4), Some(1));
+        }
+        let mut busy = c;
+        busy[0].in_flight = 4;
+        assert_eq!(b.pick_with(&busy, 80.0, PACK4), Some(2));
+        // Full pool: skipped as well.
+        busy[1].has_room = false;
+        assert_eq!(b.pick_with(&busy, 80.0, PACK4), Some(3));
+        // Every node that busy: spread over them, as `Spread` would.
+        busy[1].has_room = true;
+        busy[1].in_flight = 4;
+        busy[2].in_flight = 4;
+        let picks: std::collections::HashSet<usize> = (0..30)
+            .filter_map(|_| b.pick_with(&busy, 80.0, PACK4))
+            .collect();
+        assert_eq!(picks.len(), 3);
+    }
+
+    #[test]
+    fn pack_prefers_the_faster_and_bigger_node_without_flapping() {
+        let mut b = Balancer::default();
+        let (mut one, mut two) = (cand(1, 1), cand(2, 1));
+        one.sampled_ms = Some(1.0);
+        two.sampled_ms = Some(0.5);
+        assert_eq!(b.pick_with(&[one, two], 80.0, PACK4), Some(2));
+        // Within 25 % of each other: it stays where it is.
+        two.sampled_ms = Some(1.2);
+        assert_eq!(b.pick_with(&[one, two], 80.0, PACK4), Some(2));
+        // Clearly slower now: it moves.
+        two.sampled_ms = Some(2.0);
+        assert_eq!(b.pick_with(&[one, two], 80.0, PACK4), Some(1));
+        // A configured weight counts too; a busy CPU too.
+        let mut big = cand(3, 3);
+        assert_eq!(b.pick_with(&[one, big], 80.0, PACK4), Some(3));
+        big.cpu_percent = Some(95.0);
+        assert_eq!(b.pick_with(&[one, big], 80.0, PACK4), Some(1));
+        assert_eq!(b.pick_with(&[], 80.0, PACK4), None);
     }
 
     #[test]

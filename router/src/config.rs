@@ -127,6 +127,21 @@ pub struct PoolSettings {
     /// Whose writes a read must see: the client connection's own, those of every connection of
     /// the same router user (an application's pool), or none (reads may lag writes).
     pub read_your_writes: ReadYourWrites,
+    /// How reads are shared among the usable replicas: `spread` (smooth weighted round-robin
+    /// on each replica's effective weight) or `pack` (the replica with the highest effective
+    /// weight takes the reads until it has `pack_in_flight` running, then the next one — for
+    /// replicas that share a host's cores, where spreading costs throughput).
+    pub read_balance: ReadBalance,
+    /// `pack`: reads running on a replica before the next one gets any (1..=10000).
+    pub pack_in_flight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadBalance {
+    #[default]
+    Spread,
+    Pack,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -276,6 +291,8 @@ impl Default for PoolSettings {
             idle_in_transaction_timeout_s: 60,
             client_idle_timeout_s: 0,
             read_your_writes: ReadYourWrites::User,
+            read_balance: ReadBalance::Spread,
+            pack_in_flight: 4,
         }
     }
 }
@@ -426,6 +443,9 @@ impl Config {
         }
         if !(1..=100).contains(&p.warn_utilisation_percent) {
             return Err(bad("pool.warn_utilisation_percent", "must be in 1..=100"));
+        }
+        if !(1..=10_000).contains(&p.pack_in_flight) {
+            return Err(bad("pool.pack_in_flight", "must be in 1..=10000"));
         }
 
         let h = &self.health;
@@ -694,6 +714,7 @@ mod tests {
                 "[pool]\nwarn_utilisation_percent = 0",
                 "pool.warn_utilisation_percent",
             ),
+            ("[pool]\npack_in_flight = 0", "pool.pack_in_flight"),
             ("[health]\ninterval_s = 0", "health.interval_s"),
             ("[health]\ntimeout_ms = 20000", "health.timeout_ms"),
             (

@@ -65,6 +65,8 @@ pub struct Topology {
     balancer: Balancer,
     pub max_lag_s: f64,
     pub cpu_high_percent: f64,
+    /// `pool.read_balance` (and its `pack_in_flight`).
+    read_policy: crate::balance::Policy,
     /// Where the primary's oldest kept WAL segment starts (`health.reclone_lost_replicas`).
     pub oldest_wal_lsn: Option<u64>,
     started: Instant,
@@ -98,6 +100,7 @@ impl Topology {
             balancer: Balancer::default(),
             max_lag_s: config.health.max_replica_lag_s,
             cpu_high_percent: config.health.cpu_high_percent,
+            read_policy: read_policy(config),
             oldest_wal_lsn: None,
             started: Instant::now(),
         }
@@ -112,6 +115,7 @@ impl Topology {
         }
         self.max_lag_s = config.health.max_replica_lag_s;
         self.cpu_high_percent = config.health.cpu_high_percent;
+        self.read_policy = read_policy(config);
     }
 
     /// When the router started: the origin of [`Topology::now_ms`] (it never changes, so
@@ -253,12 +257,16 @@ impl Topology {
                 weight: self.nodes[i].weight,
                 cpu_percent: self.nodes[i].cpu_percent,
                 ewma_ms: self.nodes[i].ewma.get(now),
+                sampled_ms: self.nodes[i].ewma.last(),
                 in_flight: self.nodes[i].in_flight,
                 has_room: has_room(i),
             })
             .collect();
         let cpu_high = self.cpu_high_percent;
-        match self.balancer.pick(&candidates, cpu_high) {
+        match self
+            .balancer
+            .pick_with(&candidates, cpu_high, self.read_policy)
+        {
             Some(i) => Ok(i),
             None => match self.primary {
                 Some(p) if Some(p) != exclude => Ok(p),
@@ -270,6 +278,15 @@ impl Topology {
     /// A read on `node` took `ms`; it ended at `now` ([`Topology::now_ms`]).
     pub fn observe_latency(&mut self, node: usize, ms: f64, now: u64) {
         self.nodes[node].ewma.observe(ms, now);
+    }
+}
+
+fn read_policy(config: &Config) -> crate::balance::Policy {
+    match config.pool.read_balance {
+        crate::config::ReadBalance::Spread => crate::balance::Policy::Spread,
+        crate::config::ReadBalance::Pack => crate::balance::Policy::Pack {
+            in_flight: config.pool.pack_in_flight,
+        },
     }
 }
 
