@@ -109,26 +109,9 @@ pub fn put(
             .as_string_dma()
             .map(|d| d.len() == value.len())
             .unwrap_or(false);
-    let at = i64::try_from(now.saturating_add(ttl)).unwrap_or(i64::MAX);
-    let pxat = word(&PXAT, c"PXAT");
     if same_len {
         key.as_string_dma()?.write(value)?;
         key.set_expire(std::time::Duration::from_millis(ttl))?;
-        // SAFETY: the format names each argument's C type: s = a RedisModuleString (the key's
-        // name, the kept word), b = the value's pointer and length, l = a long long. Redis copies
-        // or takes a reference on them for the propagated command before returning.
-        unsafe {
-            raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
-                ctx.ctx,
-                c"SET".as_ptr(),
-                c"sbsl".as_ptr(),
-                name.inner,
-                value.as_ptr(),
-                value.len(),
-                pxat,
-                at as std::ffi::c_longlong,
-            );
-        }
     } else {
         let fresh = RedisString::create_from_slice(ctx.ctx, value);
         // A second handle on the same key, used and closed right here; the caller's handle is
@@ -144,19 +127,23 @@ pub fn put(
         if !written {
             return Err(RedisError::Str("ERR could not write the key"));
         }
-        // SAFETY: as above, with the value as the string just stored (s: Redis takes a
-        // reference on it instead of copying the bytes into a new one).
-        unsafe {
-            raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
-                ctx.ctx,
-                c"SET".as_ptr(),
-                c"sssl".as_ptr(),
-                name.inner,
-                fresh.inner,
-                pxat,
-                at as std::ffi::c_longlong,
-            );
-        }
+    }
+    let at = i64::try_from(now.saturating_add(ttl)).unwrap_or(i64::MAX);
+    let pxat = word(&PXAT, c"PXAT");
+    // SAFETY: the format names each argument's C type: s = a RedisModuleString (the key's name,
+    // the kept word), b = the value's pointer and length, l = a long long. Redis copies or takes a
+    // reference on them for the propagated command before returning.
+    unsafe {
+        raw::RedisModule_Replicate.expect("RedisModule_Replicate")(
+            ctx.ctx,
+            c"SET".as_ptr(),
+            c"sbsl".as_ptr(),
+            name.inner,
+            value.as_ptr(),
+            value.len(),
+            pxat,
+            at as std::ffi::c_longlong,
+        );
     }
     Ok(())
 }
