@@ -62,6 +62,11 @@ impl<C> PoolState<C> {
         self.idle.len() as u32
     }
 
+    /// Could a client get a connection without waiting (an idle one, or room to open one)?
+    pub fn has_room(&self) -> bool {
+        self.idle() > 0 || self.open < self.limits.max
+    }
+
     /// A connection for a client. Ordinary work may use `max - critical_reserve` connections
     /// when `reserve_applies` (the node is the primary); critical work may use all `max`.
     pub fn take(&mut self, critical: bool, reserve_applies: bool) -> Take<C> {

@@ -103,7 +103,7 @@ impl Pools {
         // A new pool, or a login whose password or admin flag changed (SIGHUP): the old pool's
         // connections stay with the clients that hold them and close when given back.
         let state = PoolState::new(limits());
-        let room = has_room(&state);
+        let room = state.has_room();
         let pool = Arc::new(Pool {
             node,
             database: database.to_string(),
@@ -242,9 +242,10 @@ impl SessionPools {
         p
     }
 
-    /// [`Pools::room_mask`], answered by the session's own pools where it has them; a pool the
-    /// map has for the session's login is kept from then on (a read that always lands on the
-    /// replicas still asks about the primary's pool on every batch).
+    /// [`Pools::room_mask`], answered by the session's own pools where it has them. What the map
+    /// is asked about is remembered: a pool it has for the session's login is kept, and a node
+    /// where it has none is not asked about again until a pool enters or leaves the map (a
+    /// session whose reads never go to the primary does not lock the map for it on every batch).
     pub fn room_mask(
         &mut self,
         pools: &Pools,
@@ -318,12 +319,8 @@ impl std::ops::DerefMut for PoolGuard<'_> {
 impl Drop for PoolGuard<'_> {
     fn drop(&mut self) {
         // Still under the lock: every change to the state is followed by this store.
-        self.room.store(has_room(&self.state), Ordering::Relaxed);
+        self.room.store(self.state.has_room(), Ordering::Relaxed);
     }
-}
-
-fn has_room(st: &PoolState<Box<ServerConn>>) -> bool {
-    st.idle() > 0 || st.open() < st.limits.max
 }
 
 impl Pool {
