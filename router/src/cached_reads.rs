@@ -388,7 +388,7 @@ mod tests {
         let mut plain = Vec::new();
         p::put_msg(&mut plain, b'Q', |b| p::put_cstr(b, b"SELECT 1"));
         assert!(!mentions_cache_hint(&[(b'Q', plain)], &Default::default()));
-        let mut statements = crate::translate::Statements::new();
+        let mut statements = crate::translate::Statements::default();
         statements.insert(
             b"s1".to_vec(),
             Arc::new(crate::translate::Statement {

@@ -43,6 +43,7 @@ pub mod run;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod spare;
 pub mod startup;
 pub mod tls;
 pub mod topology;

@@ -22,7 +22,7 @@ pub(crate) enum PumpEnd {
     /// The server connection went back to its pool.
     Detached,
     /// The server broke before any reply of a read: run this batch again, avoiding that node.
-    Retry(Vec<(u8, Vec<u8>)>, usize),
+    Retry(crate::spare::Batch, usize),
 }
 
 impl Session {
@@ -280,8 +280,8 @@ impl Session {
                     });
                 }
                 Event::Server(Ok(n)) if n > 0 => {
-                    if self.retry_batch.is_some() && att.relayed {
-                        self.retry_batch = None;
+                    if att.relayed {
+                        self.drop_retry_batch();
                     }
                     loop {
                         match p::frame(&att.conn.rbuf) {
@@ -297,7 +297,7 @@ impl Session {
                         }
                     }
                     if att.relayed {
-                        self.retry_batch = None;
+                        self.drop_retry_batch();
                     }
                     let idle = att.link.pending.is_empty()
                         && att.tx_status == b'I'
@@ -487,7 +487,7 @@ impl Session {
         if !att.wrote_here && att.executed {
             self.floor.after_read(att.node, now);
         }
-        self.retry_batch = None;
+        self.drop_retry_batch();
         att.pool.release(att.conn, reusable, now);
     }
 

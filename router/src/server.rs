@@ -2,7 +2,7 @@
 //! asks (SCRAM-SHA-256, md5, cleartext or trust), collect ParameterStatus and BackendKeyData,
 //! and the per-connection caches the session relies on (prepared statements, settings).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ pub struct ServerConn {
     /// Values the server reported with ParameterStatus, plus settings the router applied.
     pub params: HashMap<String, String>,
     /// Hashes of the statements prepared on this connection under `dbopt_<hash>` names.
-    pub prepared: HashSet<u64>,
+    pub prepared: crate::translate::Prepared,
     /// Session-level settings on this connection, as far as the router knows (see
     /// [`crate::isolation`]): what the last client set, read back or applied.
     pub session: crate::isolation::Settings,
@@ -99,7 +99,7 @@ impl ServerConn {
             pid: 0,
             secret: 0,
             params: HashMap::new(),
-            prepared: HashSet::new(),
+            prepared: Default::default(),
             session: Default::default(),
             rbuf: BytesMut::with_capacity(16 * 1024),
             notifications: Vec::new(),

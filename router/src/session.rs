@@ -29,6 +29,7 @@ use crate::relay::PumpEnd;
 use crate::route::{combine, decide, Decision, Floor, Target};
 use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
+use crate::spare::Batch;
 use crate::tls::ClientStream;
 use crate::translate::{Link, Statements};
 
@@ -100,10 +101,12 @@ pub struct Session {
     pub(crate) attached: Option<Box<Attached>>,
     /// The last attachment's reply queue, emptied, for the next one (no allocation per batch).
     pub(crate) spare_link: Link,
+    /// Message, batch and outgoing buffers of earlier batches, for the next ones.
+    pub(crate) spare: crate::spare::Spare,
     /// The pools this session has used, by node.
     pub(crate) pools: crate::pools::SessionPools,
     /// The current read batch, kept until its first reply so it can be retried once elsewhere.
-    pub(crate) retry_batch: Option<Vec<(u8, Vec<u8>)>>,
+    pub(crate) retry_batch: Option<Batch>,
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Idle limits as of the current batch.
     pub(crate) limits: Limits,
@@ -171,13 +174,14 @@ impl Session {
             database: String::new(),
             auth: None,
             key: (0, 0),
-            statements: Statements::new(),
+            statements: Statements::default(),
             settings: Settings::new(),
             custom_names: Default::default(),
             floor: Floor::default(),
             user_write_seen: 0,
             attached: None,
             spare_link: Link::default(),
+            spare: Default::default(),
             pools: Default::default(),
             retry_batch: None,
             shutdown,
@@ -271,7 +275,7 @@ impl Session {
         loop {
             match p::frame(&self.cbuf) {
                 Ok(Some((tag, len))) => {
-                    let msg = self.cbuf[..len].to_vec();
+                    let msg = self.spare.message(&self.cbuf[..len]);
                     self.cbuf.advance(len);
                     if let Err(e) = p::check_frontend(tag, body(&msg)) {
                         return Err(self.protocol_error(e));
@@ -340,8 +344,8 @@ impl Session {
     }
 
     /// Messages up to and including a Query, Sync or Flush (a Terminate ends the session).
-    async fn read_batch(&mut self) -> Step<Vec<(u8, Vec<u8>)>> {
-        let mut batch = Vec::new();
+    async fn read_batch(&mut self) -> Step<Batch> {
+        let mut batch = self.spare.batch();
         let mut size = 0usize;
         loop {
             let (tag, msg) = self.next_message().await?;
@@ -364,6 +368,14 @@ impl Session {
                     "extended-protocol batch without Sync is too large".into(),
                 )));
             }
+        }
+    }
+
+    /// The read batch kept for a retry is done with (answered, or not retried): its buffers go
+    /// back to the spares.
+    pub(crate) fn drop_retry_batch(&mut self) {
+        if let Some(batch) = self.retry_batch.take() {
+            self.spare.recycle(batch);
         }
     }
 
@@ -427,7 +439,7 @@ impl Session {
     /// that failed when this is the one retry of a read.
     pub(crate) async fn attach_and_send(
         &mut self,
-        batch: Vec<(u8, Vec<u8>)>,
+        batch: Batch,
         retry_of: Option<usize>,
         plan: CachePlan,
     ) -> Step<()> {
@@ -570,8 +582,9 @@ impl Session {
                 secret: att.conn.secret,
             }),
         );
-        let mut to_server =
-            Vec::with_capacity(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
+        let mut to_server = self
+            .spare
+            .out(batch.iter().map(|(_, m)| m.len()).sum::<usize>() + 64);
         if class.session {
             // The batch was classified above as a whole: a lone plain SET only needs its setting
             // read back; anything else gets the full check.
@@ -598,14 +611,16 @@ impl Session {
         }
         self.emit_synthetic(&mut att);
         self.attached = Some(att);
-        self.retry_batch = if decision.target == Target::Replica && retry_of.is_none() {
-            Some(batch)
+        if decision.target == Target::Replica && retry_of.is_none() {
+            self.retry_batch = Some(batch);
         } else {
-            None
-        };
+            self.drop_retry_batch();
+            self.spare.recycle(batch);
+        }
         let att = self.attached.as_mut().ok_or(Close)?;
         // A failed write shows up as a failed read in the pump, which handles the loss.
         let _ = att.conn.stream.write_all(&to_server).await;
+        self.spare.put_out(to_server);
         self.flush_client().await
     }
 }

@@ -8,9 +8,9 @@
 //! lists the replies owed to the client, in order, so that synthetic and swallowed replies stay in
 //! place; an error makes the server skip to the next Sync, and the bookkeeping follows.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, OnceLock};
 
 use crate::classify::Class;
 use crate::protocol::{self as p, body};
@@ -62,14 +62,26 @@ pub(crate) struct Statement {
     pub(crate) class: Class,
 }
 
-/// The client's named statements, by the client's names.
-pub(crate) type Statements = HashMap<Vec<u8>, Arc<Statement>>;
+/// The client's named statements, by the client's names (looked up on every Bind: foldhash,
+/// seeded per process, since the names are the client's).
+pub(crate) type Statements = foldhash::HashMap<Vec<u8>, Arc<Statement>>;
+
+/// The statements prepared on a server connection, by [`statement_hash`] (already a keyed hash:
+/// FxHash over it adds nothing to undo).
+pub(crate) type Prepared = rustc_hash::FxHashSet<u64>;
 
 /// The server-side identity of a prepared statement: its text and parameter types. Clients with
 /// different search_paths may share one: PostgreSQL re-plans a cached statement, names resolved
 /// anew, when it runs under another search_path than it was planned with (plancache.c).
+///
+/// Keyed with a random key per process: the clients of a login share a connection's prepared
+/// statements by this hash, and with a fixed key a client could prepare a text whose hash it made
+/// collide with another statement's, offline.
 pub(crate) fn statement_hash(query: &[u8], param_types: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    static KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+    let mut h = KEY
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher();
     query.hash(&mut h);
     param_types.hash(&mut h);
     h.finish()
@@ -127,7 +139,7 @@ impl Link {
         tag: u8,
         msg: &[u8],
         statements: &mut Statements,
-        prepared: &mut HashSet<u64>,
+        prepared: &mut Prepared,
         classify: &mut dyn FnMut(&[u8]) -> Class,
         note: bool,
         out: &mut Vec<u8>,
@@ -252,12 +264,7 @@ impl Link {
     }
 
     /// Makes sure `stmt` exists on the connection, adding a hidden Parse when it does not.
-    fn ensure_prepared(
-        &mut self,
-        stmt: &Statement,
-        prepared: &mut HashSet<u64>,
-        out: &mut Vec<u8>,
-    ) {
+    fn ensure_prepared(&mut self, stmt: &Statement, prepared: &mut Prepared, out: &mut Vec<u8>) {
         if prepared.insert(stmt.hash) {
             p::put_parse(out, &stmt.server_name, &stmt.query, &stmt.param_types);
             self.pending.push_back(Expect::HiddenParse(stmt.hash));
@@ -294,12 +301,7 @@ impl Link {
 
     /// One server message: updates the queue and the connection's prepared set; returns whether
     /// the message goes on to the client (a hidden Parse's reply does not).
-    pub(crate) fn server_message(
-        &mut self,
-        tag: u8,
-        msg: &[u8],
-        prepared: &mut HashSet<u64>,
-    ) -> Relay {
+    pub(crate) fn server_message(&mut self, tag: u8, msg: &[u8], prepared: &mut Prepared) -> Relay {
         let pass = |relay: bool| if relay { Relay::Pass } else { Relay::Swallow };
         match tag {
             b'1' => pass(!matches!(
@@ -396,15 +398,15 @@ mod tests {
     struct Client {
         link: Link,
         statements: Statements,
-        prepared: HashSet<u64>,
+        prepared: Prepared,
     }
 
     impl Client {
         fn new() -> Self {
             Client {
                 link: Link::default(),
-                statements: Statements::new(),
-                prepared: HashSet::new(),
+                statements: Statements::default(),
+                prepared: Prepared::default(),
             }
         }
 

@@ -7,9 +7,18 @@
 
 /// Returns the normalised text and how many literals were replaced.
 pub fn normalize(sql: &str) -> (String, usize) {
+    let mut out = String::with_capacity(sql.len());
+    let replaced = normalize_into(sql, &mut out);
+    (out, replaced)
+}
+
+/// [`normalize`] into `out` (emptied first, its memory reused); returns how many literals were
+/// replaced.
+pub fn normalize_into(sql: &str, out: &mut String) -> usize {
+    out.clear();
+    out.reserve(sql.len());
     let b = sql.as_bytes();
     let first_param = highest_param(b) + 1;
-    let mut out = String::with_capacity(sql.len());
     let mut replaced = 0usize;
     // Everything but literals is kept as it is, so the text is copied in runs: up to a literal
     // when it is replaced, and the rest at the end (the router classifies every statement
@@ -38,7 +47,7 @@ pub fn normalize(sql: &str) -> (String, usize) {
             b'/' if b.get(i + 1) == Some(&b'*') => i = block_comment_end(b, i),
             b'\'' => {
                 let end = quoted_end(b, i, b'\'', false);
-                literal(&mut out, i, end);
+                literal(out, i, end);
                 i = end;
                 after_operand = true;
             }
@@ -50,7 +59,7 @@ pub fn normalize(sql: &str) -> (String, usize) {
                 if let Some(end) = dollar_param_end(b, i) {
                     i = end;
                 } else if let Some(end) = dollar_quote_end(b, i) {
-                    literal(&mut out, i, end);
+                    literal(out, i, end);
                     i = end;
                 } else {
                     i += 1;
@@ -59,20 +68,20 @@ pub fn normalize(sql: &str) -> (String, usize) {
             }
             b'0'..=b'9' => {
                 let end = number_end(b, i);
-                literal(&mut out, i, end);
+                literal(out, i, end);
                 i = end;
                 after_operand = true;
             }
             b'.' if b.get(i + 1).is_some_and(u8::is_ascii_digit) && !after_operand => {
                 let end = number_end(b, i);
-                literal(&mut out, i, end);
+                literal(out, i, end);
                 i = end;
                 after_operand = true;
             }
             b'-' if !after_operand && starts_number(b, i + 1) => {
                 // The sign belongs to the literal.
                 let end = number_end(b, i + 1);
-                literal(&mut out, i, end);
+                literal(out, i, end);
                 i = end;
                 after_operand = true;
             }
@@ -91,7 +100,7 @@ pub fn normalize(sql: &str) -> (String, usize) {
                     let quote = if unicode { end + 1 } else { end };
                     let escapes = word.eq_ignore_ascii_case(b"E");
                     let string_end = quoted_end(b, quote, b'\'', escapes);
-                    literal(&mut out, i, string_end);
+                    literal(out, i, string_end);
                     i = string_end;
                 } else {
                     i = end;
@@ -109,7 +118,7 @@ pub fn normalize(sql: &str) -> (String, usize) {
         }
     }
     out.push_str(&sql[copied..]);
-    (out, replaced)
+    replaced
 }
 
 /// Appends `n` in decimal (no `String` made per placeholder).
@@ -529,6 +538,12 @@ mod tests {
         ];
         for (input, want, n) in cases {
             assert_eq!(normalize(input), (want.to_string(), n), "{input}");
+        }
+        // One buffer through all of them, longest first: nothing of an earlier text is left.
+        let mut out = String::new();
+        for (input, want, n) in cases.iter().rev() {
+            assert_eq!(normalize_into(input, &mut out), *n, "{input}");
+            assert_eq!(out, *want, "{input}");
         }
     }
 

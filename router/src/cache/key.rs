@@ -246,13 +246,20 @@ mod tests {
     }
 
     fn key(batch: &[(u8, Vec<u8>)], settings: &Settings) -> Option<String> {
-        request(batch, &Statements::new(), "db", "app", settings).map(|r| r.key)
+        request(batch, &Statements::default(), "db", "app", settings).map(|r| r.key)
     }
 
     #[test]
     fn simple_and_extended_batches() {
         let s = Settings::new();
-        let r = request(&[query("SELECT 1")], &Statements::new(), "db", "app", &s).unwrap();
+        let r = request(
+            &[query("SELECT 1")],
+            &Statements::default(),
+            "db",
+            "app",
+            &s,
+        )
+        .unwrap();
         assert_eq!(r.text, b"SELECT 1");
         assert_eq!(r.key.len(), 64);
         let ext = [
@@ -286,15 +293,27 @@ mod tests {
         assert_ne!(base, key(&[query("SELECT 2")], &s).unwrap());
         assert_ne!(
             base,
-            request(&[query("SELECT 1")], &Statements::new(), "db", "other", &s)
-                .unwrap()
-                .key
+            request(
+                &[query("SELECT 1")],
+                &Statements::default(),
+                "db",
+                "other",
+                &s
+            )
+            .unwrap()
+            .key
         );
         assert_ne!(
             base,
-            request(&[query("SELECT 1")], &Statements::new(), "db2", "app", &s)
-                .unwrap()
-                .key
+            request(
+                &[query("SELECT 1")],
+                &Statements::default(),
+                "db2",
+                "app",
+                &s
+            )
+            .unwrap()
+            .key
         );
         s.insert("application_name".into(), "psql".into());
         s.insert("enable_seqscan".into(), "off".into());
@@ -347,8 +366,8 @@ mod tests {
     fn lengths_are_delimited() {
         // ("ab","c") and ("a","bc") as database/role must differ.
         let s = Settings::new();
-        let x = request(&[query("SELECT 1")], &Statements::new(), "ab", "c", &s).unwrap();
-        let y = request(&[query("SELECT 1")], &Statements::new(), "a", "bc", &s).unwrap();
+        let x = request(&[query("SELECT 1")], &Statements::default(), "ab", "c", &s).unwrap();
+        let y = request(&[query("SELECT 1")], &Statements::default(), "a", "bc", &s).unwrap();
         assert_ne!(x.key, y.key);
     }
 }

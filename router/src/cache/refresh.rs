@@ -399,7 +399,7 @@ mod tests {
             Some((q, false))
         );
         // A Bind of a named statement the client prepared earlier: parsed again, unnamed.
-        let mut statements = crate::translate::Statements::new();
+        let mut statements = crate::translate::Statements::default();
         statements.insert(
             b"s1".to_vec(),
             std::sync::Arc::new(crate::translate::Statement {
