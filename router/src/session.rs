@@ -291,9 +291,13 @@ impl Session {
     // ---- batches ----
 
     async fn serve(&mut self) -> Step<()> {
+        // One wait for the shutdown for the whole session, registered once (a new one per batch
+        // cost a registration and a removal under the channel's lock every time).
+        let mut stop = self.shutdown.clone();
+        let stopping = stop.changed();
+        tokio::pin!(stopping);
         loop {
             if self.attached.is_none() {
-                let mut stop = self.shutdown.clone();
                 // The limits, read once per batch (a SIGHUP applies from the next one).
                 self.limits = Limits::of(&self.shared.config());
                 let idle_s = self.limits.client_idle_s;
@@ -312,7 +316,7 @@ impl Session {
                             "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
                         ));
                     }
-                    _ = stop.changed() => {
+                    _ = &mut stopping => {
                         // A client that has just been answered reads that answer first (an
                         // error right behind a ReadyForQuery confuses some drivers); whatever
                         // it sends meanwhile gets the same refusal.

@@ -85,6 +85,13 @@ pub fn normalize_into(sql: &str, out: &mut String) -> usize {
                 i = end;
                 after_operand = true;
             }
+            b' ' | b'\t' | b'\n' | b'\r' | b'\x0c' => {
+                // A run of whitespace at once: it is neither an operand nor an operator.
+                i += 1;
+                while i < b.len() && matches!(b[i], b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') {
+                    i += 1;
+                }
+            }
             _ if is_ident_start(c) => {
                 let end = ident_end(b, i);
                 // Prefixed strings: E'…', B'…', X'…', N'…', U&'…'.
@@ -149,8 +156,20 @@ fn utf8_len(first: u8) -> usize {
 }
 
 fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+    IDENT_START[usize::from(c)]
 }
+
+/// Bytes that start an identifier or keyword: letters, `_` and every non-ASCII byte.
+const IDENT_START: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphabetic() || b == b'_' || b >= 0x80;
+        c += 1;
+    }
+    t
+};
 
 /// Bytes that continue an identifier: letters, digits, `_`, `$` and every non-ASCII byte. A
 /// table lookup per byte (identifiers are most of a statement's text).
@@ -286,7 +305,7 @@ pub fn highest_parameter(sql: &str) -> usize {
 fn highest_param(b: &[u8]) -> usize {
     // No `$` anywhere, no parameter: one memchr instead of lexing (texts with literals rarely
     // have parameters too).
-    if !b.contains(&b'$') {
+    if memchr::memchr(b'$', b).is_none() {
         return 0;
     }
     let mut i = 0;
