@@ -92,9 +92,10 @@ pub fn read_writable(key: &RedisKeyWritable) -> Result<Option<Vec<u8>>, Option<(
 
 /// Stores `value` under `name` until `expires_at_ms`, and replicates exactly that.
 ///
-/// A value of the same length is overwritten in place (the limiter's fixed-size state). Any other
-/// write sets a new string of exactly the value's size: growing a string in place lets Redis
-/// reserve twice the length (measured: a 152-byte limiter state took 368 bytes instead of 208).
+/// A new key, or a value of the same length, is written in place through the caller's handle (the
+/// limiter's fixed-size state). Any other write sets a new string of exactly the value's size:
+/// growing a string in place lets Redis reserve twice the length (measured: a 152-byte limiter
+/// state took 368 bytes instead of 208).
 pub fn put(
     ctx: &Context,
     name: &RedisString,
@@ -104,12 +105,17 @@ pub fn put(
     expires_at_ms: u64,
 ) -> Result<(), RedisError> {
     let ttl = expires_at_ms.saturating_sub(now).max(1);
-    let same_len = key.key_type() == KeyType::String
-        && key
+    let in_place = match key.key_type() {
+        // Writing into an empty key through its DMA view creates a string of exactly the
+        // value's size (RedisModule_StringTruncate on an empty key), on the caller's handle.
+        KeyType::Empty => true,
+        KeyType::String => key
             .as_string_dma()
             .map(|d| d.len() == value.len())
-            .unwrap_or(false);
-    if same_len {
+            .unwrap_or(false),
+        _ => false,
+    };
+    if in_place {
         key.as_string_dma()?.write(value)?;
         key.set_expire(std::time::Duration::from_millis(ttl))?;
     } else {
