@@ -4,18 +4,28 @@ Usage: python3 tests/python/psycopg_router.py DSN PRIMARY_PORT
 Prints one line per check and exits 0 when all hold (non-zero with the failure otherwise).
 """
 import sys
+import time
 
 import psycopg
 
 dsn, primary_port = sys.argv[1], int(sys.argv[2])
 
 with psycopg.connect(dsn, autocommit=True) as conn:
-    # Server-side parameter binding (extended protocol), a read: it lands on a replica.
-    port, in_recovery = conn.execute(
-        "SELECT inet_server_port(), pg_is_in_recovery() WHERE %s = %s", (1, 1)
-    ).fetchone()
-    assert in_recovery and port != primary_port, (port, in_recovery)
-    print(f"read with parameters ran on replica port {port}")
+    # Server-side parameter binding (extended protocol), a read: it lands on a replica — once
+    # one has replayed this user's last write (the caller ran pgbench's writes as the same user
+    # just before; until a replica has them, read-your-writes sends the read to the primary).
+    deadline = time.monotonic() + 10
+    tries = 0
+    while True:
+        tries += 1
+        port, in_recovery = conn.execute(
+            "SELECT inet_server_port(), pg_is_in_recovery() WHERE %s = %s", (1, 1)
+        ).fetchone()
+        if (in_recovery and port != primary_port) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert in_recovery and port != primary_port, (port, in_recovery, tries)
+    print(f"read with parameters ran on replica port {port} (try {tries})")
 
     conn.execute("CREATE TABLE IF NOT EXISTS py_items (id int PRIMARY KEY, name text)")
     conn.execute("TRUNCATE py_items")
