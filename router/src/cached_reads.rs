@@ -215,7 +215,10 @@ impl Session {
         let Some(lsn) = cache.barrier(&self.database).await else {
             return false;
         };
+        // The barrier went out after this session asked for it — after its last read and its
+        // user's writes it absorbed above ended — and carries the primary's position read then.
         self.floor.resolve(&self.shared.topology().lsn_history);
+        self.floor.cover_pending(lsn);
         self.floor.allows_hit(lsn)
     }
 

@@ -176,6 +176,16 @@ impl Floor {
         }
     }
 
+    /// The primary's position `lsn`, read after this client's last read and write ended (a cache
+    /// barrier the client asked for): it covers whatever is pending, whatever the millisecond.
+    /// A position sampled independently needs a later millisecond to be sure ([`Floor::resolve`]),
+    /// which a client that sends its next statement at once does not leave.
+    pub fn cover_pending(&mut self, lsn: u64) {
+        if self.pending_ms.take().is_some() {
+            self.lsn = self.lsn.max(lsn);
+        }
+    }
+
     /// May a replica `node` that replayed up to `replay_lsn` serve this client's next read?
     pub fn allows(&self, node: usize, replay_lsn: Option<u64>) -> bool {
         self.sticky == Some(node)
@@ -336,6 +346,27 @@ mod tests {
         f.after_read(2, 20);
         f.after_write(30);
         assert!(!f.allows(2, Some(u64::MAX)));
+    }
+
+    #[test]
+    fn a_barrier_asked_for_after_a_read_covers_it_in_the_same_millisecond() {
+        let mut h = LsnHistory::default();
+        let mut f = Floor::at(300);
+        f.after_read(1, 40);
+        // The barrier's own sample went out in the read's millisecond: not covering by time.
+        h.push(LsnSample {
+            sent_ms: 40,
+            lsn: 700,
+        });
+        f.resolve(&h);
+        assert!(!f.allows_hit(700), "pending by time alone");
+        f.cover_pending(700);
+        assert!(f.allows_hit(700) && !f.allows_hit(699));
+        assert!(f.allows(2, Some(700)) && !f.allows(2, Some(699)));
+        // Nothing pending: the known part stays as it is (never lowered).
+        f.cover_pending(10);
+        assert_eq!(f.lsn, 700);
+        assert_eq!(f.pending_ms, None);
     }
 
     #[test]
