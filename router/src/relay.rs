@@ -48,14 +48,12 @@ impl Session {
     /// Gives the connection exactly the client's session settings (see [`crate::isolation`]):
     /// resets what another client left, applies what this one set. No round trip when they match.
     pub(crate) async fn sync_settings(&mut self, conn: &mut ServerConn) -> Result<(), SetupError> {
-        // Usually the connection has the client's settings already: one pass over both.
+        // Usually the connection has the client's settings already: one pass over both (any
+        // difference makes a non-empty plan).
         if conn.session == self.settings {
             return Ok(());
         }
         let plan = plan_sync(&conn.session, &self.settings);
-        if plan.is_empty() {
-            return Ok(());
-        }
         Counters::inc(&self.shared.counters.settings_syncs);
         conn.apply(&plan).await?;
         conn.session = self.settings.clone();

@@ -235,14 +235,7 @@ impl Shared {
                 }
                 // Without literals the normalised text is the text itself (layout and comments
                 // kept).
-                cache.insert(
-                    if literals > 0 {
-                        key.clone()
-                    } else {
-                        sql.to_string()
-                    },
-                    c,
-                );
+                cache.insert(key.clone(), c);
                 c
             });
             if key.capacity() > 64 * 1024 {

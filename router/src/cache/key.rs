@@ -246,7 +246,11 @@ mod tests {
     }
 
     fn key(batch: &[(u8, Vec<u8>)], settings: &Settings) -> Option<String> {
-        request(batch, &Statements::default(), "db", "app", settings).map(|r| r.key)
+        key_as(batch, "db", "app", settings)
+    }
+
+    fn key_as(batch: &[(u8, Vec<u8>)], db: &str, role: &str, s: &Settings) -> Option<String> {
+        request(batch, &Statements::default(), db, role, s).map(|r| r.key)
     }
 
     #[test]
@@ -293,27 +297,11 @@ mod tests {
         assert_ne!(base, key(&[query("SELECT 2")], &s).unwrap());
         assert_ne!(
             base,
-            request(
-                &[query("SELECT 1")],
-                &Statements::default(),
-                "db",
-                "other",
-                &s
-            )
-            .unwrap()
-            .key
+            key_as(&[query("SELECT 1")], "db", "other", &s).unwrap()
         );
         assert_ne!(
             base,
-            request(
-                &[query("SELECT 1")],
-                &Statements::default(),
-                "db2",
-                "app",
-                &s
-            )
-            .unwrap()
-            .key
+            key_as(&[query("SELECT 1")], "db2", "app", &s).unwrap()
         );
         s.insert("application_name".into(), "psql".into());
         s.insert("enable_seqscan".into(), "off".into());
