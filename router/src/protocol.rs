@@ -128,6 +128,21 @@ pub fn shown_tag(tag: u8) -> String {
     }
 }
 
+/// Where the first NUL is. Many strings in a message are empty names (the unnamed statement and
+/// portal), found without memchr's setup.
+#[inline]
+fn nul_at(buf: &[u8]) -> Option<usize> {
+    match buf.first() {
+        Some(0) => Some(0),
+        _ => memchr::memchr(0, buf),
+    }
+}
+
+#[cold]
+fn not_terminated(what: &str) -> ProtocolError {
+    ProtocolError(format!("{what} is not NUL-terminated"))
+}
+
 /// A cursor over a message body.
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -138,14 +153,15 @@ impl<'a> Reader<'a> {
         Reader { buf }
     }
 
+    #[inline]
     pub fn cstr(&mut self, what: &str) -> Result<&'a [u8], ProtocolError> {
-        match memchr::memchr(0, self.buf) {
+        match nul_at(self.buf) {
             Some(i) => {
                 let s = &self.buf[..i];
                 self.buf = &self.buf[i + 1..];
                 Ok(s)
             }
-            None => err(format!("{what} is not NUL-terminated")),
+            None => Err(not_terminated(what)),
         }
     }
 
@@ -504,6 +520,25 @@ mod tests {
         let mut two = m.clone();
         two.extend_from_slice(&msg(b'S', b""));
         assert_eq!(frame(&two).unwrap(), Some((b'Q', m.len())));
+    }
+
+    #[test]
+    fn finds_the_first_nul_of_empty_short_and_long_strings() {
+        for len in [0usize, 1, 15, 16, 17, 40] {
+            let mut b = vec![b'x'; len];
+            assert_eq!(nul_at(&b), None, "no NUL in {len} bytes");
+            b.push(0);
+            b.extend_from_slice(b"y\0");
+            assert_eq!(nul_at(&b), Some(len), "NUL after {len} bytes");
+            let mut r = Reader::new(&b);
+            assert_eq!(r.cstr("s").unwrap(), &b[..len]);
+            assert_eq!(r.cstr("s").unwrap(), b"y");
+            assert!(r
+                .cstr("s")
+                .unwrap_err()
+                .0
+                .contains("s is not NUL-terminated"));
+        }
     }
 
     #[test]

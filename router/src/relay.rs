@@ -285,18 +285,25 @@ impl Session {
                     if att.relayed {
                         self.drop_retry_batch();
                     }
-                    loop {
-                        match p::frame(&att.conn.rbuf) {
+                    // Relayed from the read buffer in place (no handle split off per message),
+                    // which then moves past all of them at once.
+                    let rbuf = std::mem::take(&mut att.conn.rbuf);
+                    let mut at = 0;
+                    let bad = loop {
+                        match p::frame(&rbuf[at..]) {
                             Ok(Some((tag, len))) => {
-                                let msg = att.conn.rbuf.split_to(len);
-                                self.on_server_message(&mut att, tag, &msg);
+                                self.on_server_message(&mut att, tag, &rbuf[at..at + len]);
+                                at += len;
                             }
-                            Ok(None) => break,
-                            Err(e) => {
-                                self.attached = Some(att);
-                                return self.server_lost(&format!("bad message from server: {e}"));
-                            }
+                            Ok(None) => break None,
+                            Err(e) => break Some(e),
                         }
+                    };
+                    att.conn.rbuf = rbuf;
+                    bytes::Buf::advance(&mut att.conn.rbuf, at);
+                    if let Some(e) = bad {
+                        self.attached = Some(att);
+                        return self.server_lost(&format!("bad message from server: {e}"));
                     }
                     if att.relayed {
                         self.drop_retry_batch();

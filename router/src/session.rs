@@ -307,16 +307,34 @@ impl Session {
                     }
                     tokio::time::sleep(Duration::from_secs(idle_s)).await;
                 };
-                let batch = tokio::select! {
-                    b = self.read_batch() => b?,
-                    _ = idle => {
+                enum Wake {
+                    Batch(Step<Batch>),
+                    Idle,
+                    Stop,
+                }
+                // The client first, in a fixed order (no random number per batch); a shutdown is
+                // noticed by a version check before each batch, so a client that always has its
+                // next batch ready still sees it, and waited for with the rest.
+                let wake = if self.shutdown.has_changed().unwrap_or(true) {
+                    Wake::Stop
+                } else {
+                    tokio::select! {
+                        biased;
+                        b = self.read_batch() => Wake::Batch(b),
+                        _ = idle => Wake::Idle,
+                        _ = &mut stopping => Wake::Stop,
+                    }
+                };
+                let batch = match wake {
+                    Wake::Batch(b) => b?,
+                    Wake::Idle => {
                         Counters::inc(&self.shared.counters.idle_timeouts);
                         return Err(self.fatal(
                             "57P05",
                             "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
                         ));
                     }
-                    _ = &mut stopping => {
+                    Wake::Stop => {
                         // A client that has just been answered reads that answer first (an
                         // error right behind a ReadyForQuery confuses some drivers); whatever
                         // it sends meanwhile gets the same refusal.
