@@ -351,12 +351,13 @@ impl Session {
 /// Whether a batch's statement text may carry a `dbopt:cache` hint (its messages, or the text of
 /// a named statement it binds).
 fn mentions_cache_hint(batch: &[(u8, Vec<u8>)], statements: &crate::translate::Statements) -> bool {
-    const HINT: &[u8] = b"dbopt:cache";
-    let has = |b: &[u8]| b.windows(HINT.len()).any(|w| w == HINT);
+    static HINT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"dbopt:cache"));
+    let has = |b: &[u8]| HINT.find(b).is_some();
     batch.iter().any(|(tag, msg)| {
         has(msg)
             || (*tag == b'B'
-                && p::parse_bind(p::body(msg))
+                && p::bind_names(p::body(msg))
                     .ok()
                     .and_then(|m| statements.get(m.statement))
                     .is_some_and(|s| has(&s.query)))

@@ -253,11 +253,22 @@ pub struct BindMsg<'a> {
     pub rest: &'a [u8],
 }
 
-pub fn parse_bind(body: &[u8]) -> Result<BindMsg<'_>, ProtocolError> {
+/// A Bind's names and its raw rest, without walking the parameters: for a message
+/// [`check_frontend`] (through [`parse_bind`]) has accepted already.
+pub fn bind_names(body: &[u8]) -> Result<BindMsg<'_>, ProtocolError> {
     let mut r = Reader::new(body);
     let portal = r.cstr("Bind portal name")?;
     let statement = r.cstr("Bind statement name")?;
-    let rest = r.rest();
+    Ok(BindMsg {
+        portal,
+        statement,
+        rest: r.rest(),
+    })
+}
+
+pub fn parse_bind(body: &[u8]) -> Result<BindMsg<'_>, ProtocolError> {
+    let names = bind_names(body)?;
+    let rest = names.rest;
     // Walk the rest so a malformed Bind is refused here rather than by the server mid-batch.
     let mut t = Reader::new(rest);
     let formats = t.i16("Bind parameter format count")?;
@@ -286,11 +297,7 @@ pub fn parse_bind(body: &[u8]) -> Result<BindMsg<'_>, ProtocolError> {
     if !t.rest().is_empty() {
         return err("trailing bytes after Bind result formats");
     }
-    Ok(BindMsg {
-        portal,
-        statement,
-        rest,
-    })
+    Ok(names)
 }
 
 /// Describe ('D') and Close ('C'): 'S' (statement) or 'P' (portal) and a name.

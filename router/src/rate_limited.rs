@@ -220,7 +220,7 @@ impl Session {
             match tag {
                 b'Q' => p::parse_query(b).ok().map(Text::Batch),
                 b'P' => p::parse_parse(b).ok().map(|m| Text::Batch(m.query)),
-                b'B' => p::parse_bind(b)
+                b'B' => p::bind_names(b)
                     .ok()
                     .and_then(|m| self.statements.get(m.statement).cloned())
                     .map(Text::Prepared),

@@ -567,7 +567,7 @@ pub(crate) fn statement_text(
     match tag {
         b'Q' => p::parse_query(b).ok().map(<[u8]>::to_vec),
         b'P' => p::parse_parse(b).ok().map(|m| m.query.to_vec()),
-        b'B' => p::parse_bind(b)
+        b'B' => p::bind_names(b)
             .ok()
             .and_then(|m| statements.get(m.statement))
             .map(|s| s.query.clone()),

@@ -427,7 +427,7 @@ impl Session {
                     }
                 }
                 b'B' => {
-                    if let Ok(m) = p::parse_bind(b) {
+                    if let Ok(m) = p::bind_names(b) {
                         let c = if m.statement.is_empty() {
                             unnamed.unwrap_or(Class::write("unnamed statement of an earlier batch"))
                         } else {

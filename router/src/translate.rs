@@ -182,7 +182,7 @@ impl Link {
                 }
             },
             b'B' => {
-                let known = p::parse_bind(b)
+                let known = p::bind_names(b)
                     .ok()
                     .and_then(|m| Some((m, statements.get(m.statement)?.clone())));
                 let class = match known {
