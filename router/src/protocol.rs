@@ -531,7 +531,7 @@ mod tests {
 
     #[test]
     fn finds_the_first_nul_of_empty_short_and_long_strings() {
-        for len in [0usize, 1, 15, 16, 17, 40] {
+        for len in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 100] {
             let mut b = vec![b'x'; len];
             assert_eq!(nul_at(&b), None, "no NUL in {len} bytes");
             b.push(0);
@@ -545,6 +545,25 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("s is not NUL-terminated"));
+        }
+    }
+
+    #[test]
+    fn the_word_search_agrees_with_a_byte_search_on_awkward_bytes() {
+        // Bytes a word-at-a-time search could misread next to a NUL (0x01 borrows, 0x80 and 0xff
+        // have the high bit), at every length up to past memchr's short-input paths.
+        let alphabet = [0x00u8, 0x01, 0x7f, 0x80, 0xff, b'a'];
+        let mut seed = 0x2545_f491_u32;
+        for len in 0..48 {
+            for _ in 0..64 {
+                let b: Vec<u8> = (0..len)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        alphabet[(seed >> 16) as usize % alphabet.len()]
+                    })
+                    .collect();
+                assert_eq!(nul_at(&b), b.iter().position(|&x| x == 0), "{b:02x?}");
+            }
         }
     }
 
