@@ -62,7 +62,7 @@ impl Capture {
 impl Session {
     /// Folds the user's latest write into the floor (read-your-writes across its connections).
     pub(crate) fn absorb_user_writes(&mut self) {
-        if self.shared.config().pool.read_your_writes != ReadYourWrites::User {
+        if self.limits.read_your_writes != ReadYourWrites::User {
             return;
         }
         if let Some(t) = self.shared.user_write(&self.user) {

@@ -130,6 +130,8 @@ pub(crate) struct Limits {
     pub(crate) end_users: bool,
     /// Some rule is node-scoped (checked again once routing chose the node).
     pub(crate) node_rules: bool,
+    /// `pool.read_your_writes`.
+    pub(crate) read_your_writes: crate::config::ReadYourWrites,
 }
 
 impl Limits {
@@ -140,6 +142,7 @@ impl Limits {
             rate_limited: !config.limits.rules.is_empty(),
             end_users: crate::limits::rules::wants_end_user(&config.limits),
             node_rules: crate::limits::rules::has_node_rules(&config.limits),
+            read_your_writes: config.pool.read_your_writes,
         }
     }
 }

@@ -130,7 +130,7 @@ pub struct Shared {
     /// The result cache, when `[cache] enabled`.
     pub cache: Option<Arc<crate::cache::Cache>>,
     /// Router user → router time of its last acknowledged write (read-your-writes, user scope).
-    pub user_writes: Mutex<HashMap<String, u64>>,
+    pub user_writes: Mutex<foldhash::HashMap<String, u64>>,
     /// Rate limits (`[limits]`); the rules are read from the configuration at each check.
     pub limiter: crate::limits::Limiter,
     /// Alerts (`[alerts]`): evaluation state, history and channel queues.
@@ -181,7 +181,7 @@ impl Shared {
             class_cache: Mutex::new(foldhash::HashMap::default()),
             login_reports: Mutex::new(HashMap::new()),
             cache,
-            user_writes: Mutex::new(HashMap::new()),
+            user_writes: Mutex::new(foldhash::HashMap::default()),
         })
     }
 
