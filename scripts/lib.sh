@@ -95,6 +95,52 @@ split_router_config() {
     { print }' "$DBOPT_DIR/router.toml"
 }
 
+# bouncer_config DIR PORT PRIMARY_PORT POOL MIN_POOL: writes DIR/userlist.txt and DIR/pgbouncer.ini for
+# a PgBouncer in transaction mode in front of the primary (the benchmarks' anchor; logs in DIR).
+bouncer_config() {
+  local dir=$1 port=$2 primary=$3 pool=$4 min=$5
+  printf '"app" "%s"\n' "$DBOPT_APP_PASSWORD" >"$dir/userlist.txt"
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$primary dbname=postgres user=app password=$DBOPT_APP_PASSWORD
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $pool
+min_pool_size = $min
+max_client_conn = 1000
+logfile = $dir/pgbouncer.log
+pidfile = $dir/pgbouncer.pid
+unix_socket_dir =
+INI
+}
+
+# solo_router_config LISTEN_PORT PRIMARY_PORT POOL: a dbopt-router that knows only the primary
+# (PgBouncer's job: the proxy's own cost), admin on LISTEN_PORT + 1.
+solo_router_config() {
+  cat <<TOML
+[listen]
+address = "127.0.0.1:$1"
+admin_address = "127.0.0.1:$(($1 + 1))"
+[pool]
+min_size = 4
+max_size = $3
+[server]
+user = "postgres"
+password = "$DBOPT_PG_PASSWORD"
+[[nodes]]
+name = "primary"
+host = "127.0.0.1"
+port = $2
+[[users]]
+name = "app"
+password = "$DBOPT_APP_PASSWORD"
+TOML
+}
+
 private_postgres() {
   local dir=$1 stamp want
   want=$("$(dirname "$SYSTEM_PG_CONFIG")/postgres" --version)
