@@ -78,21 +78,21 @@ wait_until() {
   done
 }
 
-# Removes the installed dbopt.so before a new one is copied in. Copying over the file in place
-# changes pages that running postmasters have mapped and crashes every backend (seen here: SIGSEGV
-# in all nodes of a running stack); after an unlink they keep the old inode and the copy is a new one.
-# Makes (or refreshes, when the system's PostgreSQL changed) a relocated copy of the system's
-# PostgreSQL 15 under DIR and prints its pg_config. Nothing the system's servers use is touched.
-# split_router_config LISTEN_PORT: the stack's router.toml (read/write split over every node) on its
-# own listen and admin ports, without the result cache, alert and rate-limit sections — the split's
-# own cost, for the benchmarks.
+# derived_router_config PORT [dbopt-stackconf derive options...]: the stack's router.toml for a
+# router process of the caller's own (a benchmark's) on PORT, admin on PORT + 1 — typed, from
+# dbopt-stackconf: e.g. --without cache --without alerts --extra $'[pool]\nmax_size = 20'. The
+# stack's file and its router are never changed.
+derived_router_config() {
+  local port=$1; shift
+  "$ROOT/target/release/dbopt-stackconf" derive --from "$DBOPT_DIR/router.toml" --port "$port" "$@"
+}
+
+# split_router_config LISTEN_PORT [options...]: the stack's read/write split over every node
+# without the result cache, alert and rate-limit sections — the split's own cost, for the
+# benchmarks.
 split_router_config() {
-  awk -v listen="127.0.0.1:$1" -v admin="127.0.0.1:$(($1 + 1))" '
-    /^\[/ { skip = ($0 ~ /^\[\[?(cache|alerts|limits)[].]/) }
-    skip { next }
-    /^address = / { print "address = \"" listen "\""; next }
-    /^admin_address = / { print "admin_address = \"" admin "\""; next }
-    { print }' "$DBOPT_DIR/router.toml"
+  local port=$1; shift
+  derived_router_config "$port" --without cache --without alerts --without limits "$@"
 }
 
 # bouncer_config DIR PORT PRIMARY_PORT POOL MIN_POOL: writes DIR/userlist.txt and DIR/pgbouncer.ini for
@@ -141,6 +141,8 @@ password = "$DBOPT_APP_PASSWORD"
 TOML
 }
 
+# Makes (or refreshes, when the system's PostgreSQL changed) a relocated copy of the system's
+# PostgreSQL 15 under DIR and prints its pg_config. Nothing the system's servers use is touched.
 private_postgres() {
   local dir=$1 stamp want
   want=$("$(dirname "$SYSTEM_PG_CONFIG")/postgres" --version)
@@ -157,6 +159,9 @@ private_postgres() {
   echo "$dir/lib/postgresql/15/bin/pg_config"
 }
 
+# Removes the installed dbopt.so before a new one is copied in. Copying over the file in place
+# changes pages that running postmasters have mapped and crashes every backend (seen here: SIGSEGV
+# in all nodes of a running stack); after an unlink they keep the old inode and the copy is a new one.
 unlink_installed_extension() {
   rm -f "$("$PG_CONFIG" --pkglibdir)/dbopt.so"
 }

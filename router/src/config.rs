@@ -596,11 +596,7 @@ impl Config {
             }
         }
         let users: Vec<&str> = self.users.iter().map(|u| u.name.as_str()).collect();
-        let databases = if self.databases.is_empty() {
-            vec![self.server.database.clone()]
-        } else {
-            self.databases.clone()
-        };
+        let databases = self.allowed_databases();
         self.cache.validate(&users, &databases)?;
         let nodes: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
         self.limits.validate(&users, &databases, &nodes)?;
@@ -614,6 +610,15 @@ impl Config {
             vec![self.server.database.clone()]
         } else {
             self.databases.clone()
+        }
+    }
+
+    /// The configuration as the router applies it, for `--check-config`: defaults written out,
+    /// and the databases clients may use listed (an empty allow-list means `server.database`).
+    pub fn effective(&self) -> Config {
+        Config {
+            databases: self.allowed_databases(),
+            ..self.clone()
         }
     }
 }
@@ -826,8 +831,16 @@ mod tests {
         );
         let e = Config::parse(&format!("databases = [\"app\", \"app\"]\n{GOOD}")).expect_err("dup");
         assert_eq!(e.field.as_deref(), Some("databases[1]"));
-        // The effective configuration prints (top-level keys before tables).
-        assert!(toml::to_string_pretty(&c).is_ok());
+        // The effective configuration prints (top-level keys before tables) and names the
+        // databases actually allowed, also when the file leaves the list empty.
+        assert!(toml::to_string_pretty(&c.effective()).is_ok());
+        let implicit = Config::parse(GOOD).expect("good");
+        let printed = toml::to_string_pretty(&implicit.effective()).expect("prints");
+        assert!(printed.contains("databases = [\"postgres\"]"), "{printed}");
+        assert_eq!(
+            Config::parse(&printed).expect("reads back").allowed_databases(),
+            implicit.allowed_databases()
+        );
     }
 
     #[test]

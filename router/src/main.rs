@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                  the router refuses such logins for non-admin users when it runs"
             ),
         }
-        match toml::to_string_pretty(&config) {
+        match toml::to_string_pretty(&config.effective()) {
             Ok(text) => {
                 println!(
                     "# {}: valid; effective configuration:\n{text}",

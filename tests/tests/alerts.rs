@@ -569,6 +569,23 @@ fn failover_alerts_once_per_channel(stack: &Stack, s: &Sinks) -> String {
         .filter(|(_, r)| r.body.contains("Patroni's callback"))
         .count();
     assert_eq!(callback, 0, "the callback defers to a running router");
+    // What fired while there was no primary (node0 down) reached the history all the same: the
+    // history channel held it until the new primary answered, and dropped nothing.
+    wait_for(
+        Duration::from_secs(60),
+        "NodeDown node0 in the history",
+        || {
+            let h = history(stack, "NodeDown", ("node", "node0"));
+            (h.get("firing").copied().unwrap_or(0) >= 1).then_some(())
+        },
+    );
+    let doc = alerts_doc(stack);
+    let channel = doc["channels"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "history"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(channel["dropped"], 0, "history channel: {channel}");
     assert!(stack.script(&["start", "node0"]).status.success());
     stack.wait_healthy(Duration::from_secs(120));
     new_primary

@@ -258,6 +258,50 @@ pub fn merge(base: &mut toml::Table, extra: toml::Table) {
     }
 }
 
+/// A section a derived configuration leaves out (it then has the section's defaults: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Cache,
+    Alerts,
+    Limits,
+}
+
+/// A router configuration derived from another — the stack's, for a benchmark's own router
+/// process, so that a benchmark never edits or signals the router a user has running: clients
+/// on `127.0.0.1:port`, the admin endpoint on `port + 1`, the sections in `without` off, and
+/// `extra` merged as `DBOPT_ROUTER_EXTRA` is (`[pool]` keys replace, `[[cache.rules]]` append —
+/// also to a file that says `rules = []`). Validated.
+pub fn derive(
+    base: &Config,
+    port: u16,
+    without: &[Section],
+    extra: &str,
+) -> Result<Config, String> {
+    let admin = port
+        .checked_add(1)
+        .ok_or("--port: no room for the admin port above it")?;
+    let mut c = base.clone();
+    c.listen.address = format!("127.0.0.1:{port}");
+    c.listen.admin_address = Some(format!("127.0.0.1:{admin}"));
+    for s in without {
+        match s {
+            Section::Cache => c.cache = CacheSettings::default(),
+            Section::Alerts => c.alerts = AlertSettings::default(),
+            Section::Limits => c.limits = LimitSettings::default(),
+        }
+    }
+    if !extra.trim().is_empty() {
+        let extra: toml::Table = toml::from_str(extra).map_err(|e| format!("--extra: {e}"))?;
+        let mut table = toml::Table::try_from(&c).map_err(|e| e.to_string())?;
+        merge(&mut table, extra);
+        c = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| format!("--extra: {e}"))?;
+    }
+    c.validate().map_err(|e| e.to_string())?;
+    Ok(c)
+}
+
 /// What Patroni's callback reads: `[listen]` (where a router would answer) and `[alerts]`.
 pub fn patroni_alerts(l: &Layout) -> Result<String, String> {
     #[derive(Serialize)]
@@ -337,6 +381,60 @@ mod tests {
         assert!(back.users.iter().any(|u| u.name == "dba" && u.admin));
         assert_eq!(back.alerts.channels.len(), 2);
         assert_eq!(back.limits.rules[0].limit, 20);
+    }
+
+    #[test]
+    fn a_derived_config_has_its_own_ports_and_leaves_the_base_alone() {
+        let base = router_config(&layout()).unwrap();
+        let before = base.clone();
+        let d = derive(
+            &base,
+            25466,
+            &[Section::Alerts, Section::Limits],
+            "[pool]\nmax_size = 20\nread_balance = \"pack\"\n\
+             [[cache.rules]]\ntable = \"public.pgbench_accounts\"\nttl_s = 300\n",
+        )
+        .unwrap();
+        assert_eq!(base, before);
+        assert_eq!(d.listen.address, "127.0.0.1:25466");
+        assert_eq!(d.listen.admin_address.as_deref(), Some("127.0.0.1:25467"));
+        assert!(d.alerts.channels.is_empty() && d.limits.rules.is_empty());
+        assert!(d.cache.enabled, "the cache stays as the base has it");
+        assert_eq!(d.pool.max_size, 20);
+        assert_eq!(d.pool.read_balance, dbopt_router::config::ReadBalance::Pack);
+        assert_eq!(d.pool.min_size, base.pool.min_size);
+        // A rule added to a file whose [cache] says `rules = []` (the base as printed): appended,
+        // not a duplicate key.
+        let printed = toml::to_string_pretty(&base).unwrap();
+        assert!(printed.contains("rules = []"), "{printed}");
+        let reread = Config::parse(&printed).unwrap();
+        let d = derive(&reread, 25466, &[], "[[cache.rules]]\ntable = \"public.t\"\n").unwrap();
+        assert_eq!(d.cache.rules.len(), 1);
+        assert_eq!(d.cache.rules[0].table.as_deref(), Some("public.t"));
+        // Round trip: what it prints, the router reads.
+        assert_eq!(
+            Config::parse(&toml::to_string_pretty(&d).unwrap()).unwrap(),
+            d
+        );
+        let off = derive(&base, 25466, &[Section::Cache], "").unwrap();
+        assert!(!off.cache.enabled);
+    }
+
+    #[test]
+    fn a_bad_derivation_names_what_is_wrong() {
+        let base = router_config(&layout()).unwrap();
+        assert!(derive(&base, u16::MAX, &[], "")
+            .unwrap_err()
+            .contains("--port"));
+        assert!(derive(&base, 25466, &[], "[pool\n")
+            .unwrap_err()
+            .contains("--extra"));
+        assert!(derive(&base, 25466, &[], "[pool]\nmax_size = 0\n")
+            .unwrap_err()
+            .contains("pool.max_size"));
+        assert!(derive(&base, 25466, &[], "[pool]\nnope = 1\n")
+            .unwrap_err()
+            .contains("--extra"));
     }
 
     #[test]

@@ -1,22 +1,67 @@
-//! `dbopt-stackconf`: prints one of the local stack's generated files (see the library).
+//! `dbopt-stackconf`: prints one of the local stack's generated files (see the library), or a
+//! router configuration derived from the stack's for a benchmark's own router.
 //!
 //!   dbopt-stackconf router --dir /var/tmp/dbopt-stack --port-base 25400 ... > router.toml
+//!   dbopt-stackconf derive --from /var/tmp/dbopt-stack/router.toml --port 25466 --without alerts
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use dbopt_router::config::Config;
 use dbopt_router::limits::settings::Fallback;
-use dbopt_stackconf::{Layout, NodeInfo, StackInfo};
+use dbopt_stackconf::{Layout, NodeInfo, Section, StackInfo};
 
 /// Prints the router's configuration, Patroni's alerts file or stack.json for the local stack
-/// (scripts/stack runs it; every value comes from its environment). Exits 1 with the field at
-/// fault when the result would not be valid.
+/// (scripts/stack runs it; every value comes from its environment), or a router configuration
+/// derived from an existing one (the benchmarks' own routers). Exits 1 with the field at fault
+/// when the result would not be valid.
 #[derive(Parser, Debug)]
 #[command(name = "dbopt-stackconf", version)]
 struct Cli {
-    /// Which file to print.
-    #[arg(value_enum)]
-    file: File,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The router's configuration (TOML).
+    Router(StackArgs),
+    /// [listen] and [alerts] for Patroni's on_role_change callback (TOML).
+    PatroniAlerts(StackArgs),
+    /// The stack's layout for tests and tools (JSON).
+    StackJson(StackArgs),
+    /// A router configuration derived from FILE, for a router process of its own: clients on
+    /// 127.0.0.1:PORT, admin endpoint on PORT+1, sections left out, TOML merged in (TOML).
+    Derive(DeriveArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeriveArgs {
+    /// The configuration to start from (e.g. the stack's router.toml); it is only read.
+    #[arg(long)]
+    from: PathBuf,
+    /// Port for clients (the admin endpoint takes the next one).
+    #[arg(long)]
+    port: u16,
+    /// A section to turn off; repeat.
+    #[arg(long, value_enum)]
+    without: Vec<SectionArg>,
+    /// TOML merged in: keys replace (`[pool]` `max_size = 20`), arrays of tables append
+    /// (`[[cache.rules]]`).
+    #[arg(long, default_value = "")]
+    extra: String,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SectionArg {
+    Cache,
+    Alerts,
+    Limits,
+}
+
+#[derive(Args, Debug)]
+struct StackArgs {
     #[arg(long)]
     dir: String,
     #[arg(long)]
@@ -64,16 +109,6 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum File {
-    /// The router's configuration (TOML).
-    Router,
-    /// [listen] and [alerts] for Patroni's on_role_change callback (TOML).
-    PatroniAlerts,
-    /// The stack's layout for tests and tools (JSON).
-    StackJson,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 enum FallbackArg {
     Local,
     Open,
@@ -95,7 +130,49 @@ fn node(spec: &str) -> Result<NodeInfo, String> {
 }
 
 fn run(cli: Cli) -> Result<String, String> {
-    let layout = Layout {
+    match cli.command {
+        Command::Router(a) => {
+            let layout = layout(a)?;
+            let c = dbopt_stackconf::router_config(&layout)?;
+            let text = toml::to_string_pretty(&c).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "# Written by scripts/stack (dbopt-stackconf) for the local stack in {}.\n{text}",
+                layout.info.dir
+            ))
+        }
+        Command::PatroniAlerts(a) => Ok(format!(
+            "# Written by scripts/stack: read by dbopt-router on-role-change (Patroni callback).\n{}",
+            dbopt_stackconf::patroni_alerts(&layout(a)?)?
+        )),
+        Command::StackJson(a) => {
+            serde_json::to_string_pretty(&layout(a)?.info).map_err(|e| e.to_string())
+        }
+        Command::Derive(d) => {
+            let text = std::fs::read_to_string(&d.from)
+                .map_err(|e| format!("--from {}: {e}", d.from.display()))?;
+            let base =
+                Config::parse(&text).map_err(|e| format!("--from {}: {e}", d.from.display()))?;
+            let without: Vec<Section> = d
+                .without
+                .iter()
+                .map(|s| match s {
+                    SectionArg::Cache => Section::Cache,
+                    SectionArg::Alerts => Section::Alerts,
+                    SectionArg::Limits => Section::Limits,
+                })
+                .collect();
+            let c = dbopt_stackconf::derive(&base, d.port, &without, &d.extra)?;
+            let text = toml::to_string_pretty(&c).map_err(|e| e.to_string())?;
+            Ok(format!(
+                "# Derived from {} by dbopt-stackconf derive.\n{text}",
+                d.from.display()
+            ))
+        }
+    }
+}
+
+fn layout(cli: StackArgs) -> Result<Layout, String> {
+    Ok(Layout {
         info: StackInfo {
             dir: cli.dir,
             port_base: cli.port_base,
@@ -130,24 +207,7 @@ fn run(cli: Cli) -> Result<String, String> {
         alerts_interval_ms: cli.alerts_interval_ms,
         alerts_extra: cli.alerts_extra,
         router_extra: cli.router_extra,
-    };
-    match cli.file {
-        File::Router => {
-            let c = dbopt_stackconf::router_config(&layout)?;
-            let text = toml::to_string_pretty(&c).map_err(|e| e.to_string())?;
-            Ok(format!(
-                "# Written by scripts/stack (dbopt-stackconf) for the local stack in {}.\n{text}",
-                layout.info.dir
-            ))
-        }
-        File::PatroniAlerts => Ok(format!(
-            "# Written by scripts/stack: read by dbopt-router on-role-change (Patroni callback).\n{}",
-            dbopt_stackconf::patroni_alerts(&layout)?
-        )),
-        File::StackJson => {
-            serde_json::to_string_pretty(&layout.info).map_err(|e| e.to_string())
-        }
-    }
+    })
 }
 
 fn main() -> ExitCode {

@@ -168,7 +168,7 @@ async fn attempt(
                     c.name,
                     i + 1
                 ));
-                last = e;
+                last = e.to_string();
                 tokio::time::sleep(Duration::from_secs(1 << i)).await;
             }
         }

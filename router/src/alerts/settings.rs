@@ -41,31 +41,41 @@ impl Default for AlertSettings {
     }
 }
 
-/// What is alerted on.
+/// What is alerted on. Configuration names are snake_case (`replica_lag`); the `alertname` label
+/// (`ReplicaLag`, what README's table and every payload show) is accepted too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// The primary moved to another node (failover or switchover); resolves once the new one has
     /// held the role for `resolve_after_s`.
+    #[serde(alias = "PrimaryChanged")]
     PrimaryChanged,
     /// A replica's replay lag above `threshold` seconds (default 5).
+    #[serde(alias = "ReplicaLag")]
     ReplicaLag,
     /// A node the router cannot reach or check.
+    #[serde(alias = "NodeDown")]
     NodeDown,
     /// A node's circuit breaker is open (or half-open, probing).
+    #[serde(alias = "BreakerOpen")]
     BreakerOpen,
     /// A pool's connections in use above `threshold` of its maximum (default 0.8).
+    #[serde(alias = "PoolSaturation")]
     PoolSaturation,
     /// Errors (server errors, pool timeouts) per second over the last minute above `threshold`
     /// (default 1).
+    #[serde(alias = "ErrorRate")]
     ErrorRate,
     /// Slow statements (over `dbopt.slow_query_ms`) on a node in the last minute above
     /// `threshold` (default 10).
+    #[serde(alias = "SlowStatements")]
     SlowStatements,
     /// Cache invalidations that may have been missed in the last minute above `threshold`
     /// (default 0: any).
+    #[serde(alias = "CacheInvalidationFailures")]
     CacheInvalidationFailures,
     /// Statements refused by a `[limits]` rule in the last minute above `threshold` (default 100).
+    #[serde(alias = "RateLimitRefusals")]
     RateLimitRefusals,
 }
 
@@ -562,6 +572,25 @@ mod tests {
             s.effective(AlertKind::PrimaryChanged).resolve_after_ms,
             60_000
         );
+    }
+
+    #[test]
+    fn rules_name_a_kind_as_configured_or_as_its_alertname() {
+        for kind in AlertKind::ALL {
+            let snake = toml::Value::try_from(kind).unwrap();
+            let snake = snake.as_str().unwrap();
+            for name in [snake, kind.alertname()] {
+                let s = parse(&format!("{HOOK}[[rules]]\nalert = \"{name}\"\nenabled = false\n"))
+                    .unwrap();
+                assert!(!s.effective(kind).enabled, "{name}");
+            }
+        }
+        // The same kind under both names is still one kind named twice.
+        let e = parse(&format!(
+            "{HOOK}[[rules]]\nalert = \"replica_lag\"\n[[rules]]\nalert = \"ReplicaLag\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("alerts.rules[1].alert"));
     }
 
     #[test]
