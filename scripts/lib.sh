@@ -78,6 +78,11 @@ wait_until() {
   done
 }
 
+# bench_size NORMAL QUICK: a benchmark's default size. Under DBOPT_BENCH_QUICK=1 — scripts/test runs
+# every benchmark that way, to completion on tiny sizes and one round, so that a benchmark README
+# quotes cannot rot unseen (its figures then mean nothing) — the QUICK one.
+bench_size() { if [ "${DBOPT_BENCH_QUICK:-0}" = 1 ]; then echo "$2"; else echo "$1"; fi; }
+
 # derived_router_config PORT [dbopt-stackconf derive options...]: the stack's router.toml for a
 # router process of the caller's own (a benchmark's) on PORT, admin on PORT + 1 — typed, from
 # dbopt-stackconf: e.g. --without cache --without alerts --extra $'[pool]\nmax_size = 20'. The

@@ -80,7 +80,8 @@ enum Command {
 }
 
 const EXAMPLES: &str = "Examples:
-  export DATABASE_URL=postgresql://postgres@127.0.0.1:25400/postgres
+  # the local stack's primary, whichever node it is now (port 25400 is only the first one)
+  export DATABASE_URL='postgresql://postgres@127.0.0.1:25400,127.0.0.1:25401,127.0.0.1:25402,127.0.0.1:25403/postgres?target_session_attrs=read-write'
   dbopt-migrate --dir migrations new add_users
   dbopt-migrate --dir migrations status
   dbopt-migrate --dir migrations lint

@@ -268,9 +268,24 @@ impl Session {
             return None;
         }
         let ttl = policy::ttl(&cache.settings, hint.as_ref(), rule.as_ref());
-        let replay = self.shared.topology().nodes[node].replay_lsn;
-        if !is_primary && replay.is_none() {
-            return None;
+        let mut replay = self.shared.topology().nodes[node].replay_lsn;
+        if !is_primary {
+            let sampled = replay?;
+            let proven = {
+                let t = self.shared.topology();
+                cache.replica_covers(&self.database, &analysis.relations, sampled, |ms| {
+                    t.lsn_history.covering(ms)
+                })
+            };
+            // The router's sample of this replica is up to `health.lsn_poll_ms` old, and a table
+            // watched or written moments ago needs a position newer than that: a client reading
+            // right after (every miss within one poll interval) would never fill. Asked here, on
+            // the fill's own connection before the fill runs, the position bounds what the fill
+            // reads from below — as the sample does, only fresher.
+            if !proven {
+                cache.count_replay_probe();
+                replay = Some(replayed_position(conn).await?.max(sampled));
+            }
         }
         let tags = hint.map(|h| h.tags).unwrap_or_default();
         let tags = Cache::tags_for(&self.database, &analysis.relations, &tags);
@@ -346,6 +361,18 @@ impl Session {
             }
         });
     }
+}
+
+/// The replica's replayed WAL position, asked on `conn` (any role may call the function); `None`
+/// when the connection broke or the node no longer replays (promoted): no fill then.
+async fn replayed_position(conn: &mut ServerConn) -> Option<u64> {
+    let rows = conn
+        .statements(&[("SELECT pg_catalog.pg_last_wal_replay_lsn()::text", &[])])
+        .await
+        .ok()?;
+    rows.first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|s| dbopt_invalidation::parse_lsn(&s))
 }
 
 /// Whether a batch's statement text may carry a `dbopt:cache` hint (its messages, or the text of

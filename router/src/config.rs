@@ -838,7 +838,9 @@ mod tests {
         let printed = toml::to_string_pretty(&implicit.effective()).expect("prints");
         assert!(printed.contains("databases = [\"postgres\"]"), "{printed}");
         assert_eq!(
-            Config::parse(&printed).expect("reads back").allowed_databases(),
+            Config::parse(&printed)
+                .expect("reads back")
+                .allowed_databases(),
             implicit.allowed_databases()
         );
     }

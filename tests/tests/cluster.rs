@@ -494,4 +494,11 @@ fn failover_promotes_a_replica_and_the_old_primary_rejoins(stack: &Stack) {
         "{status}"
     );
     assert!(line("node0").contains("replica"), "{status}");
+    // The status names the primary it moved to, with that node's URL.
+    let port = stack.node(&new_primary).port;
+    assert!(
+        line("primary:").contains(&format!("{new_primary} "))
+            && line("primary:").contains(&format!("127.0.0.1:{port}/")),
+        "{status}"
+    );
 }

@@ -408,7 +408,13 @@ mod tests {
         let printed = toml::to_string_pretty(&base).unwrap();
         assert!(printed.contains("rules = []"), "{printed}");
         let reread = Config::parse(&printed).unwrap();
-        let d = derive(&reread, 25466, &[], "[[cache.rules]]\ntable = \"public.t\"\n").unwrap();
+        let d = derive(
+            &reread,
+            25466,
+            &[],
+            "[[cache.rules]]\ntable = \"public.t\"\n",
+        )
+        .unwrap();
         assert_eq!(d.cache.rules.len(), 1);
         assert_eq!(d.cache.rules[0].table.as_deref(), Some("public.t"));
         // Round trip: what it prints, the router reads.

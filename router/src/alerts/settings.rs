@@ -580,8 +580,10 @@ mod tests {
             let snake = toml::Value::try_from(kind).unwrap();
             let snake = snake.as_str().unwrap();
             for name in [snake, kind.alertname()] {
-                let s = parse(&format!("{HOOK}[[rules]]\nalert = \"{name}\"\nenabled = false\n"))
-                    .unwrap();
+                let s = parse(&format!(
+                    "{HOOK}[[rules]]\nalert = \"{name}\"\nenabled = false\n"
+                ))
+                .unwrap();
                 assert!(!s.effective(kind).enabled, "{name}");
             }
         }

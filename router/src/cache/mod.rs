@@ -182,6 +182,9 @@ pub struct CacheCounters {
     pub redis_refused: AtomicU64,
     pub redis_errors: AtomicU64,
     pub fills_not_admitted: AtomicU64,
+    /// Replica fills that asked the replica for its replayed position first (the router's
+    /// sample did not show that it had a recent invalidation).
+    pub replay_probes: AtomicU64,
     pub bypassed: AtomicU64,
     pub uncacheable: AtomicU64,
     pub invalidations: AtomicU64,
@@ -699,10 +702,23 @@ impl Cache {
         relations: &[u32],
         covering: impl Fn(u64) -> Option<u64>,
     ) -> bool {
-        let Some(replay) = fill.replica_replay else {
-            return true;
-        };
-        let times: Vec<u64> = self.feed(&fill.database, |f| {
+        match fill.replica_replay {
+            None => true,
+            Some(replay) => self.replica_covers(&fill.database, relations, replay, covering),
+        }
+    }
+
+    /// Had a replica that replayed up to `replay` seen every invalidation of `relations` the
+    /// router applied (per table and database-wide)? False while an invalidation's covering
+    /// position is not known yet.
+    pub fn replica_covers(
+        &self,
+        database: &str,
+        relations: &[u32],
+        replay: u64,
+        covering: impl Fn(u64) -> Option<u64>,
+    ) -> bool {
+        let times: Vec<u64> = self.feed(database, |f| {
             let mut t: Vec<u64> = relations
                 .iter()
                 .filter_map(|r| f.invalidated_at.get(r).copied())
@@ -769,12 +785,66 @@ impl Cache {
     pub fn count_not_admitted(&self) {
         inc(&self.counters.fills_not_admitted);
     }
+
+    pub fn count_replay_probe(&self) {
+        inc(&self.counters.replay_probes);
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A table watched (or written) at router time 1000 needs a replica position at least as far
+    /// as the first primary sample sent after it; until such a sample exists, nothing is proven.
+    #[test]
+    fn a_replica_covers_an_invalidation_once_past_its_covering_sample() {
+        let cache = Cache::new(&CacheSettings::default());
+        cache.feed("db", |f| {
+            f.invalidated_at.insert(7, 1000);
+        });
+        let mut h = crate::route::LsnHistory::default();
+        let covers = |h: &crate::route::LsnHistory, replay: u64| {
+            cache.replica_covers("db", &[7], replay, |ms| h.covering(ms))
+        };
+        h.push(crate::route::LsnSample {
+            sent_ms: 1000,
+            lsn: 400,
+        });
+        assert!(
+            !covers(&h, u64::MAX),
+            "no sample sent after the invalidation yet"
+        );
+        h.push(crate::route::LsnSample {
+            sent_ms: 1001,
+            lsn: 500,
+        });
+        assert!(!covers(&h, 499));
+        assert!(covers(&h, 500));
+        // Tables never invalidated need nothing; a database-wide invalidation counts for all.
+        assert!(cache.replica_covers("db", &[8], 0, |ms| h.covering(ms)));
+        cache.feed("db", |f| f.all_at = 1001);
+        assert!(!cache.replica_covers("db", &[8], 499, |ms| h.covering(ms)));
+        h.push(crate::route::LsnSample {
+            sent_ms: 1002,
+            lsn: 600,
+        });
+        assert!(cache.replica_covers("db", &[8], 600, |ms| h.covering(ms)));
+        // A fill on the primary is always admitted; on a replica, by its position.
+        let fill = |replica_replay| Fill {
+            key: "k".into(),
+            database: "db".into(),
+            tags: Vec::new(),
+            versions: Vec::new(),
+            token: None,
+            ttl: Duration::from_secs(1),
+            replica_replay,
+        };
+        assert!(cache.admits(&fill(None), &[7], |_| None));
+        assert!(!cache.admits(&fill(Some(599)), &[7], |ms| h.covering(ms)));
+        assert!(cache.admits(&fill(Some(600)), &[7], |ms| h.covering(ms)));
+    }
 
     #[test]
     fn arrays_from_text() {

@@ -13,13 +13,19 @@ use crate::cache::{lock, Cache, CacheCounters};
 /// (metric name, help, `/status` key, counter).
 fn plain_counters(
     c: &CacheCounters,
-) -> [(&'static str, &'static str, &'static str, &AtomicU64); 10] {
+) -> [(&'static str, &'static str, &'static str, &AtomicU64); 11] {
     [
         (
             "dbopt_router_cache_fills_not_admitted_total",
             "Replica fills not stored: the replica had not replayed a recent invalidation.",
             "fills_not_admitted",
             &c.fills_not_admitted,
+        ),
+        (
+            "dbopt_router_cache_replay_probes_total",
+            "Replica fills that first asked the replica how far it had replayed (the router's sample was too old to admit them).",
+            "replay_probes",
+            &c.replay_probes,
         ),
         (
             "dbopt_router_cache_bypassed_total",
