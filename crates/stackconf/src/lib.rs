@@ -205,17 +205,22 @@ pub fn router_config(l: &Layout) -> Result<Config, String> {
     // breaker visibly opens and closes within a test.
     c.breaker.min_attempts = 5;
     c.breaker.open_s = 10;
-    if !l.router_extra.trim().is_empty() {
-        let extra: toml::Table =
-            toml::from_str(&l.router_extra).map_err(|e| format!("DBOPT_ROUTER_EXTRA: {e}"))?;
-        let mut base: toml::Table = toml::Table::try_from(&c).map_err(|e| e.to_string())?;
-        merge(&mut base, extra);
-        c = toml::Value::Table(base)
-            .try_into()
-            .map_err(|e| format!("DBOPT_ROUTER_EXTRA: {e}"))?;
-    }
+    let c = with_extra(c, &l.router_extra, "DBOPT_ROUTER_EXTRA")?;
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)
+}
+
+/// `c` with the TOML `extra` merged in ([`merge`]); `what` names the extra in errors.
+fn with_extra(c: Config, extra: &str, what: &str) -> Result<Config, String> {
+    if extra.trim().is_empty() {
+        return Ok(c);
+    }
+    let extra: toml::Table = toml::from_str(extra).map_err(|e| format!("{what}: {e}"))?;
+    let mut table = toml::Table::try_from(&c).map_err(|e| e.to_string())?;
+    merge(&mut table, extra);
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e| format!("{what}: {e}"))
 }
 
 /// Deserialises a type's defaults from an almost empty table (their serde defaults are the one
@@ -290,14 +295,7 @@ pub fn derive(
             Section::Limits => c.limits = LimitSettings::default(),
         }
     }
-    if !extra.trim().is_empty() {
-        let extra: toml::Table = toml::from_str(extra).map_err(|e| format!("--extra: {e}"))?;
-        let mut table = toml::Table::try_from(&c).map_err(|e| e.to_string())?;
-        merge(&mut table, extra);
-        c = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| format!("--extra: {e}"))?;
-    }
+    let c = with_extra(c, extra, "--extra")?;
     c.validate().map_err(|e| e.to_string())?;
     Ok(c)
 }
