@@ -1,14 +1,14 @@
 //! The local stack's generated files, from typed values: the router's configuration (a
-//! `dbopt_router::config::Config`, validated before it is written), the `[alerts]` file Patroni's
+//! `dbopt_routerconf::Config`, validated before it is written), the `[alerts]` file Patroni's
 //! role-change callback reads, and `stack.json` (the [`StackInfo`] the end-to-end tests read back).
 //! `scripts/stack` calls the `dbopt-stackconf` binary; nothing is assembled with printf.
 
 use std::collections::BTreeMap;
 
-use dbopt_router::alerts::settings::{AlertSettings, Channel, ChannelKind};
-use dbopt_router::cache::settings::CacheSettings;
-use dbopt_router::config::{Config, Listen, Node, ServerLogin, Tls, User};
-use dbopt_router::limits::settings::{Fallback, LimitSettings, Rule, Scope};
+use dbopt_routerconf::alerts::{AlertSettings, Channel, ChannelKind};
+use dbopt_routerconf::cache::CacheSettings;
+use dbopt_routerconf::limits::{Fallback, LimitSettings, Rule, Scope};
+use dbopt_routerconf::{Config, Listen, Node, ServerLogin, Tls, User};
 use serde::{Deserialize, Serialize};
 
 /// What `scripts/stack up` writes to `$DBOPT_DIR/stack.json`: the one description of the layout.
@@ -127,7 +127,7 @@ fn channel(name: &str, kind: ChannelKind) -> Channel {
     t.insert("name".into(), name.into());
     t.insert(
         "kind".into(),
-        dbopt_router::alerts::settings::kind_name(kind).into(),
+        dbopt_routerconf::alerts::kind_name(kind).into(),
     );
     toml::Value::Table(t)
         .try_into()
@@ -399,7 +399,7 @@ mod tests {
         assert!(d.alerts.channels.is_empty() && d.limits.rules.is_empty());
         assert!(d.cache.enabled, "the cache stays as the base has it");
         assert_eq!(d.pool.max_size, 20);
-        assert_eq!(d.pool.read_balance, dbopt_router::config::ReadBalance::Pack);
+        assert_eq!(d.pool.read_balance, dbopt_routerconf::ReadBalance::Pack);
         assert_eq!(d.pool.min_size, base.pool.min_size);
         // A rule added to a file whose [cache] says `rules = []` (the base as printed): appended,
         // not a duplicate key.

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use dbopt_router::config::Config;
-use dbopt_router::limits::settings::Fallback;
+use dbopt_routerconf::limits::Fallback;
+use dbopt_routerconf::Config;
 use dbopt_stackconf::{Layout, NodeInfo, Section, StackInfo};
 
 /// Prints the router's configuration, Patroni's alerts file or stack.json for the local stack
