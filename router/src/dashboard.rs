@@ -33,13 +33,13 @@ pub struct Statements {
 
 impl Statements {
     pub async fn get(&self, shared: &Shared) -> Value {
-        if let Some((at, v)) = &*self.last.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((at, v)) = &*crate::locks::lock(&self.last) {
             if at.elapsed() < FRESH_FOR {
                 return v.clone();
             }
         }
         let v = gather(shared).await;
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), v.clone()));
+        *crate::locks::lock(&self.last) = Some((Instant::now(), v.clone()));
         v
     }
 }

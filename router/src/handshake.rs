@@ -42,7 +42,7 @@ impl Handshakes {
     /// A place for a new connection; `true` when an older one had to make room.
     pub fn admit(self: &Arc<Self>) -> (Ticket, bool) {
         let (tx, rx) = oneshot::channel();
-        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = crate::locks::lock(&self.queue);
         let mut displaced = false;
         while q.waiting.len() >= self.max {
             if let Some((_, oldest)) = q.waiting.pop_front() {
@@ -63,11 +63,7 @@ impl Handshakes {
 
     /// Connections starting up now.
     pub fn len(&self) -> usize {
-        self.queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .waiting
-            .len()
+        crate::locks::lock(&self.queue).waiting.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -77,7 +73,7 @@ impl Handshakes {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut q = self.owner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let mut q = crate::locks::lock(&self.owner.queue);
         q.waiting.retain(|(id, _)| *id != self.id);
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! # Layout
 //! - [`config`] — the TOML configuration, typed, with `deny_unknown_fields` and a `validate()` whose
-//!   messages name the offending field. Everything else receives a validated [`config::Config`].
+//!   messages name the offending field (re-exported from `dbopt-routerconf`, which the tools that
+//!   write router configurations use without linking the router). Everything else receives a
+//!   validated [`config::Config`].
+//! - [`locks`] — the one way the router takes a lock (a poisoned one is taken as it is).
 //! - [`protocol`] — framing and the messages the router reads or writes (pure, fuzzed).
 //! - [`auth`] — SCRAM-SHA-256 and md5, the server side (clients authenticate to the router).
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
@@ -30,6 +33,7 @@ pub mod dashboard;
 pub mod handshake;
 pub mod isolation;
 pub mod limits;
+pub mod locks;
 pub mod log;
 pub mod monitor;
 pub mod pool;

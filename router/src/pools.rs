@@ -80,9 +80,7 @@ pub struct Pools {
     generation: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::locks::lock;
 
 impl Pools {
     /// `limits` is asked only when the pool is new (reading them takes the configuration lock).

@@ -549,11 +549,7 @@ impl Session {
             let now = self.shared.now_ms();
             att.pool.release(att.conn, reusable, now);
         }
-        self.shared
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.key);
+        crate::locks::lock(&self.shared.cancel).remove(&self.key);
     }
 }
 

@@ -65,11 +65,7 @@ pub async fn run(config: Config, path: PathBuf) -> std::io::Result<()> {
                 r.register(spec);
             }
         }
-        let queue = cache
-            .refresh_queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let queue = crate::locks::lock(&cache.refresh_queue).take();
         if let Some(rx) = queue {
             tokio::spawn(crate::cache::refresh::run(
                 shared.clone(),

@@ -148,9 +148,7 @@ pub const LOGIN_REPORTS_MAX: usize = 1000;
 /// Entries in the classification cache before it is emptied.
 pub const CLASS_CACHE_MAX: usize = 10_000;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::locks::lock;
 
 impl Shared {
     pub fn new(config: Config, tls: Option<tokio_rustls::TlsAcceptor>) -> Arc<Shared> {
@@ -186,26 +184,23 @@ impl Shared {
     }
 
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::locks::read(&self.config).clone()
     }
 
     pub fn users(&self) -> Arc<HashMap<String, UserAuth>> {
-        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::locks::read(&self.users).clone()
     }
 
     /// Applies a reloaded configuration: users, pool sizes, thresholds, weights. Listen
     /// addresses and the node list need a restart (`reload_problem` says so).
     pub fn reload(&self, config: Config) {
-        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users_of(&config));
+        *crate::locks::write(&self.users) = Arc::new(users_of(&config));
         self.topology().reconfigure(&config);
         let limits = pool_limits(&config);
         for pool in self.pools.all() {
             pool.lock().limits = limits;
         }
-        *self.config.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        *crate::locks::write(&self.config) = Arc::new(config);
     }
 
     /// Classifies `sql`, from the cache when a text of the same shape was seen. A text without

@@ -228,7 +228,7 @@ impl Session {
     }
 
     fn register_cancel_key(&self) -> (i32, i32) {
-        let mut map = self.shared.cancel.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::locks::lock(&self.shared.cancel);
         loop {
             let key: (i32, i32) = (rand::random::<i32>() & 0x7fff_ffff, rand::random());
             if let std::collections::hash_map::Entry::Vacant(e) = map.entry(key) {
@@ -239,11 +239,7 @@ impl Session {
     }
 
     async fn forward_cancel(&self, pid: i32, secret: i32) {
-        let target = self
-            .shared
-            .cancel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let target = crate::locks::lock(&self.shared.cancel)
             .get(&(pid, secret))
             .cloned()
             .flatten();

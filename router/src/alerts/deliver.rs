@@ -178,7 +178,7 @@ impl Queue {
             "dropped": c.dropped,
             "queued": QUEUE_MAX - self.tx.capacity(),
             "waiting_for_primary": self.counts.waiting.load(Ordering::Relaxed),
-            "last_error": *self.counts.last_error.lock().unwrap_or_else(|p| p.into_inner()),
+            "last_error": *crate::locks::lock(&self.counts.last_error),
         })
     }
 }
@@ -222,7 +222,7 @@ async fn work(
                 }
                 Err(e) => e,
             };
-            *counts.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            *crate::locks::lock(&counts.last_error) = Some(e.to_string());
             match after_failure(&e, attempt, channel.retries, backoff, !rx.is_closed()) {
                 Next::WaitForPrimary => {
                     if waiting_since.is_none() {

@@ -19,7 +19,7 @@ pub mod smtp;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dbopt_querystats::exposition::Exposition;
@@ -31,9 +31,7 @@ use settings::{AlertKind, AlertSettings};
 
 use crate::shared::Shared;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::locks::lock;
 
 /// Lag samples kept per node (two minutes at the default interval).
 pub const LAG_HISTORY: usize = 120;

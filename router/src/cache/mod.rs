@@ -41,7 +41,7 @@ pub mod settings;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use dbopt_invalidation::Tag;
@@ -59,9 +59,7 @@ pub fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use crate::locks::lock;
 
 /// PostgreSQL's verdict on a statement shape (`dbopt.cache_analysis`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -142,11 +142,11 @@ impl Redis {
     }
 
     fn take(&self) -> Option<Conn> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        crate::locks::lock(&self.idle).pop()
     }
 
     fn put(&self, c: Conn) {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = crate::locks::lock(&self.idle);
         if idle.len() < IDLE_MAX {
             idle.push(c);
         }
@@ -154,7 +154,7 @@ impl Redis {
 
     /// Drops every pooled connection (after a failure: they may all be dead).
     pub fn reset(&self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        crate::locks::lock(&self.idle).clear();
     }
 
     async fn connect(&self) -> Result<Conn, RedisError> {
