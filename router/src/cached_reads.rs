@@ -13,6 +13,7 @@ use crate::config::{PoolMode, ReadYourWrites};
 use crate::protocol as p;
 use crate::server::ServerConn;
 use crate::session::{Attached, Session, Step};
+use crate::sqlstate;
 
 /// What the cache does with a batch.
 pub(crate) enum CachePlan {
@@ -124,7 +125,12 @@ impl Session {
         let hint = match policy::hint(&text) {
             Ok(h) => h,
             Err(e) => {
-                p::put_error(&mut self.out, "ERROR", "22023", &e);
+                p::put_error(
+                    &mut self.out,
+                    "ERROR",
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    &e,
+                );
                 self.finish_refusal(batch);
                 self.flush_client().await?;
                 return Ok(CachePlan::Answered);

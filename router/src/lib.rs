@@ -6,6 +6,7 @@
 //!   write router configurations use without linking the router). Everything else receives a
 //!   validated [`config::Config`].
 //! - [`locks`] — the one way the router takes a lock (a poisoned one is taken as it is).
+//! - [`sqlstate`] — the SQLSTATEs the router sends or acts on, by PostgreSQL's names.
 //! - [`protocol`] — framing and the messages the router reads or writes (pure, fuzzed).
 //! - [`auth`] — SCRAM-SHA-256 and md5, the server side (clients authenticate to the router).
 //! - [`classify`] — read/write classification with PostgreSQL's parser, and routing hints.
@@ -48,6 +49,7 @@ pub mod server;
 pub mod session;
 pub mod shared;
 pub mod spare;
+pub mod sqlstate;
 pub mod startup;
 pub mod tls;
 pub mod topology;

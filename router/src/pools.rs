@@ -16,6 +16,7 @@ use crate::log;
 use crate::pool::{backoff_ms, PoolLimits, PoolState, Take};
 use crate::server::{ConnectError, ServerConn, ServerTarget};
 use crate::shared::Shared;
+use crate::sqlstate;
 use crate::topology::Unavailable;
 
 /// As whom a pool's connections log in.
@@ -400,7 +401,7 @@ impl Shared {
                             login.role, target.addr
                         ));
                         return Err(AcquireError {
-                            code: "28000",
+                            code: sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                             message: format!(
                                 "dbopt-router: role \"{}\" is a superuser; only users with \
                                  admin = true may run as one",
@@ -415,7 +416,9 @@ impl Shared {
                     // The node is up; the login is wrong. Not the node's fault, not retried —
                     // except "too many connections" / "starting up", which pass with time.
                     self.topology().record(node, true);
-                    if code == "53300" || code == "57P03" {
+                    if code == sqlstate::TOO_MANY_CONNECTIONS
+                        || code == sqlstate::CANNOT_CONNECT_NOW
+                    {
                         last = format!("{message} (SQLSTATE {code})");
                         continue;
                     }
@@ -433,7 +436,7 @@ impl Shared {
         }
         let name = self.topology().nodes[node].name.clone();
         Err(AcquireError {
-            code: "08001",
+            code: sqlstate::SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
             message: format!(
                 "could not connect to {name} ({}) after {CONNECT_TRIES} tries: {last}",
                 target.addr
@@ -524,7 +527,7 @@ impl Shared {
                         if pool.waiting.fetch_add(1, Ordering::Relaxed) >= max_waiting {
                             pool.waiting.fetch_sub(1, Ordering::Relaxed);
                             return Err(AcquireError {
-                                code: "53300",
+                                code: sqlstate::TOO_MANY_CONNECTIONS,
                                 message: format!(
                                     "pool {}/{database} is full and {max_waiting} clients are already waiting",
                                     self.node_name(node)
@@ -540,7 +543,7 @@ impl Shared {
                         pool.timeouts.fetch_add(1, Ordering::Relaxed);
                         let st = pool.lock();
                         return Err(AcquireError {
-                            code: "53300",
+                            code: sqlstate::TOO_MANY_CONNECTIONS,
                             message: format!(
                                 "no server connection to {} free within {} ms ({} of {} in use, {} waiting)",
                                 self.node_name(node),
@@ -639,12 +642,12 @@ impl Shared {
 pub fn unavailable_error(u: Unavailable) -> AcquireError {
     match u {
         Unavailable::NoPrimary => AcquireError {
-            code: "08006",
+            code: sqlstate::CONNECTION_FAILURE,
             message: "no primary is available".into(),
             node_failed: true,
         },
         Unavailable::BreakerOpen { node, retry_in_ms } => AcquireError {
-            code: "57P03",
+            code: sqlstate::CANNOT_CONNECT_NOW,
             message: format!(
                 "circuit breaker for {node} is open (too many failures); next trial in {} s",
                 retry_in_ms.div_ceil(1000)
@@ -657,12 +660,14 @@ pub fn unavailable_error(u: Unavailable) -> AcquireError {
 /// SQLSTATEs the router passes on from a server refusing a login.
 fn static_code(code: &str) -> &'static str {
     match code {
-        "28P01" => "28P01",
-        "28000" => "28000",
-        "3D000" => "3D000",
-        "53300" => "53300",
-        "57P03" => "57P03",
-        _ => "08004",
+        sqlstate::INVALID_PASSWORD => sqlstate::INVALID_PASSWORD,
+        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION => {
+            sqlstate::INVALID_AUTHORIZATION_SPECIFICATION
+        }
+        sqlstate::INVALID_CATALOG_NAME => sqlstate::INVALID_CATALOG_NAME,
+        sqlstate::TOO_MANY_CONNECTIONS => sqlstate::TOO_MANY_CONNECTIONS,
+        sqlstate::CANNOT_CONNECT_NOW => sqlstate::CANNOT_CONNECT_NOW,
+        _ => sqlstate::SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
     }
 }
 

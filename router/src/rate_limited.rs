@@ -15,9 +15,10 @@ use crate::limits::rules::{self, Subject};
 use crate::limits::{end_user, Check, Over, Source, Verdict};
 use crate::protocol::{self as p, body};
 use crate::session::{Session, Step};
+use crate::sqlstate;
 
 /// SQLSTATE of a refusal: configuration_limit_exceeded (class 53, insufficient resources).
-pub const REFUSED: &str = "53400";
+pub const REFUSED: &str = sqlstate::CONFIGURATION_LIMIT_EXCEEDED;
 
 /// The error's primary message, DETAIL and HINT.
 pub fn refusal_text(o: &Over, warn: bool) -> (String, String, String) {
@@ -245,7 +246,12 @@ impl Session {
                 Ok(true)
             }
             Err(e) => {
-                p::put_error(&mut self.out, "ERROR", "22023", &e);
+                p::put_error(
+                    &mut self.out,
+                    "ERROR",
+                    sqlstate::INVALID_PARAMETER_VALUE,
+                    &e,
+                );
                 self.finish_refusal(batch);
                 self.skip_if_unsynced(batch).await?;
                 self.flush_client().await?;
@@ -351,7 +357,7 @@ impl Session {
             Ok(None) => return Ok(()),
             Err(e) => {
                 let mut error = Vec::new();
-                p::put_error(&mut error, "ERROR", "22023", &e);
+                p::put_error(&mut error, "ERROR", sqlstate::INVALID_PARAMETER_VALUE, &e);
                 return Err(error);
             }
         };

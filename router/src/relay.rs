@@ -16,6 +16,7 @@ use crate::route::Target;
 use crate::server::{ServerConn, SetupError};
 use crate::session::{Attached, Close, Session, Step};
 use crate::shared::Counters;
+use crate::sqlstate;
 
 /// How a pump ended without closing the session.
 pub(crate) enum PumpEnd {
@@ -271,12 +272,12 @@ impl Session {
                     self.attached = Some(att);
                     return Err(if in_tx {
                         self.fatal(
-                            "25P03",
+                            sqlstate::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                             "terminating connection due to idle-in-transaction timeout (dbopt-router pool.idle_in_transaction_timeout_s)",
                         )
                     } else {
                         self.fatal(
-                            "57P05",
+                            sqlstate::IDLE_SESSION_TIMEOUT,
                             "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
                         )
                     });
@@ -529,7 +530,7 @@ impl Session {
             self.peer
         ));
         Err(self.fatal(
-            "08006",
+            sqlstate::CONNECTION_FAILURE,
             &format!("dbopt-router: server connection to {name} lost: {reason}"),
         ))
     }

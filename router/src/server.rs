@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::{self, body, frame, put_msg, put_startup, Reader};
+use crate::sqlstate;
 
 /// Where and as whom to connect.
 #[derive(Debug, Clone)]
@@ -127,7 +128,7 @@ impl ServerConn {
                     let mut reply = Vec::new();
                     let password = || {
                         t.password.clone().ok_or_else(|| ConnectError::Refused {
-                            code: "28P01".into(),
+                            code: sqlstate::INVALID_PASSWORD.into(),
                             message: format!(
                                 "{} asks for a password and server.password is not set",
                                 t.addr
@@ -298,7 +299,7 @@ impl ServerConn {
         let mut reply = Vec::new();
         self.exchange_with(batch, 1, |tag, msg| match tag {
             b'N' | b'S' => Err(Refusal {
-                code: "01000".into(),
+                code: sqlstate::WARNING.into(),
                 message: "the statement sent a notice or changed a setting".into(),
             }),
             _ => {
@@ -321,7 +322,7 @@ impl ServerConn {
         self.exchange_with(out, ready, |tag, msg| {
             if tag == b'D' {
                 rows.push(data_row(body(msg)).ok_or_else(|| Refusal {
-                    code: "08P01".into(),
+                    code: sqlstate::PROTOCOL_VIOLATION.into(),
                     message: "malformed DataRow from the server".into(),
                 })?);
             }
@@ -366,7 +367,7 @@ impl ServerConn {
                         Some(f) => Err(SetupError::Refused(f)),
                         None if body(&msg) == b"I" => Ok(()),
                         None => Err(SetupError::Refused(Refusal {
-                            code: "25001".into(),
+                            code: sqlstate::ACTIVE_SQL_TRANSACTION.into(),
                             message: "connection left inside a transaction".into(),
                         })),
                     };

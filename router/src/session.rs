@@ -30,6 +30,7 @@ use crate::route::{combine, decide, Decision, Floor, Target};
 use crate::server::{ServerConn, SetupError};
 use crate::shared::{CancelTarget, Counters, Shared, UserAuth};
 use crate::spare::Batch;
+use crate::sqlstate;
 use crate::tls::ClientStream;
 use crate::translate::{Link, Statements};
 
@@ -204,7 +205,7 @@ impl Session {
             r = tokio::time::timeout(limit, self.startup()) => match r {
                 Ok(r) => r.is_ok(),
                 Err(_) => {
-                    p::put_error(&mut self.out, "FATAL", "08P01", "authentication timed out");
+                    p::put_error(&mut self.out, "FATAL", sqlstate::PROTOCOL_VIOLATION, "authentication timed out");
                     false
                 }
             },
@@ -212,7 +213,7 @@ impl Session {
                 p::put_error(
                     &mut self.out,
                     "FATAL",
-                    "53300",
+                    sqlstate::TOO_MANY_CONNECTIONS,
                     "too many connections are starting up (listen.max_handshakes); this one waited longest",
                 );
                 false
@@ -227,7 +228,7 @@ impl Session {
                 p::put_error(
                     &mut self.out,
                     "FATAL",
-                    "53300",
+                    sqlstate::TOO_MANY_CONNECTIONS,
                     "sorry, too many clients already",
                 );
             } else if self.finish_login().await.is_ok() {
@@ -262,7 +263,10 @@ impl Session {
     pub(crate) fn protocol_error(&mut self, e: ProtocolError) -> Close {
         Counters::inc(&self.shared.counters.protocol_errors);
         log::warn(&format!("client {}: protocol violation: {e}", self.peer));
-        self.fatal("08P01", &format!("protocol violation: {e}"))
+        self.fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            &format!("protocol violation: {e}"),
+        )
     }
 
     /// Reads more bytes from the client; `Close` on EOF.
@@ -333,7 +337,7 @@ impl Session {
                     Wake::Idle => {
                         Counters::inc(&self.shared.counters.idle_timeouts);
                         return Err(self.fatal(
-                            "57P05",
+                            sqlstate::IDLE_SESSION_TIMEOUT,
                             "terminating connection due to idle-session timeout (dbopt-router pool.client_idle_timeout_s)",
                         ));
                     }
@@ -343,7 +347,9 @@ impl Session {
                         // it sends meanwhile gets the same refusal.
                         let grace = Duration::from_millis(200);
                         let _ = tokio::time::timeout(grace, self.read_batch()).await;
-                        return Err(self.fatal("57P01", "dbopt-router is shutting down"));
+                        return Err(
+                            self.fatal(sqlstate::ADMIN_SHUTDOWN, "dbopt-router is shutting down")
+                        );
                     }
                 };
                 if !self.prepare_limit(&batch).await? {
@@ -536,7 +542,7 @@ impl Session {
                         }
                         Err(SetupError::Lost(e)) => {
                             pool.release(conn, false, 0);
-                            p::put_error(&mut self.out, "ERROR", "08006", &e);
+                            p::put_error(&mut self.out, "ERROR", sqlstate::CONNECTION_FAILURE, &e);
                             self.finish_refusal(&batch);
                             return self.flush_client().await;
                         }

@@ -14,6 +14,7 @@ use crate::log;
 use crate::protocol::{self as p, body, ProtocolError, Reader, Startup};
 use crate::session::{Close, Session, Step};
 use crate::shared::Counters;
+use crate::sqlstate;
 use crate::tls::ClientStream;
 
 /// Startup parameters that are not settings.
@@ -51,7 +52,10 @@ impl Session {
         };
         let config = self.shared.config();
         if config.listen.tls.as_ref().is_some_and(|t| t.required) && !self.client.is_tls() {
-            return Err(self.fatal("28000", "dbopt-router requires TLS (sslmode=require)"));
+            return Err(self.fatal(
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                "dbopt-router requires TLS (sslmode=require)",
+            ));
         }
         let mut user = None;
         let mut database = None;
@@ -61,14 +65,14 @@ impl Session {
                 "database" => database = Some(v),
                 "replication" if v != "false" && v != "0" => {
                     return Err(self.fatal(
-                        "08P01",
+                        sqlstate::PROTOCOL_VIOLATION,
                         "replication connections are not supported through dbopt-router",
                     ));
                 }
                 "replication" => {}
                 "options" => match parse_options(&v) {
                     Ok(settings) => self.settings.extend(settings),
-                    Err(e) => return Err(self.fatal("08P01", &e.0)),
+                    Err(e) => return Err(self.fatal(sqlstate::PROTOCOL_VIOLATION, &e.0)),
                 },
                 _ => {
                     let name = k.to_lowercase();
@@ -77,7 +81,7 @@ impl Session {
                     }
                     if !valid_setting_name(&name) {
                         return Err(self.fatal(
-                            "42704",
+                            sqlstate::UNDEFINED_OBJECT,
                             &format!("unrecognized configuration parameter \"{name}\""),
                         ));
                     }
@@ -87,7 +91,7 @@ impl Session {
         }
         let Some(user) = user.filter(|u| !u.is_empty()) else {
             return Err(self.fatal(
-                "28000",
+                sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
                 "no PostgreSQL user name specified in startup packet",
             ));
         };
@@ -96,7 +100,7 @@ impl Session {
             .unwrap_or_else(|| user.clone());
         self.user = user;
         if self.shared.shutting_down.load(Ordering::Relaxed) {
-            return Err(self.fatal("57P01", "dbopt-router is shutting down"));
+            return Err(self.fatal(sqlstate::ADMIN_SHUTDOWN, "dbopt-router is shutting down"));
         }
         self.authenticate().await?;
         // After authentication, so that the allow-list is not disclosed to strangers.
@@ -106,7 +110,7 @@ impl Session {
                 self.peer, self.user, self.database
             ));
             return Err(self.fatal(
-                "3D000",
+                sqlstate::INVALID_CATALOG_NAME,
                 &format!(
                     "database \"{}\" is not served by dbopt-router",
                     self.database
@@ -213,7 +217,7 @@ impl Session {
             pool.release(conn, false, 0);
             return Err(match e {
                 crate::server::SetupError::Refused(r) => self.fatal(&r.code, &r.message),
-                crate::server::SetupError::Lost(m) => self.fatal("08006", &m),
+                crate::server::SetupError::Lost(m) => self.fatal(sqlstate::CONNECTION_FAILURE, &m),
             });
         }
         let mut reported: Vec<(String, String)> = conn
@@ -279,7 +283,7 @@ impl Session {
             self.peer, self.user
         ));
         self.fatal(
-            "28P01",
+            sqlstate::INVALID_PASSWORD,
             &format!("password authentication failed for user \"{}\"", self.user),
         )
     }
@@ -320,7 +324,10 @@ impl Session {
                 let mut r = Reader::new(&first);
                 let mech = r.cstr("SASL mechanism").unwrap_or(b"");
                 if mech != b"SCRAM-SHA-256" {
-                    return Err(self.fatal("28000", "SASL mechanism SCRAM-SHA-256 is required"));
+                    return Err(self.fatal(
+                        sqlstate::INVALID_AUTHORIZATION_SPECIFICATION,
+                        "SASL mechanism SCRAM-SHA-256 is required",
+                    ));
                 }
                 let len = r.i32("SASL data length").unwrap_or(-1);
                 if len < 0 || len as usize != r.rest().len() {
@@ -330,7 +337,7 @@ impl Session {
                 }
                 let (exchange, server_first) = match ScramExchange::start(&verifier, r.rest()) {
                     Ok(x) => x,
-                    Err(e) => return Err(self.fatal("08P01", &e)),
+                    Err(e) => return Err(self.fatal(sqlstate::PROTOCOL_VIOLATION, &e)),
                 };
                 p::put_auth(&mut self.out, 11, server_first.as_bytes());
                 self.flush_client().await?;

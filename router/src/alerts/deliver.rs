@@ -23,6 +23,7 @@ use super::payload;
 use super::settings::{kind_name, Channel, ChannelKind};
 use crate::log;
 use crate::shared::Shared;
+use crate::sqlstate;
 
 /// Notifications a channel may have waiting; more are dropped (and counted).
 const QUEUE_MAX: usize = 1000;
@@ -443,7 +444,12 @@ async fn notify(
 /// SQLSTATEs that say the node is not (or no longer) a primary that takes writes: read-only
 /// (a demoted node, 25006), shutting down or starting (57P01–57P03), connection failures (08…).
 fn primary_unavailable(code: &str) -> bool {
-    code == "25006" || matches!(code, "57P01" | "57P02" | "57P03") || code.starts_with("08")
+    code == sqlstate::READ_ONLY_SQL_TRANSACTION
+        || matches!(
+            code,
+            sqlstate::ADMIN_SHUTDOWN | sqlstate::CRASH_SHUTDOWN | sqlstate::CANNOT_CONNECT_NOW
+        )
+        || code.starts_with("08")
 }
 
 #[cfg(test)]
